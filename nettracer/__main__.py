@@ -1,0 +1,3 @@
+from nettracer.cli.main import main
+
+raise SystemExit(main())

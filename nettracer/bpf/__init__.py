@@ -1,0 +1,5 @@
+"""eBPF mechanics with no compiler: instructions, syscalls, maps, programs, links.
+
+Knows nothing about networking. ``syscall`` is the one module that issues raw
+system calls (``bpf(2)``, ``perf_event_open(2)``, ``ioctl(2)``).
+"""

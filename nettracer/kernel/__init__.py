@@ -1,0 +1,1 @@
+"""The running kernel: BTF, kallsyms, tracefs, identity and feature probes."""

@@ -1,0 +1,1 @@
+"""Struct layouts: the field catalogue, Offsets profiles (BTF or guessed), the guesser."""
