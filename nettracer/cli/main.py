@@ -1,0 +1,79 @@
+"""The ``nettracer`` command line.
+
+Each subcommand lives in ``nettracer/cli/<name>.py`` and exposes
+``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
+Those modules import heavy dependencies inside ``run`` only, so ``--help`` stays fast.
+Errors the user can cause (:class:`nettracer.errors.NettracerError`) are printed
+as one line on stderr with their exit code; anything else is an internal failure
+(exit code 1, traceback only with ``NETTRACER_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from nettracer import __version__
+from nettracer.errors import NettracerError
+
+#: subcommand modules, in the order ``--help`` lists them
+COMMANDS: tuple[str, ...] = ("drops", "conns", "offsets", "kernel", "config")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"nettracer: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="nettracer",
+        description="Linux network tracer: packet drops, connections and kernel struct "
+        "offsets, from eBPF tracepoints, with no compiler and no kprobes.",
+    )
+    parser.add_argument("--version", action="version", version=f"nettracer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"nettracer.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"nettracer.cli.{name}":
+                continue  # command not built yet
+            raise
+        p = module.add_parser(sub)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except NettracerError as exc:
+        sys.stderr.write(f"nettracer: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # internal failure
+        if os.environ.get("NETTRACER_DEBUG") == "1":
+            raise
+        sys.stderr.write(
+            f"nettracer: internal error: {type(exc).__name__}: {exc} "
+            f"(rerun with NETTRACER_DEBUG=1 for a traceback, and report it)\n"
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
