@@ -82,4 +82,6 @@ def spec(key: str) -> FieldSpec:
     try:
         return BY_KEY[key]
     except KeyError:
-        raise KeyError(f"{key!r} is not in the field catalogue (known: {', '.join(BY_KEY)})") from None
+        raise KeyError(
+            f"{key!r} is not in the field catalogue (known: {', '.join(BY_KEY)})"
+        ) from None

@@ -1,0 +1,212 @@
+"""Loading programs, surfacing the verifier, and run-time statistics.
+
+:func:`load` assembles instructions (labels and map names resolved), loads them
+with ``BPF_PROG_LOAD`` and, when the verifier refuses, raises
+:class:`VerifierError` whose message is a short summary (the failing
+instruction and the verifier's last meaningful line) and which keeps the whole
+log. The log buffer grows until the log fits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from nettracer.bpf import syscall
+from nettracer.bpf.fd import FdObject
+from nettracer.bpf.insn import Insn, format_insn, listing, resolve
+from nettracer.bpf.maps import Map
+from nettracer.bpf.syscall import BpfSyscallError, ProgType
+from nettracer.errors import NettracerError
+
+#: offsets in ``struct bpf_prog_info`` (include/uapi/linux/bpf.h); run_time_ns/run_cnt since 5.1
+_INFO_SIZE = 216
+_INFO_ID = 4
+_INFO_NAME = 64
+_INFO_RUN_TIME_NS = 192
+_INFO_RUN_CNT = 200
+_INFO_RECURSION_MISSES = 208
+
+_LOG_START = 1 << 16
+_LOG_MAX = (1 << 30) - 1  # the kernel caps log_size at UINT_MAX >> 2
+
+
+class VerifierError(NettracerError):
+    """The verifier refused a program. ``log`` is its whole log, ``listing`` ours.
+
+    ``str(err)`` is one line: the program, the failing instruction and the
+    verifier's last meaningful line.
+    """
+
+    exit_code = 1  # a refused generated program is our bug, not the user's
+
+    def __init__(self, name: str, log: str, insns: list[Insn], err: int) -> None:
+        self.name = name
+        self.log = log
+        self.errno = err
+        self.listing = listing(insns)
+        self.insn_index, self.reason = summarize_log(log)
+        where = ""
+        if self.insn_index is not None:
+            where = f" at insn {self.insn_index}"
+            insn = _insn_at(insns, self.insn_index)
+            if insn is not None:
+                where += f" ({format_insn(insn)})"
+        super().__init__(
+            f"verifier rejected program {name!r}{where}: {self.reason or errno.errorcode.get(err, err)}"
+        )
+
+
+def _insn_at(insns: list[Insn], slot: int) -> Insn | None:
+    pos = 0
+    for insn in insns:
+        if pos == slot:
+            return insn
+        pos += insn.slots
+    return None
+
+
+_NOISE = re.compile(
+    r"^(processed \d+ insns|verification time|stack depth|mark_precise|max_states_per_insn|"
+    r"peak_states|func#|last_idx|regs=|parent |from \d+ to \d+|\s*$|;)"
+)
+_INSN_LINE = re.compile(r"^(\d+): \(([0-9a-f]{2})\)")
+
+
+def summarize_log(log: str) -> tuple[int | None, str]:
+    """(index of the last instruction the verifier looked at, its last meaningful line)."""
+    lines = log.splitlines()
+    reason = ""
+    for line in reversed(lines):
+        if not _NOISE.match(line) and not _INSN_LINE.match(line) and not line.startswith("R"):
+            reason = line.strip()
+            break
+    index = None
+    for line in reversed(lines):
+        m = _INSN_LINE.match(line)
+        if m:
+            index = int(m.group(1))
+            break
+    return index, reason
+
+
+@dataclass(frozen=True)
+class ProgStats:
+    """Run count and total run time from ``struct bpf_prog_info`` (needs BPF_ENABLE_STATS)."""
+
+    run_cnt: int
+    run_time_ns: int
+    recursion_misses: int
+
+    @property
+    def ns_per_run(self) -> float:
+        return self.run_time_ns / self.run_cnt if self.run_cnt else 0.0
+
+
+class Prog(FdObject):
+    """A loaded program; ``insns`` are the resolved instructions (for listings)."""
+
+    kind = "program"
+
+    def __init__(
+        self, fd: int, name: str, prog_type: ProgType, insns: list[Insn], log: str
+    ) -> None:
+        super().__init__(fd)
+        self.name = name
+        self.prog_type = prog_type
+        self.insns = insns
+        self.log = log
+
+    def info(self) -> bytes:
+        return syscall.obj_get_info(self.fd, _INFO_SIZE)
+
+    @property
+    def id(self) -> int:
+        return struct.unpack_from("<I", self.info(), _INFO_ID)[0]
+
+    def stats(self) -> ProgStats:
+        info = self.info()
+        t, n, miss = struct.unpack_from("<QQQ", info, _INFO_RUN_TIME_NS)
+        return ProgStats(run_cnt=n, run_time_ns=t, recursion_misses=miss)
+
+    def test_run(self, args: Iterable[int] = ()) -> int:
+        """BPF_PROG_TEST_RUN on a raw tracepoint program with ``args`` as its u64 context
+        (Linux 5.10); returns the program's return value."""
+        ctx = b"".join(struct.pack("<Q", a & 0xFFFFFFFFFFFFFFFF) for a in args) or b"\0" * 8
+        retval, _ = syscall.prog_test_run(self.fd, ctx)
+        return retval
+
+    def listing(self) -> str:
+        return listing(self.insns)
+
+
+def load(
+    insns: Iterable[Insn | Iterable[Insn]],
+    prog_type: ProgType = ProgType.RAW_TRACEPOINT,
+    maps: Mapping[str, Map | int] | None = None,
+    name: str = "nettracer",
+    license: str = "GPL",
+    log_level: int = 0,
+) -> Prog:
+    """Assemble and load a program. On refusal the load is retried with a verbose log,
+    grown until it fits, and :class:`VerifierError` is raised."""
+    fds = {k: (m.fd if isinstance(m, Map) else int(m)) for k, m in (maps or {}).items()}
+    resolved = resolve(insns, fds)
+    code = b"".join(i.encode() for i in resolved)
+    log = ""
+    try:
+        if log_level:
+            fd, log = _load_with_log(prog_type, code, license, name, log_level)
+        else:
+            fd = syscall.prog_load(prog_type, code, license, name, 0, None)
+    except BpfSyscallError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EACCES, errno.E2BIG, errno.ENOSPC, errno.EFAULT):
+            raise
+        try:
+            _load_with_log(prog_type, code, license, name, max(log_level, 1))
+        except _Refused as refused:
+            raise VerifierError(name, refused.log, resolved, refused.errno) from None
+        raise  # loaded with a log but not without: report the original error
+    except _Refused as refused:
+        raise VerifierError(name, refused.log, resolved, refused.errno) from None
+    return Prog(fd, name, prog_type, resolved, log)
+
+
+class _Refused(Exception):
+    def __init__(self, log: str, err: int) -> None:
+        self.log = log
+        self.errno = err
+
+
+def _load_with_log(
+    prog_type: int, code: bytes, license: str, name: str, level: int
+) -> tuple[int, str]:
+    size = _LOG_START
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        try:
+            fd = syscall.prog_load(prog_type, code, license, name, level, buf)
+            return fd, buf.value.decode(errors="replace")
+        except BpfSyscallError as exc:
+            if exc.errno == errno.ENOSPC and size < _LOG_MAX:
+                size = min(size * 4, _LOG_MAX)
+                continue
+            raise _Refused(buf.value.decode(errors="replace"), exc.errno) from None
+
+
+class StatsSession(FdObject):
+    """While open, the kernel counts run time and run count of every program (5.8)."""
+
+    kind = "stats"
+
+    def __init__(self) -> None:
+        super().__init__(syscall.enable_stats())
+
+
+def enable_stats() -> StatsSession:
+    """Turn on BPF run-time statistics until the returned object is closed."""
+    return StatsSession()
