@@ -1,0 +1,216 @@
+"""Raw values from each source — YAML file, environment, flags — with their origin.
+
+Each reader returns ``{key: (raw value, Origin, text)}`` where ``text`` says the raw
+value is a string to be parsed (environment, text flags) rather than an already typed
+YAML value.  Readers reject unknown keys and malformed input with
+:class:`nettracer.errors.ConfigError`; type and range checks happen in
+:mod:`nettracer.config.load`, which knows the schema's words for them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from nettracer.config.schema import SCHEMA, SECTIONS
+from nettracer.config.settings import Origin
+from nettracer.errors import ConfigError
+
+if TYPE_CHECKING:
+    import yaml
+
+#: raw values of one source: key -> (value, origin, value is text to parse)
+Raw = dict[str, tuple[object, Origin, bool]]
+
+ENV_PREFIX = "NETTRACER_"
+
+
+def suggest(path: str) -> str | None:
+    """The known key closest to ``path`` (a typo, or a key put in the wrong section)."""
+    name = path.rpartition(".")[2]
+    same_name = [k for k, key in SCHEMA.items() if key.name == name]
+    if same_name:
+        return same_name[0]
+    close = difflib.get_close_matches(path, list(SCHEMA), n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    by_name = {key.name: k for k, key in SCHEMA.items()}
+    close = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.6)
+    return by_name[close[0]] if close else None
+
+
+def unknown_key(path: str, where: str) -> ConfigError:
+    """The error for an unknown key, with the closest known key as a suggestion."""
+    hint = suggest(path)
+    if hint is not None:
+        expected = f"a known key (did you mean {hint}?)"
+    else:
+        expected = "a known key (see 'nettracer config show')"
+    return ConfigError(f"{path}: expected {expected}, found an unknown key ({where})")
+
+
+def unknown_section(section: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(section, list(SECTIONS), n=1, cutoff=0.6)
+    if close:
+        expected = f"a known section (did you mean {close[0]}?)"
+    elif suggest(section) is not None:
+        expected = f"a section, not a bare key (did you mean {suggest(section)}?)"
+    else:
+        expected = "one of the sections " + ", ".join(SECTIONS)
+    return ConfigError(f"{section}: expected {expected}, found an unknown section ({where})")
+
+
+# -- YAML file ---------------------------------------------------------------------------
+
+
+def read_file(path: str) -> Raw:
+    """Read a YAML file of sections and keys, remembering the line of every key."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path}: expected an existing file, found none (check the --config path)"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: expected a YAML file, found a directory") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"config file {path}: expected a readable file, found: {reason}"
+        ) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise _syntax_error(path, exc) from None
+    raw: Raw = {}
+    if root is None:
+        return raw  # empty file
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(
+            f"config file {path}: expected a mapping of sections (network:, drops:, ...), "
+            f"found {_node_kind(root)} (in {path} line {root.start_mark.line + 1})"
+        )
+    constructor = yaml.SafeLoader("")
+    seen_sections: dict[str, int] = {}
+    for sec_node, body in root.value:
+        line = sec_node.start_mark.line + 1
+        section = _scalar_key(sec_node, path, "a section name")
+        if section in seen_sections:
+            raise ConfigError(
+                f"{section}: expected each section once, found it again "
+                f"(in {path} line {line}, first at line {seen_sections[section]})"
+            )
+        seen_sections[section] = line
+        if section not in SECTIONS:
+            raise unknown_section(section, f"in {path} line {line}")
+        if isinstance(body, yaml.ScalarNode) and body.tag == "tag:yaml.org,2002:null":
+            continue  # "network:" with nothing under it
+        if not isinstance(body, yaml.MappingNode):
+            raise ConfigError(
+                f"{section}: expected a mapping of keys, found {_node_kind(body)} "
+                f"(in {path} line {body.start_mark.line + 1})"
+            )
+        for key_node, value_node in body.value:
+            kline = key_node.start_mark.line + 1
+            name = _scalar_key(key_node, path, "a key name")
+            key = f"{section}.{name}"
+            if key not in SCHEMA:
+                raise unknown_key(key, f"in {path} line {kline}")
+            if key in raw:
+                first = raw[key][1].where.rpartition(":")[2]
+                raise ConfigError(
+                    f"{key}: expected each key once, found it again "
+                    f"(in {path} line {kline}, first at line {first})"
+                )
+            try:
+                value = constructor.construct_object(value_node, deep=True)
+            except yaml.YAMLError as exc:
+                raise _syntax_error(path, exc) from None
+            raw[key] = (value, Origin("file", f"{path}:{kline}"), False)
+    return raw
+
+
+def _scalar_key(node: yaml.Node, path: str, what: str) -> str:
+    import yaml
+
+    if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:str":
+        found = _node_kind(node) if not isinstance(node, yaml.ScalarNode) else repr(node.value)
+        raise ConfigError(
+            f"config file {path}: expected {what}, found {found} "
+            f"(in {path} line {node.start_mark.line + 1})"
+        )
+    return str(node.value)
+
+
+def _node_kind(node: yaml.Node) -> str:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if node.tag == "tag:yaml.org,2002:null":
+        return "nothing (null)"
+    return f"the value {node.value!r}"
+
+
+def _syntax_error(path: str, exc: yaml.YAMLError) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f" in {path} line {mark.line + 1} column {mark.column + 1}" if mark else ""
+    if problem.startswith("found"):
+        problem = f"expected valid YAML, {problem}"
+    elif "expected" not in problem:
+        problem = f"expected valid YAML, found {problem}"
+    tail = f" ({context})" if context else ""
+    return ConfigError(f"config file {path}: invalid YAML{where}: {problem}{tail}")
+
+
+# -- environment -------------------------------------------------------------------------
+
+
+def read_env(environ: Mapping[str, str]) -> Raw:
+    """``NETTRACER_<SECTION>__<KEY>`` variables; others (``NETTRACER_DEBUG``) are not ours."""
+    raw: Raw = {}
+    for var in sorted(environ):
+        if not var.upper().startswith(ENV_PREFIX) or "__" not in var[len(ENV_PREFIX) :]:
+            continue
+        section, _, name = var[len(ENV_PREFIX) :].partition("__")
+        key = f"{section.lower()}.{name.lower()}"
+        if key not in SCHEMA:
+            raise _unknown_env(key, var)
+        raw[key] = (environ[var], Origin("env", var), True)
+    return raw
+
+
+def _unknown_env(key: str, var: str) -> ConfigError:
+    hint = suggest(key)
+    if hint is not None:
+        expected = f"a known key (did you mean {SCHEMA[hint].env_var}?)"
+    else:
+        expected = "NETTRACER_<SECTION>__<KEY> naming a known key"
+    return ConfigError(
+        f"{key}: expected {expected}, found an unknown key (in environment variable {var})"
+    )
+
+
+# -- flags -------------------------------------------------------------------------------
+
+
+def read_flags(overrides: Mapping[str, tuple[object, str]]) -> Raw:
+    """``{key: (value, "--flag")}`` from the command line; a value of None was not given."""
+    raw: Raw = {}
+    for key, (value, flag) in overrides.items():
+        if value is None:
+            continue
+        if key not in SCHEMA:
+            raise unknown_key(key, f"from flag {flag}")
+        if isinstance(value, tuple):
+            value = list(value)
+        raw[key] = (value, Origin("flag", flag), isinstance(value, str))
+    return raw
