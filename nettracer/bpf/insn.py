@@ -373,8 +373,11 @@ def assemble(
     return b"".join(i.encode() for i in resolve(insns, maps))
 
 
-_ALU_NAMES = {op.value: op.name.lower() for op in AluOp}
-_JMP_NAMES = {op.value: op.name.lower() for op in JmpOp}
+_JMP_SYMBOLS = {
+    JmpOp.JEQ: "==", JmpOp.JGT: ">", JmpOp.JGE: ">=", JmpOp.JSET: "&", JmpOp.JNE: "!=",
+    JmpOp.JSGT: "s>", JmpOp.JSGE: "s>=", JmpOp.JLT: "<", JmpOp.JLE: "<=", JmpOp.JSLT: "s<",
+    JmpOp.JSLE: "s<=",
+}  # fmt: skip
 _SIZE_C = {W: "u32", H: "u16", B: "u8", DW: "u64"}
 
 
@@ -417,7 +420,7 @@ def format_insn(insn: Insn) -> str:
             return f"goto {tgt}"
         w = "w" if cls == JMP32 else "r"
         src = f"{w}{insn.src}" if op & X else str(insn.imm)
-        return f"if {w}{insn.dst} {_JMP_NAMES[code]} {src} goto {tgt}"
+        return f"if {w}{insn.dst} {_JMP_SYMBOLS[JmpOp(code)]} {src} goto {tgt}"
     size = _SIZE_C[op & 0x18]
     if cls == LDX:
         return f"{d} = *({size} *)({s} {insn.off:+d})"

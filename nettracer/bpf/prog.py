@@ -75,6 +75,7 @@ _NOISE = re.compile(
     r"peak_states|func#|last_idx|regs=|parent |from \d+ to \d+|\s*$|;)"
 )
 _INSN_LINE = re.compile(r"^(\d+): \(([0-9a-f]{2})\)")
+_STATE_LINE = re.compile(r"^(\d+: )?(frame\d+: )?R\d+(_\w+)?=")
 
 
 def summarize_log(log: str) -> tuple[int | None, str]:
@@ -82,7 +83,7 @@ def summarize_log(log: str) -> tuple[int | None, str]:
     lines = log.splitlines()
     reason = ""
     for line in reversed(lines):
-        if not _NOISE.match(line) and not _INSN_LINE.match(line) and not line.startswith("R"):
+        if not (_NOISE.match(line) or _INSN_LINE.match(line) or _STATE_LINE.match(line)):
             reason = line.strip()
             break
     index = None
