@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -206,3 +207,36 @@ def test_module_symbols_show_module(kallsyms: Kallsyms) -> None:
     assert sym is not None
     assert (sym.name, sym.module, sym.offset) == (name, mod, 1)
     assert sym.format_ps().endswith(f" [{mod}]") == bool(real)
+
+
+@pytest.mark.kernel
+def test_matches_kfree_skb_location_in_trace(kallsyms: Kallsyms) -> None:
+    """``skb:kfree_skb`` prints ``location=%pS``: cause a drop, read it, and agree with it.
+
+    The trace text has only the symbol form, so take ``sym+0xoff/0xsize`` from it,
+    rebuild the address from our ``lookup_name(sym) + off`` and format it back.
+    """
+    from nettracer.kernel.tracefs import open_tracefs
+
+    tracefs = open_tracefs()
+    if not tracefs.has_event("skb", "kfree_skb"):
+        kernel_skip("no skb:kfree_skb tracepoint")
+    with tracefs.buffer() as buf:
+        buf.enable("skb", "kfree_skb")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.sendto(b"x", ("127.0.0.1", port))  # closed port: a NO_SOCKET drop
+        locations = [line.values().get("location", "") for line in buf.lines("kfree_skb")]
+    assert locations
+    checked = 0
+    for text in locations:
+        m = re.fullmatch(r"(\S+)\+(0x[0-9a-f]+)/0x[0-9a-f]+", text)
+        assert m, text
+        addrs = kallsyms.addresses(m.group(1))
+        assert addrs, text
+        formatted = [kallsyms.format_ps(a + int(m.group(2), 16)) for a in addrs]
+        assert text in formatted
+        checked += 1
+    assert checked
