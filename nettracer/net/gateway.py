@@ -14,6 +14,7 @@ thread.  pyroute2 is imported only when a lookup is made.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nettracer.net.netns import NetnsIndex, NetnsNotFound, netlink_socket_in, open_netns
+from nettracer.net.netns import NetnsIndex, netlink_socket_in, open_netns
 
 if TYPE_CHECKING:
     from nettracer.config import Config
@@ -389,16 +390,21 @@ class GatewayResolver:
             reader.close()
 
     def _resolve(self, reader: RouteReader, key: RouteKey) -> Gateway | None:
-        from pyroute2.netlink.exceptions import NetlinkError
+        """Look ``key`` up with ``reader`` and cache the answer.
 
+        Any failure (namespace gone, netlink error, a pyroute2 surprise) is counted,
+        kept in :attr:`last_error` and cached as None: a gateway is an enrichment and
+        must never stop the worker or the tracer.
+        """
         try:
             value = reader.route(key)
-        except (NetnsNotFound, OSError, NetlinkError) as exc:
-            reader.drop(key.netns)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                reader.drop(key.netns)
             with self._lock:
                 self._stats["resolved"] += 1
                 self._stats["errors"] += 1
-                self.last_error = f"{key}: {exc}"
+                self.last_error = f"{key}: {type(exc).__name__}: {exc}"
             self._store(key, None, failed=True)
             return None
         with self._lock:
