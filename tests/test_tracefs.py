@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from conftest import kernel_skip
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nettracer.errors import NettracerError
 from nettracer.kernel.tracefs import (
@@ -419,3 +421,26 @@ def test_mount_when_unmounted_in_private_mount_namespace(tracefs: Tracefs) -> No
         f"OPENED /sys/kernel/tracing {ident}",
         f"OPENED /sys/kernel/debug/tracing {ident}",
     )
+
+
+def _c_exprs() -> st.SearchStrategy[str]:
+    """Integer expressions on which C and Python agree (no division, small shifts)."""
+    leaf = st.integers(0, 1000).map(str) | st.integers(0, 0xFFFF).map(hex)
+    return st.recursive(
+        leaf,
+        lambda inner: st.one_of(
+            st.tuples(inner, st.sampled_from(["+", "-", "*", "|", "&", "^"]), inner).map(" ".join),
+            st.tuples(inner, st.sampled_from(["<<", ">>"]), st.integers(0, 8).map(str)).map(
+                " ".join
+            ),
+            inner.map(lambda e: f"({e})"),
+            inner.map(lambda e: f"~{e}"),
+            inner.map(lambda e: f"-({e})"),
+        ),
+        max_leaves=12,
+    )
+
+
+@given(_c_exprs())
+def test_eval_c_expr_agrees_with_python_precedence(expr: str) -> None:
+    assert eval_c_expr(expr) == eval(expr)  # same precedence for these operators

@@ -71,7 +71,7 @@ class Symbol:
     @property
     def is_module(self) -> bool:
         """True for symbols of a loadable module (what ``%pS`` shows as `` [mod]``)."""
-        return self.module != CORE and self.module != "bpf" and not self.module.startswith("__")
+        return self.module not in (CORE, "bpf") and not self.module.startswith("__builtin__")
 
     def format(self) -> str:
         """Our short form: ``sym+0x1a`` (``+0x0`` at the start of a symbol)."""
@@ -146,9 +146,11 @@ class Kallsyms:
             raise NettracerError(f"{self.path} lists no symbols; is CONFIG_KALLSYMS set?")
         addrs = [int(r[0], 16) for r in rows]
         if not any(addrs):
+            restrict = _kptr_restrict()
+            fix = "set kernel.kptr_restrict=0" if restrict != "0" else "CAP_SYSLOG is needed"
             raise NettracerError(
-                f"kernel symbol addresses are hidden (kptr_restrict={_kptr_restrict()}); "
-                f"run as root or set kernel.kptr_restrict=0"
+                f"kernel symbol addresses are hidden (kptr_restrict={restrict}); "
+                f"run as root or {fix}"
             )
         # /proc/kallsyms is in address order (core first, then modules, BPF, ...);
         # a file that is not gets a stable sort, so aliases keep their kallsyms order.
