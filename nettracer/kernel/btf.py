@@ -37,6 +37,7 @@ BTF_MAGIC = 0xEB9F
 BTF_VERSION = 1
 _HDR_MIN = 24  # struct btf_header: magic, version, flags, hdr_len, type/str off+len
 _MAX_DEPTH = 64  # longest typedef/qualifier/array chain or anonymous nesting we follow
+_MAX_WORK = 100_000  # records one question may visit: corrupt types can fan out and loop
 _CHUNK_WORDS = 1 << 15  # how far the lazy walk advances when looking for a type id
 
 
@@ -216,7 +217,6 @@ class Btf:
         self._first: dict[tuple[str, frozenset[Kind]], int] = {}
         self._sha256: str | None = None
         self._ptr_size: int | None = None
-        self._names: dict[str, list[int]] | None = None
         self._members: dict[int, tuple[StructMember, ...]] = {}
 
     # -- construction -------------------------------------------------------------
@@ -360,20 +360,25 @@ class Btf:
                         break
                 pos += 1
         if not ids:  # a name_off may point into the middle of another string
-            ids = [t for t in self._name_index().get(name, ()) if self.type(t).kind in kinds]
+            ids = [t for t in self._named_anywhere(name) if self.type(t).kind in kinds]
         ids = sorted(set(ids))
         return ids[:1] if first else ids
 
-    def _name_index(self) -> dict[str, list[int]]:
-        """name -> ids of every named type: the slow, exhaustive path (whole walk)."""
-        if self._names is None:
-            self._walk(self._nwords)
-            words, names = self._words, {}
-            for tid, w in enumerate(self._starts, 1):
-                if words[w]:
-                    names.setdefault(self._str(words[w]), []).append(tid)
-            self._names = names
-        return self._names
+    def _named_anywhere(self, name: str) -> list[int]:
+        """Ids of all types named ``name``, including names that are the tail of a
+        longer string: the slow, exhaustive path (walks every type)."""
+        data, s0, s1 = self._data, self._s0, self._s1
+        needle = name.encode() + b"\0"
+        offs = set()
+        pos = data.find(needle, s0 + 1, s1)
+        while pos >= 0:
+            offs.add(pos - s0)
+            pos = data.find(needle, pos + 1, s1)
+        if not offs:
+            return []
+        self._walk(self._nwords)
+        words = self._words
+        return [tid for tid, w in enumerate(self._starts, 1) if words[w] in offs]
 
     def _first_of(self, name: str, kinds: frozenset[Kind]) -> int:
         """Lowest type id named ``name`` whose kind is in ``kinds``, or 0."""
@@ -538,11 +543,16 @@ class Btf:
     def type_name(self, tid: int) -> str:
         """C spelling of type ``tid``: ``"struct sk_buff *"``, ``"char[16]"``,
         ``"int (*)(struct sock *)"``.  TYPE_TAG (``__user``, ``__rcu``) is left out."""
-        return self._decl(tid, "", 0)
+        return self._decl(tid, "", 0, [_MAX_WORK])
 
-    def _decl(self, tid: int, inner: str, depth: int) -> str:
-        if depth > _MAX_DEPTH:
-            raise BtfError(f"{self.source}: type chain too long at type [{tid}]")
+    def _tick(self, tid: int, depth: int, work: list[int]) -> None:
+        """Bound recursion over types that corrupt data can make cyclic or explosive."""
+        work[0] -= 1
+        if depth > _MAX_DEPTH or work[0] < 0:
+            raise BtfError(f"{self.source}: type [{tid}] is nested too deep or cyclic")
+
+    def _decl(self, tid: int, inner: str, depth: int, work: list[int]) -> str:
+        self._tick(tid, depth, work)
         t = self.type(tid)
         k = t.kind
         if k == Kind.PTR:
@@ -550,24 +560,24 @@ class Btf:
             star = "*" + inner
             if target is not None and target.kind in (Kind.ARRAY, Kind.FUNC_PROTO):
                 star = f"({star})"
-            return self._decl(t.size_or_type, star, depth + 1)
+            return self._decl(t.size_or_type, star, depth + 1, work)
         if k in (Kind.CONST, Kind.VOLATILE, Kind.RESTRICT):
             q = k.name.lower()
             if self.type(t.size_or_type).kind == Kind.PTR:
-                return self._decl(t.size_or_type, f"{q} {inner}".rstrip(), depth + 1)
-            return f"{q} " + self._decl(t.size_or_type, inner, depth + 1)
+                return self._decl(t.size_or_type, f"{q} {inner}".rstrip(), depth + 1, work)
+            return f"{q} " + self._decl(t.size_or_type, inner, depth + 1, work)
         if k == Kind.TYPE_TAG:
-            return self._decl(t.size_or_type, inner, depth + 1)
+            return self._decl(t.size_or_type, inner, depth + 1, work)
         if k == Kind.ARRAY:
             elem, _, n = self.array(tid)
-            return self._decl(elem, f"{inner}[{n}]", depth + 1)
+            return self._decl(elem, f"{inner}[{n}]", depth + 1, work)
         if k == Kind.FUNC_PROTO:
             ps = self.params(tid)
             args = ", ".join(
-                "..." if p == 0 and i == len(ps) - 1 else self._decl(p, n, depth + 1)
+                "..." if p == 0 and i == len(ps) - 1 else self._decl(p, n, depth + 1, work)
                 for i, (n, p) in enumerate(ps)
             )
-            return self._decl(t.size_or_type, f"{inner}({args or 'void'})", depth + 1)
+            return self._decl(t.size_or_type, f"{inner}({args or 'void'})", depth + 1, work)
         if k in (Kind.STRUCT, Kind.UNION, Kind.ENUM, Kind.ENUM64, Kind.FWD):
             if k == Kind.FWD:
                 tag = "union" if t.kind_flag else "struct"
@@ -613,9 +623,9 @@ class Btf:
                     )
                 cur = t.id
                 where = f"{_tag(t)} ({prefix})"
-            found = self._find_member(cur, part, 0)
+            found = self._find_member(cur, part, 0, [_MAX_WORK])
             if found is None:
-                names = ", ".join(self._member_names(cur, 0)) or "none"
+                names = ", ".join(self._member_names(cur, 0, [_MAX_WORK])) or "none"
                 raise BtfLookupError(f"{where} has no member {part!r} (members: {names})")
             m, rel = found
             bit += rel
@@ -647,10 +657,11 @@ class Btf:
             points_to=points_to,
         )
 
-    def _find_member(self, tid: int, name: str, depth: int) -> tuple[StructMember, int] | None:
+    def _find_member(
+        self, tid: int, name: str, depth: int, work: list[int]
+    ) -> tuple[StructMember, int] | None:
         """(member, bit offset from the start of ``tid``), searching anonymous members."""
-        if depth > _MAX_DEPTH:
-            raise BtfError(f"{self.source}: anonymous members nested too deep in type [{tid}]")
+        self._tick(tid, depth, work)
         anon = []
         for m in self.members(tid):
             if m.name == name:
@@ -660,15 +671,14 @@ class Btf:
         for m in anon:
             inner = self.strip(m.type_id)
             if inner and self.type(inner).kind in _COMPOSITE:
-                found = self._find_member(inner, name, depth + 1)
+                found = self._find_member(inner, name, depth + 1, work)
                 if found is not None:
                     return found[0], m.bit_offset + found[1]
         return None
 
-    def _member_names(self, tid: int, depth: int) -> list[str]:
+    def _member_names(self, tid: int, depth: int, work: list[int]) -> list[str]:
         """Names visible in C in ``tid``: its own and those of anonymous members."""
-        if depth > _MAX_DEPTH:
-            raise BtfError(f"{self.source}: anonymous members nested too deep in type [{tid}]")
+        self._tick(tid, depth, work)
         out = []
         for m in self.members(tid):
             if m.name:
@@ -676,7 +686,7 @@ class Btf:
             else:
                 inner = self.strip(m.type_id)
                 if inner and self.type(inner).kind in _COMPOSITE:
-                    out.extend(self._member_names(inner, depth + 1))
+                    out.extend(self._member_names(inner, depth + 1, work))
         return out
 
     def find_enum(self, name: str) -> int:
