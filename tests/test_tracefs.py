@@ -430,8 +430,9 @@ def _c_exprs() -> st.SearchStrategy[str]:
         leaf,
         lambda inner: st.one_of(
             st.tuples(inner, st.sampled_from(["+", "-", "*", "|", "&", "^"]), inner).map(" ".join),
+            # parenthesized, so that an outer "+ 128" cannot become the shift count
             st.tuples(inner, st.sampled_from(["<<", ">>"]), st.integers(0, 8).map(str)).map(
-                " ".join
+                lambda t: f"({' '.join(t)})"
             ),
             inner.map(lambda e: f"({e})"),
             inner.map(lambda e: f"~{e}"),
