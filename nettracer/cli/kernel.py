@@ -1,0 +1,84 @@
+"""``nettracer kernel``: what this kernel offers (identity, BTF, tracefs, eBPF features)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "kernel",
+        help="show what this kernel offers",
+        description="Show the running kernel's identity, BTF, tracefs and the eBPF features "
+        "nettracer uses, each probed by asking the kernel.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def report() -> dict[str, object]:
+    """The facts ``nettracer kernel`` shows, as one JSON-ready dict."""
+    from nettracer.kernel import features, identity, tracefs
+    from nettracer.kernel.btf import Btf
+
+    ident = identity.current()
+    btf: dict[str, object] = {"present": features.has_btf(), "path": features.BTF_VMLINUX}
+    if btf["present"]:
+        b = Btf.vmlinux()
+        btf.update(
+            types=len(b), sha256=ident.btf_sha256, size=os.path.getsize(features.BTF_VMLINUX)
+        )
+    trace: dict[str, object]
+    try:
+        root = tracefs.open_tracefs().root
+        trace = {"mounted": True, "path": root}
+    except Exception as exc:
+        trace = {"mounted": False, "error": str(exc)}
+    return {
+        "kernel": ident.to_json(),
+        "btf": btf,
+        "tracefs": trace,
+        "features": features.probe_all(),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        from nettracer.errors import PermissionError_
+
+        raise PermissionError_("nettracer kernel probes eBPF features: run it as root")
+    facts = report()
+    if args.json:
+        json.dump(facts, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="this kernel", show_header=True, header_style="bold")
+    table.add_column("what")
+    table.add_column("value")
+    k = facts["kernel"]
+    assert isinstance(k, dict)
+    for key in ("release", "version", "machine"):
+        table.add_row(key, str(k[key]))
+    btf = facts["btf"]
+    assert isinstance(btf, dict)
+    if btf["present"]:
+        table.add_row(
+            "BTF", f"yes: {btf['path']} ({btf['types']} types, sha256 {str(btf['sha256'])[:16]}…)"
+        )
+    else:
+        table.add_row("BTF", "no (offsets will be guessed)")
+    tr = facts["tracefs"]
+    assert isinstance(tr, dict)
+    table.add_row("tracefs", str(tr["path"]) if tr["mounted"] else f"unavailable: {tr['error']}")
+    feats = facts["features"]
+    assert isinstance(feats, dict)
+    for name, ok in feats.items():
+        table.add_row(f"feature: {name.replace('_', ' ')}", "yes" if ok else "no")
+    Console(width=120 if not sys.stdout.isatty() else None).print(table)
+    return 0

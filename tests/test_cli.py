@@ -1,0 +1,72 @@
+"""The command line as a user runs it: version, help, `nettracer kernel`, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nettracer import __version__
+
+
+def nettracer(*args: str, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the CLI; ``unprivileged`` runs it in a fresh user namespace (uid 65534, no
+    capabilities in the host's namespace), which is what a non-root user has."""
+    prefix = ["unshare", "--user"] if unprivileged else []
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "nettracer", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_version_and_help() -> None:
+    out = nettracer("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"nettracer {__version__}"
+    out = nettracer("--help")
+    assert out.returncode == 0
+    for command in ("drops", "conns", "offsets", "kernel", "config"):
+        assert command in out.stdout
+
+
+def test_bad_option_is_one_line_exit_2() -> None:
+    out = nettracer("kernel", "--no-such-option")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "unrecognized arguments" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.kernel
+def test_kernel_json_matches_uname_and_probes() -> None:
+    out = nettracer("kernel", "--json")
+    assert out.returncode == 0, out.stderr
+    facts = json.loads(out.stdout)
+    uname = os.uname()
+    assert facts["kernel"]["release"] == uname.release
+    assert facts["kernel"]["version"] == uname.version
+    assert facts["kernel"]["machine"] == uname.machine
+    assert facts["btf"]["present"] == os.path.exists("/sys/kernel/btf/vmlinux")
+    assert facts["features"]["raw_tracepoint"] is True
+    assert facts["tracefs"]["mounted"] is True
+    with open("/proc/mounts") as f:
+        assert any(line.split()[1] == facts["tracefs"]["path"] for line in f)
+
+
+@pytest.mark.kernel
+def test_kernel_table() -> None:
+    out = nettracer("kernel")
+    assert out.returncode == 0, out.stderr
+    assert os.uname().release in out.stdout and "raw tracepoint" in out.stdout
+
+
+@pytest.mark.kernel
+def test_not_root_is_one_line_exit_2() -> None:
+    out = nettracer("kernel", unprivileged=True)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("nettracer: ") and out.stderr.count("\n") == 1
+    assert "root" in out.stderr
