@@ -34,9 +34,10 @@ from nettracer.bpf.insn import (
     st,
     stx,
 )
-from nettracer.bpf.link import UnknownTracepoint, attach_raw_tracepoint
+from nettracer.bpf.link import UnknownTracepoint, attach_raw_tracepoint, attach_tracepoint
 from nettracer.bpf.ringbuf import RingBuf, RingBufReader, lost_counter, reserve
-from nettracer.bpf.syscall import MapType
+from nettracer.bpf.syscall import MapType, ProgType
+from nettracer.kernel import tracefs
 
 pytestmark = pytest.mark.kernel
 
@@ -108,11 +109,9 @@ def test_map_full_is_a_clear_error() -> None:
             m[3] = 3
 
 
-def test_kfree_skb_counts_exactly_the_drops_we_cause() -> None:
-    """Count kfree_skb events raised by this thread (UDP to a closed loopback port:
-    on loopback the drop happens in the sender's own softirq, so its thread id)."""
+def _count_own_thread(map_name: str) -> Program:
+    """``map[0] += 1`` when the current thread is this one (works on any tracepoint)."""
     tid = threading.get_native_id()
-    counts = maps.array(ctypes.c_uint64, 1, "drops")
     p = Program()
     p += [
         call(Helper.get_current_pid_tgid),
@@ -120,7 +119,7 @@ def test_kfree_skb_counts_exactly_the_drops_we_cause() -> None:
         ldx(4, R6, FP, -8),
         jne(R6, tid, "out"),
         st(4, FP, -4, 0),
-        ld_map_fd(R1, "drops"),
+        ld_map_fd(R1, map_name),
         mov64(R2, FP),
         add64(R2, -4),
         call(Helper.map_lookup_elem),
@@ -130,16 +129,44 @@ def test_kfree_skb_counts_exactly_the_drops_we_cause() -> None:
     ]
     p.label("out")
     p += [mov64(R0, 0), exit_()]
-    loaded = prog.load(p.insns, maps={"drops": counts}, name="nt_test_cnt")
-    sent = 25
+    return p
+
+
+def _drop_udp(n: int) -> None:
+    """Send ``n`` datagrams to a closed loopback port: on loopback the drop happens in the
+    sender's own softirq, so in this thread."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed_port = _closed_udp_port()
+    for _ in range(n):
+        s.sendto(b"x", ("127.0.0.1", closed_port))
+    s.close()
+    time.sleep(0.05)
+
+
+def test_raw_tracepoint_kfree_skb_counts_exactly_the_drops_we_cause() -> None:
+    counts = maps.array(ctypes.c_uint64, 1, "drops")
+    loaded = prog.load(_count_own_thread("drops").insns, maps={"drops": counts}, name="nt_test_cnt")
     with counts, loaded, attach_raw_tracepoint(loaded, "kfree_skb"):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        closed_port = _closed_udp_port()
-        for _ in range(sent):
-            s.sendto(b"x", ("127.0.0.1", closed_port))
-        s.close()
-        time.sleep(0.05)
-        assert counts[0] == sent
+        _drop_udp(25)
+        assert counts[0] == 25
+
+
+def test_classic_tracepoint_kfree_skb_counts_exactly_the_drops_we_cause() -> None:
+    tp_id = tracefs.tracepoint_id("skb", "kfree_skb")
+    counts = maps.array(ctypes.c_uint64, 1, "drops")
+    loaded = prog.load(
+        _count_own_thread("drops").insns,
+        prog_type=ProgType.TRACEPOINT,
+        maps={"drops": counts},
+        name="nt_test_tp",
+    )
+    with counts, loaded:
+        link = attach_tracepoint(loaded, tp_id, "skb/kfree_skb")
+        with link:
+            _drop_udp(13)
+            assert counts[0] == 13
+        _drop_udp(5)  # detached: no longer counted
+        assert counts[0] == 13
 
 
 def _closed_udp_port() -> int:
