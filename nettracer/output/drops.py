@@ -1,0 +1,179 @@
+"""How ``nettracer drops`` prints: interval tables and JSON objects, event lines.
+
+The JSON object per interval has the shape the command promises::
+
+    {"time": ISO-8601, "interval_s": float,
+     "drops": [{"count", "location", "symbol", "offset", "module", "device",
+                "ifindex", "netns", "reason", "protocol"}],   (+ "stack" with --stack)
+     "total": int, "lost": int}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nettracer.output.jsonlines import clock_time, iso_time
+from nettracer.output.table import Column, plural, render
+from nettracer.tracers.drops import DropGroup, Names
+from nettracer.tracers.drops_program import DropEvent
+from nettracer.tracers.packet import Packet, decode, ethertype_from_skb
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One reporting interval: when it ended, how long it was, its groups and totals."""
+
+    end: float  # epoch seconds
+    seconds: float
+    groups: list[DropGroup]
+    total: int
+    lost: int
+
+
+def interval_json(iv: Interval) -> dict[str, object]:
+    return {
+        "time": iso_time(iv.end),
+        "interval_s": round(iv.seconds, 3),
+        "drops": [g.to_json() for g in iv.groups],
+        "total": iv.total,
+        "lost": iv.lost,
+    }
+
+
+def _columns(by: Sequence[str]) -> list[tuple[Column, str]]:
+    """(column, DropGroup attribute) for the grouping keys, in the issue's order."""
+    cols: list[tuple[Column, str]] = [(Column("COUNT", right=True), "count")]
+    if "location" in by:
+        cols.append((Column("LOCATION"), "location"))
+    if "device" in by:
+        cols.append((Column("DEVICE"), "device"))
+    if "netns" in by:
+        cols.append((Column("NETNS", right=True), "netns"))
+    if "location" in by or "module" in by:
+        cols.append((Column("MODULE"), "module"))
+    if "reason" in by:
+        cols.append((Column("REASON"), "reason"))
+    if "protocol" in by:
+        cols.append((Column("PROTOCOL"), "protocol"))
+    return cols
+
+
+def _cell(g: DropGroup, attr: str) -> object:
+    if attr == "location":
+        return g.location.text if g.location else None
+    return getattr(g, attr)
+
+
+def interval_text(iv: Interval, by: Sequence[str]) -> str:
+    """Header line, table (with stacks under their rows), summary line."""
+    lines = [f"{clock_time(iv.end)}  drops in the last {iv.seconds:.1f} s"]
+    cols = _columns(by)
+    table = render(
+        [c for c, _ in cols], [[_cell(g, a) for _, a in cols] for g in iv.groups], indent="  "
+    )
+    if iv.groups:
+        lines.append(table[0])
+        width = len(table[1]) - len(table[1].lstrip()) if len(table) > 1 else 2
+        for g, line in zip(iv.groups, table[1:], strict=True):
+            lines.append(line)
+            if g.stack is not None:
+                pad = " " * (width + 8)
+                lines += [pad + f for f in g.stack] or [pad + "(no stack)"]
+    lines.append(
+        f"  total {plural(iv.total, 'drop')} in {plural(len(iv.groups), 'group')}, {iv.lost} lost"
+    )
+    return "\n".join(lines)
+
+
+# -- events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventView:
+    """A decoded :class:`DropEvent` with names."""
+
+    time: float  # epoch seconds
+    cpu: int
+    pid: int
+    comm: str
+    netns: int | None
+    device: str | None
+    ifindex: int | None
+    location: str
+    symbol: str | None
+    offset: int | None
+    module: str | None
+    reason: str | None
+    protocol: str | None
+    length: int
+    packet: Packet
+    stack: tuple[str, ...] | None = None
+
+
+def view_event(
+    ev: DropEvent, names: Names, mono_to_epoch_ns: int, stack: list[int] | None = None
+) -> EventView:
+    """Names and decoded headers for one event; ``mono_to_epoch_ns`` is
+    ``time_ns() - monotonic_ns()`` (``bpf_ktime_get_ns`` is CLOCK_MONOTONIC)."""
+    loc = names.location(ev.location)
+    ethertype = ethertype_from_skb(ev.protocol)
+    header = bytes(ev.header)[: ev.header_len]
+    return EventView(
+        time=(ev.ts_ns + mono_to_epoch_ns) / 1e9,
+        cpu=ev.cpu,
+        pid=ev.pid_tgid >> 32,
+        comm=ev.comm.decode(errors="replace"),
+        netns=ev.netns or None,
+        device=ev.devname.decode(errors="replace") if ev.ifindex else None,
+        ifindex=ev.ifindex or None,
+        location=loc.text,
+        symbol=loc.symbol,
+        offset=loc.offset,
+        module=loc.module,
+        reason=names.reason(ev.reason),
+        protocol=names.protocol(ethertype),
+        length=ev.len,
+        packet=decode(ethertype, header),
+        stack=tuple(names.frames(stack)) if stack is not None else None,
+    )
+
+
+def event_json(e: EventView) -> dict[str, object]:
+    out: dict[str, object] = {
+        "time": iso_time(e.time, "microseconds"),
+        "cpu": e.cpu,
+        "pid": e.pid,
+        "comm": e.comm,
+        "netns": e.netns,
+        "device": e.device,
+        "ifindex": e.ifindex,
+        "location": e.location,
+        "symbol": e.symbol,
+        "offset": e.offset,
+        "module": e.module,
+        "reason": e.reason,
+        "protocol": e.protocol,
+        "len": e.length,
+        "packet": e.packet.to_json(),
+    }
+    if e.stack is not None:
+        out["stack"] = list(e.stack)
+    return out
+
+
+def event_text(e: EventView) -> str:
+    """``01:30:11.123456 cpu1 4242/python3 netns 4026531833 veth0 __udp4_lib_rcv+0x4bc
+    (kernel) NO_SOCKET IPv4 UDP 10.0.0.1:5000 -> 10.0.0.2:9 len 29``"""
+    text = (
+        f"{clock_time(e.time, micro=True)} cpu{e.cpu} {e.pid}/{e.comm} "
+        f"netns {e.netns or '-'} {e.device or '-'} {e.location} ({e.module or '?'}) "
+        f"{e.reason or '-'} {e.protocol or '-'} {e.packet.describe()} len {e.length}"
+    )
+    if e.stack is not None:
+        text += "".join(f"\n        {f}" for f in e.stack)
+    return text
+
+
+def lost_text(lost: int, events: int) -> str:
+    return f"# {plural(events, 'event')} shown, {lost} lost (ring buffer full or program busy)"
