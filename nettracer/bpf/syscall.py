@@ -292,3 +292,28 @@ def mount(source: str, target: str, fstype: str, flags: int = 0) -> None:
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), target)
+
+
+#: ``CLONE_NEWNET`` (include/uapi/linux/sched.h): a new network namespace
+CLONE_NEWNET = 0x40000000
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+
+
+def unshare(flags: int) -> None:
+    """``unshare(2)`` for the calling thread (``os.unshare`` is Python 3.12+).
+
+    With ``CLONE_NEWNET`` only the calling thread moves to a new network namespace;
+    raises OSError with the errno (EPERM without CAP_SYS_ADMIN).
+    """
+    if _libc.unshare(flags) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare({flags:#x}): {os.strerror(err)}")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """``setns(2)``: move the calling thread into the namespace ``fd`` refers to
+    (``os.setns`` is Python 3.12+); raises OSError with the errno."""
+    if _libc.setns(fd, nstype) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns({fd}, {nstype:#x}): {os.strerror(err)}")
