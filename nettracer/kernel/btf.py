@@ -325,7 +325,7 @@ class Btf:
         """Every offset in the string section that holds exactly ``name``."""
         if not name:
             return []
-        needle = b"\0" + name.encode() + b"\0"
+        needle = b"\0" + name.encode("utf-8", "replace") + b"\0"
         data, s0, s1 = self._data, self._s0, self._s1
         found = []
         pos = data.find(needle, s0, s1)
@@ -368,7 +368,7 @@ class Btf:
         """Ids of all types named ``name``, including names that are the tail of a
         longer string: the slow, exhaustive path (walks every type)."""
         data, s0, s1 = self._data, self._s0, self._s1
-        needle = name.encode() + b"\0"
+        needle = name.encode("utf-8", "replace") + b"\0"
         offs = set()
         pos = data.find(needle, s0 + 1, s1)
         while pos >= 0:
