@@ -1,0 +1,229 @@
+"""``nettracer conns``: TCP and UDP connections with their stats, state and gateway.
+
+Every interval (5 s by default) the open connections with their stats and what changed
+since the last interval, and the connections that closed during the interval with their
+final stats (each exactly once, even one that opened and closed within the interval).
+``--json`` prints one object per interval.  Runs until Ctrl-C/SIGTERM or ``--duration``,
+prints the last (partial) interval, detaches and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from nettracer.errors import UsageError
+
+OFFSET_MODES = ("auto", "btf", "guess")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "conns",
+        help="TCP and UDP connections with bytes, segments, retransmits, RTT and gateway",
+        description="Trace TCP and UDP connections (IPv4 and IPv6, every network namespace) "
+        "from kernel tracepoints and print them every interval: owner, tuple, direction, "
+        "state, bytes, segments, retransmits, RTT, duration and the gateway they use.",
+    )
+    p.add_argument(
+        "--interval", type=_positive, default=5.0, metavar="S", help="seconds between reports (5)"
+    )
+    p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds")
+    p.add_argument("--json", action="store_true", help="one JSON object per interval")
+    p.add_argument("--pid", type=int, metavar="PID", help="only connections of this process")
+    p.add_argument(
+        "--netns",
+        metavar="INUM|PATH",
+        help="only connections in this network namespace: its inode, or a path such as "
+        "/run/netns/NAME or /proc/PID/ns/net",
+    )
+    p.add_argument(
+        "--no-gateway", action="store_true", help="do not look up gateways (gateway_lookup.enabled)"
+    )
+    p.add_argument(
+        "--offsets",
+        choices=OFFSET_MODES,
+        help="where struct offsets come from: BTF, guessed at run time, or auto (offsets.source)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="YAML configuration file (default: /etc/nettracer/nettracer.yaml if present)",
+    )
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="also print the tracer's and the gateway cache's counters every interval",
+    )
+    p.add_argument(
+        "--top",
+        type=int,
+        default=40,
+        metavar="N",
+        help="text tables show the N most active connections (40); JSON shows all",
+    )
+    p.add_argument(
+        "--bytes-source",
+        choices=("auto", "length", "tcp_sock"),
+        default="auto",
+        help="byte counts from the sock:sock_send_length/sock_recv_length tracepoints "
+        "(Linux 6.3, exact, TCP and UDP) or from struct tcp_sock (TCP only); auto picks "
+        "the tracepoints when the kernel has them",
+    )
+    return p
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, found {text!r}")
+    return value
+
+
+def parse_netns(text: str | None) -> int:
+    """A namespace inode from a number or a namespace file path; 0 when not given."""
+    if text is None:
+        return 0
+    if text.isdigit():
+        return int(text)
+    try:
+        return os.stat(text).st_ino
+    except OSError as exc:
+        raise UsageError(
+            f"--netns {text}: expected an inode number or a namespace path "
+            f"(/run/netns/NAME, /proc/PID/ns/net): {exc.strerror}"
+        ) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from nettracer.config import load_config
+
+    overrides: dict[str, tuple[object, str]] = {
+        "offsets.source": (args.offsets, "--offsets"),
+        "output.format": ("json" if args.json else None, "--json"),
+        "gateway_lookup.enabled": (False if args.no_gateway else None, "--no-gateway"),
+    }
+    config = load_config(args.config, overrides)
+    for notice in config.notices:
+        sys.stderr.write(f"nettracer: notice: {notice}\n")
+    fmt = str(config["output.format"])
+    if fmt not in ("text", "json"):
+        raise UsageError(f"nettracer conns prints text or json, not {fmt} (output.format)")
+    if args.top < 1:
+        raise UsageError(f"--top {args.top}: expected a number of rows >= 1")
+    netns = parse_netns(args.netns)
+    from nettracer.tracers import conns
+
+    conns.require_root()
+    return _Session(args, config, netns, fmt == "json").run()
+
+
+class _Session:
+    """One run: set-up, the reporting loop, the last report."""
+
+    def __init__(self, args: argparse.Namespace, config: object, netns: int, json: bool) -> None:
+        self.args = args
+        self.config = config
+        self.netns = netns
+        self.json = json
+        self.out = sys.stdout
+
+    def run(self) -> int:
+        from nettracer.bpf.fd import Terminated, install_signal_handlers
+        from nettracer.tracers import conns, conns_prog
+
+        cfg = self.config
+        args = self.args
+        offsets = conns.load_offsets(str(cfg["offsets.source"]))  # type: ignore[index]
+        opts = conns_prog.Options(
+            collect_tcp=bool(cfg["network.collect_tcp"]),  # type: ignore[index]
+            collect_udp=bool(cfg["network.collect_udp"]),  # type: ignore[index]
+            collect_ipv6=bool(cfg["network.collect_ipv6"]),  # type: ignore[index]
+            netns=self.netns,
+        )
+        tracer = conns.ConnTracer(
+            offsets,
+            opts,
+            max_conns=int(cfg["network.max_tracked_connections"]),  # type: ignore[index]
+            bytes_source=args.bytes_source,
+        )
+        resolver = None
+        if cfg["gateway_lookup.enabled"]:  # type: ignore[index]
+            from nettracer.net.gateway import GatewayResolver
+
+            resolver = GatewayResolver.from_config(cfg)  # type: ignore[arg-type]
+        monitor = conns.ConnMonitor(
+            tracer,
+            tcp_timeout_s=float(cfg["network.tcp_conn_timeout_s"]),  # type: ignore[index]
+            udp_timeout_s=float(cfg["network.udp_conn_timeout_s"]),  # type: ignore[index]
+            resolver=resolver,
+            pid=args.pid,
+        )
+        install_signal_handlers()
+        try:
+            monitor.start()
+            for notice in monitor.notices:
+                sys.stderr.write(f"nettracer: notice: {notice}\n")
+            sys.stderr.write(
+                f"nettracer: tracing connections (offsets: {offsets.source}, bytes from "
+                f"{'sock_*_length' if tracer.use_length else 'tcp_sock'}); printing every "
+                f"{args.interval:g} s, Ctrl-C to stop\n"
+            )
+            sys.stderr.flush()
+            self.monitor = monitor
+            self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
+            start = time.monotonic()
+            self.last = start
+            try:
+                self._loop(start)
+            except (KeyboardInterrupt, Terminated):
+                import signal
+
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_IGN)
+                self._report(time.monotonic())
+        finally:
+            monitor.close()
+            if resolver is not None:
+                resolver.close()
+        return 0
+
+    def _loop(self, start: float) -> None:
+        args = self.args
+        end = start + args.duration if args.duration else float("inf")
+        tick = start + args.interval
+        while True:
+            now = time.monotonic()
+            if now >= min(tick, end):
+                self._report(now)
+                if now >= end:
+                    return
+                tick += args.interval
+                if tick <= now:
+                    tick = now + args.interval
+                continue
+            self.monitor.poll(min(0.05, min(tick, end) - now))
+
+    def _report(self, now: float) -> None:
+        from nettracer.output import conns as out
+
+        iv = self.monitor.interval()
+        self.monitor.refresh_gateways(iv)
+        seconds = now - self.last
+        self.last = now
+        now_ns = time.monotonic_ns()
+        epoch = (now_ns + self.mono_to_epoch) / 1e9
+        stats = self.monitor.stats() if self.args.stats else None
+        if self.json:
+            from nettracer.output.jsonlines import write
+
+            write(
+                out.interval_json(iv, epoch, seconds, now_ns, self.mono_to_epoch, stats), self.out
+            )
+        else:
+            out.print_interval(iv, epoch, now_ns, top=self.args.top, stats=stats, stream=self.out)

@@ -1,0 +1,446 @@
+"""The connection tracer: TCP and UDP, IPv4 and IPv6, in every network namespace.
+
+:class:`ConnTracer` owns the kernel side (maps, the programs of
+:mod:`nettracer.tracers.conns_prog`, their links) and hands out raw records;
+:class:`ConnMonitor` turns them into one :class:`~nettracer.tracers.conns_table.Interval`
+per interval: open connections with their deltas, connections closed during the
+interval (each exactly once), evictions and lost records, gateways from a
+:class:`~nettracer.net.gateway.GatewayResolver`.
+
+Typical use::
+
+    tracer = ConnTracer(load_offsets("auto"), Options(), max_conns=65536)
+    monitor = ConnMonitor(tracer, tcp_timeout_s=120, udp_timeout_s=30)
+    monitor.start()
+    while ...:
+        monitor.poll(0.05)             # drain the ring buffer (never blocks on lookups)
+        iv = monitor.interval()        # every interval
+    monitor.close()
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from nettracer.bpf import maps, prog, ringbuf, syscall
+from nettracer.bpf.link import Link, UnknownTracepoint, attach_raw_tracepoint
+from nettracer.bpf.syscall import BpfSyscallError, Cmd
+from nettracer.errors import NettracerError, NotSupported
+from nettracer.layout.offsets import Offsets
+from nettracer.tracers import conns_prog as cp
+from nettracer.tracers.conns_model import Conn, decode
+from nettracer.tracers.conns_record import IDX, RECORD, RECORD_SIZE, EndReason
+from nettracer.tracers.conns_table import ConnTable, Interval
+
+if TYPE_CHECKING:
+    from nettracer.net.gateway import GatewayResolver
+
+#: raw tracepoints used, with the kernel that introduced them
+TP_STATE: tuple[str, str | None] = ("inet_sock_set_state", "4.16")
+TP_DESTROY: tuple[str, str | None] = ("tcp_destroy_sock", None)
+TP_SEND = ("sock_send_length", "6.3")
+TP_RECV = ("sock_recv_length", "6.3")
+
+#: bytes sources: the sock_*_length tracepoints, or struct tcp_sock counters
+BYTES_SOURCES = ("auto", "length", "tcp_sock")
+
+_PID = IDX["pid"]
+_SK = IDX["sk"]
+_PROTO = IDX["proto"]
+_LAST = IDX["last_ns"]
+
+
+def load_offsets(mode: str) -> Offsets:
+    """Struct offsets for ``--offsets auto|btf|guess``.
+
+    Uses :func:`nettracer.layout.source.offsets_for` when the build has it; until then
+    BTF only (``guess`` raises NotSupported).
+    """
+    try:
+        from nettracer.layout.source import offsets_for  # type: ignore[import-not-found]
+    except ModuleNotFoundError as exc:
+        if exc.name != "nettracer.layout.source":
+            raise
+        offsets_for = None
+    if offsets_for is not None:
+        return offsets_for(mode)  # type: ignore[no-any-return]
+    if mode == "auto":
+        mode = "btf" if os.path.exists("/sys/kernel/btf/vmlinux") else "guess"
+    if mode == "guess":
+        raise NotSupported(
+            "guessed offsets", detail="the offset guesser is not in this build; use --offsets btf"
+        )
+    from nettracer.layout.btf_offsets import btf_offsets
+
+    return btf_offsets()
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NettracerError(
+            "nettracer conns needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); run it with sudo"
+        )
+
+
+@dataclass
+class Collected:
+    """One read of the kernel side: the id counter, the map, and the ring buffer."""
+
+    created: int
+    live: list[tuple[Any, ...]]
+    closed: list[tuple[Any, ...]]
+    lost: int
+
+
+class ConnTracer:
+    """The kernel side of the connection tracer.
+
+    ``bytes_source``: ``length`` needs ``sock:sock_send_length``/``sock_recv_length``
+    (Linux 6.3) and gives exact application bytes for TCP and UDP; ``tcp_sock`` reads
+    ``tcp_sock.bytes_acked``/``bytes_received`` (TCP only: UDP is then off);
+    ``auto`` takes ``length`` when the kernel has the tracepoints.
+    """
+
+    def __init__(
+        self,
+        offsets: Offsets,
+        opts: cp.Options | None = None,
+        *,
+        max_conns: int = 65536,
+        bytes_source: str = "auto",
+        ring_bytes: int = 1 << 22,
+    ) -> None:
+        if bytes_source not in BYTES_SOURCES:
+            raise ValueError(f"bytes_source must be one of {BYTES_SOURCES}")
+        self.offsets = offsets
+        self.opts = opts or cp.Options()
+        self.max_conns = max_conns
+        self.bytes_source = bytes_source
+        self.ring_bytes = ring_bytes
+        self.notices: list[str] = []
+        self.links: list[Link] = []
+        self.progs: dict[str, prog.Prog] = {}
+        self._pending: list[tuple[Any, ...]] = []
+        self._reader: ringbuf.RingBufReader | None = None
+        self.records = 0
+        self.refreshes = 0
+        self._walk_bufs: tuple[Any, ...] | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create maps, build, load and attach the programs."""
+        opts = self.opts
+        if opts.collect_ipv6 and any(k not in self.offsets for k in cp.IPV6_FIELDS):
+            opts = replace(opts, collect_ipv6=False)
+            self.notices.append(
+                "IPv6 connections are not collected: the IPv6 address fields of struct "
+                "sock_common are not known on this kernel"
+            )
+        self.conns = maps.lru_hash(ctypes.c_uint64, cp.ConnValue, self.max_conns, cp.MAP_CONNS)
+        self.events = ringbuf.RingBuf(self.ring_bytes, cp.MAP_EVENTS)
+        self.lost = ringbuf.lost_counter(cp.MAP_LOST)
+        self.ids = maps.array(ctypes.c_uint64, 1, cp.MAP_IDS)
+        m = {
+            cp.MAP_CONNS: self.conns,
+            cp.MAP_EVENTS: self.events,
+            cp.MAP_LOST: self.lost,
+            cp.MAP_IDS: self.ids,
+        }
+        use_length = self.bytes_source in ("auto", "length")
+        if use_length and not (_has_raw_tp(TP_SEND[0]) and _has_raw_tp(TP_RECV[0])):
+            if self.bytes_source == "length":
+                raise NotSupported(f"tracepoint sock:{TP_SEND[0]}", since=TP_SEND[1])
+            use_length = False
+        if not use_length:
+            if opts.collect_udp:
+                opts = replace(opts, collect_udp=False)
+                why = (
+                    f"this kernel has no sock:{TP_SEND[0]} tracepoint (Linux {TP_SEND[1]})"
+                    if self.bytes_source == "auto"
+                    else "bytes are read from struct tcp_sock"
+                )
+                self.notices.append(f"UDP flows are not collected: {why}")
+            if not opts.collect_tcp:
+                raise NotSupported(
+                    "UDP flows",
+                    since=TP_SEND[1],
+                    detail=f"no sock:{TP_SEND[0]} tracepoint and network.collect_tcp is "
+                    "false: nothing to trace",
+                )
+        self.use_length = use_length
+        self.opts = opts
+        builds = {
+            "conn_destroy": (cp.build_destroy(self.offsets, opts), TP_DESTROY),
+            "conn_state": (cp.build_state(self.offsets, opts), TP_STATE),
+            "conn_refresh": (cp.build_refresh(self.offsets, opts), None),
+        }
+        if use_length:
+            builds["conn_send"] = (cp.build_length(self.offsets, opts, True), TP_SEND)
+            builds["conn_recv"] = (cp.build_length(self.offsets, opts, False), TP_RECV)
+        for name, (program, _) in builds.items():
+            self.progs[name] = prog.load(program.insns, maps=m, name=name)
+        for name, (_, tp) in builds.items():
+            if tp is None:
+                continue
+            try:
+                self.links.append(attach_raw_tracepoint(self.progs[name], tp[0]))
+            except UnknownTracepoint:
+                self.close()
+                raise NotSupported(f"raw tracepoint {tp[0]}", since=tp[1]) from None
+        self._reader = ringbuf.RingBufReader(self.events, self.lost)
+
+    # -- reading --------------------------------------------------------------------------
+    def drain(self) -> int:
+        """Move committed ring buffer records to the pending list; returns how many."""
+        assert self._reader is not None
+        pending = self._pending
+        unpack = RECORD.unpack_from
+
+        def take(view: memoryview) -> None:
+            pending.append(unpack(view))
+
+        n = self._reader.consume(take)
+        self.records += n
+        return n
+
+    def take_closed(self) -> list[tuple[Any, ...]]:
+        out, self._pending = self._pending, []
+        return out
+
+    def lost_total(self) -> int:
+        return self._reader.lost if self._reader is not None else 0
+
+    def created(self) -> int:
+        return int(self.ids.lookup(0, 0))
+
+    def collect(self) -> Collected:
+        """Read the id counter, refresh the TCP entries' stats, walk the map, drain."""
+        created = self.created()
+        live = self.walk()
+        refresh = self.progs["conn_refresh"]
+        tcp = [r[_SK] for r in live if r[_PROTO] == cp.IPPROTO_TCP]
+        for sk in tcp:
+            refresh.test_run((sk,))
+        self.refreshes += len(tcp)
+        if tcp:
+            live = self.walk()
+        self.drain()
+        return Collected(created, live, self.take_closed(), self.lost_total())
+
+    def walk(self) -> list[tuple[Any, ...]]:
+        """Every entry of the connection map, unpacked (batched, 4096 at a time)."""
+        chunk = min(4096, self.max_conns)
+        if self._walk_bufs is None:
+            self._walk_bufs = (
+                ctypes.create_string_buffer(8 * chunk),
+                ctypes.create_string_buffer(RECORD_SIZE * chunk),
+                ctypes.create_string_buffer(8),
+            )
+        keys, values, out_batch = self._walk_bufs
+        unpack = RECORD.unpack_from
+        result: list[tuple[Any, ...]] = []
+        in_batch = None
+        try:
+            while True:
+                n, err = syscall.map_batch(
+                    Cmd.MAP_LOOKUP_BATCH, self.conns.fd, in_batch, out_batch, keys, values, chunk
+                )
+                result.extend(unpack(values, i * RECORD_SIZE) for i in range(n))
+                if err == errno.ENOENT or n == 0:
+                    return result
+                in_batch = ctypes.create_string_buffer(out_batch.raw, 8)
+        except BpfSyscallError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+                raise
+        return [RECORD.unpack(bytes(v)) for _, v in self.conns.items()]
+
+    def expire(self, sks: Iterable[int], now_ns: int) -> list[tuple[Any, ...]]:
+        """Remove these entries from the map; their final records, marked expired."""
+        out = []
+        end = IDX["end_ns"]
+        reason = IDX["end_reason"]
+        for sk in sks:
+            v = self.conns.lookup_and_delete(sk)
+            if v is None:
+                continue  # gone meanwhile: its record is in the ring buffer
+            rec = list(RECORD.unpack(bytes(v)))
+            rec[end] = now_ns
+            rec[reason] = EndReason.EXPIRED
+            out.append(tuple(rec))
+        return out
+
+    def map_size(self) -> int:
+        return len(self.walk())
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+        self.links.clear()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        for p in self.progs.values():
+            p.close()
+        for name in ("conns", "events", "lost", "ids"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+
+
+def _has_raw_tp(name: str) -> bool:
+    """Whether raw tracepoint ``name`` exists: attach a trivial program and detach it."""
+    from nettracer.bpf.insn import R0, exit_, mov64
+
+    p = prog.load([mov64(R0, 0), exit_()], name="probe_tp")
+    try:
+        with attach_raw_tracepoint(p, name):
+            return True
+    except UnknownTracepoint:
+        return False
+    finally:
+        p.close()
+
+
+@dataclass
+class ConnMonitor:
+    """User space of the tracer: decoding, the connection table, expiry, gateways.
+
+    ``pid`` restricts what is reported (accounting covers everything the kernel saw).
+    """
+
+    tracer: ConnTracer
+    tcp_timeout_s: float = 120.0
+    udp_timeout_s: float = 30.0
+    resolver: GatewayResolver | None = None
+    pid: int | None = None
+    table: ConnTable = field(init=False)
+    closed: list[Conn] = field(default_factory=list)
+    _route_keys: dict[tuple[int, bytes, bytes], Any] = field(default_factory=dict)
+    last_collect_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.table = ConnTable(self.tracer.max_conns)
+
+    def start(self) -> None:
+        self.tracer.start()
+
+    def close(self) -> None:
+        self.tracer.close()
+
+    @property
+    def notices(self) -> list[str]:
+        return self.tracer.notices
+
+    def poll(self, timeout_s: float) -> int:
+        """Drain the ring buffer, then sleep ``timeout_s`` (records are written without
+        wake-ups; draining every ~50 ms keeps up with hundreds of thousands a second)."""
+        n = self.tracer.drain()
+        if n:
+            self._decode_pending()
+        if timeout_s > 0:
+            time.sleep(timeout_s)
+        return n
+
+    def _decode_pending(self) -> None:
+        tcp_sock = not self.tracer.use_length
+        for rec in self.tracer.take_closed():
+            c = decode(rec, tcp_sock)
+            self._gateway(c)
+            self.closed.append(c)
+
+    def interval(self) -> Interval:
+        """Everything since the last call: open connections (with deltas), closed ones."""
+        t0 = time.perf_counter()
+        got = self.tracer.collect()
+        tcp_sock = not self.tracer.use_length
+        closed = self.closed
+        self.closed = []
+        for rec in got.closed:
+            c = decode(rec, tcp_sock)
+            self._gateway(c)
+            closed.append(c)
+        now = time.monotonic_ns()
+        tcp_idle = int(self.tcp_timeout_s * 1e9)
+        udp_idle = int(self.udp_timeout_s * 1e9)
+        stale = []
+        live = []
+        for rec in got.live:
+            idle = now - rec[_LAST]
+            if idle > (tcp_idle if rec[_PROTO] == cp.IPPROTO_TCP else udp_idle):
+                stale.append(rec[_SK])
+            else:
+                live.append(rec)
+        for rec in self.tracer.expire(stale, now):
+            closed.append(decode(rec, tcp_sock))
+        conns = [decode(rec, tcp_sock) for rec in live]
+        for c in conns:
+            self._gateway(c)
+        iv = self.table.update(got.created, conns, closed, got.lost)
+        if self.pid is not None:
+            iv.conns = [c for c in iv.conns if c.pid == self.pid]
+            iv.closed = [c for c in iv.closed if c.pid == self.pid]
+        self.last_collect_ms = (time.perf_counter() - t0) * 1e3
+        return iv
+
+    def _gateway(self, c: Conn) -> None:
+        """Ask the resolver (cached answer now; a miss is looked up by its worker)."""
+        if self.resolver is None or c.direction == "local" or c.gateway is not None:
+            return
+        if c.daddr in ("0.0.0.0", "::"):
+            return  # an unconnected UDP socket has no destination
+        k = (c.netns, c.saddr_raw, c.daddr_raw)
+        key = self._route_keys.get(k)
+        if key is None:
+            from nettracer.net.gateway import RouteKey
+
+            if len(self._route_keys) >= 4096:
+                self._route_keys.clear()
+            key = self._route_keys[k] = RouteKey.of(c.netns, c.daddr, c.saddr)
+        gw = self.resolver.request(key)
+        if gw is not None:
+            c.gateway = gw.as_json()
+
+    def refresh_gateways(self, iv: Interval, wait_s: float = 0.0) -> None:
+        """Fill in gateways that were still being looked up (waiting at most ``wait_s``)."""
+        if self.resolver is None:
+            return
+        missing = [c for c in (*iv.conns, *iv.closed) if c.gateway is None]
+        if not missing:
+            return
+        if wait_s > 0:
+            self.resolver.wait_idle(wait_s)
+        for c in missing:
+            self._gateway(c)
+
+    def stats(self) -> dict[str, object]:
+        """Counters for ``--stats``."""
+        t = self.tracer
+        out: dict[str, object] = {
+            "records": t.records,
+            "lost_total": self.table.lost_total,
+            "evicted_total": self.table.evicted_total,
+            "created_total": self.table.created,
+            "open": len(self.table.open),
+            "refreshes": t.refreshes,
+            "collect_ms": round(self.last_collect_ms, 3),
+            "bytes_source": "sock_length" if t.use_length else "tcp_sock",
+            "offsets": t.offsets.source,
+        }
+        if self.resolver is not None:
+            out["gateway"] = self.resolver.stats()
+        return out
+
+
+__all__ = [
+    "ConnMonitor",
+    "ConnTracer",
+    "Interval",
+    "load_offsets",
+    "require_root",
+]

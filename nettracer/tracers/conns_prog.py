@@ -1,0 +1,659 @@
+"""Program builder for the connection tracer: raw tracepoint programs, no kprobes.
+
+Four programs share one LRU hash ``conns`` (``struct sock *`` -> :class:`ConnValue`):
+
+``state``   ``sock:inet_sock_set_state (const struct sock *sk, int oldstate, int newstate)``
+            creates TCP entries (CLOSE->SYN_SENT is a connect(), LISTEN->SYN_RECV an
+            accepted child, anything else an already-open connection), records every
+            transition and re-reads the tuple (the tracepoint fires before
+            ``tcp_set_state`` unhashes a closing socket, so ports are still there).
+``send``/``recv``  ``sock:sock_send_length`` / ``sock_recv_length`` ``(struct sock *sk,
+            int ret, int flags)`` (Linux 6.3): exact application byte counts for TCP and
+            UDP, and the owning process (they run in the caller's context).  They create
+            UDP entries, and TCP entries for connections open before the tracer started.
+``destroy`` ``tcp:tcp_destroy_sock (struct sock *sk)``: final ``tcp_sock`` stats, the
+            record goes to the ring buffer, the entry is deleted.
+``refresh`` not attached: run with ``BPF_PROG_TEST_RUN`` (args ``[sk]``) once per open
+            TCP entry per interval to copy the current ``tcp_sock`` stats (RTT, segments,
+            retransmits, bytes acked/received) into the entry.  Nothing runs per packet.
+
+Every struct field comes from an :class:`~nettracer.layout.offsets.Offsets`; fields that
+lie close together are read with one ``bpf_probe_read_kernel`` (:func:`plan_reads`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from nettracer.bpf.helpers import Helper
+from nettracer.bpf.insn import (
+    ATOMIC,
+    DW,
+    FP,
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R6,
+    R7,
+    R8,
+    R9,
+    STX,
+    AluOp,
+    Insn,
+    JmpOp,
+    Program,
+    Reg,
+    add64,
+    and64,
+    atomic_add,
+    call,
+    exit_,
+    ja,
+    jeq,
+    jmp,
+    jmp32,
+    jne,
+    ld_map_fd,
+    ldx,
+    lsh64,
+    mov32,
+    mov64,
+    or64,
+    rsh64,
+    st,
+    stx,
+)
+from nettracer.layout.offsets import Offsets
+from nettracer.tracers.conns_record import (
+    AF_INET,
+    AF_INET6,
+    BPF_RB_NO_WAKEUP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    MSG_PEEK,
+    ConnValue,
+    EndReason,
+    Flag,
+    Opened,
+    TcpState,
+    off,
+    size,
+)
+
+#: the tracer's maps, by the names the programs use
+MAP_CONNS = "conns"
+MAP_EVENTS = "events"
+MAP_LOST = "lost"
+MAP_IDS = "ids"
+
+#: BPF_NOEXIST for bpf_map_update_elem
+BPF_NOEXIST = 1
+#: BPF_FETCH: an atomic op that also returns the old value in ``src``
+BPF_FETCH = 0x01
+
+VALUE_SIZE = ctypes.sizeof(ConnValue)
+
+#: sock_common fields that make the tuple; v6 ones only when IPv6 is collected
+TUPLE_V4 = (
+    "sock_common.skc_family",
+    "sock_common.skc_daddr",
+    "sock_common.skc_rcv_saddr",
+    "sock_common.skc_dport",
+    "sock_common.skc_num",
+    "sock_common.skc_state",
+    "sock_common.skc_net",
+)
+TUPLE_V6 = ("sock_common.skc_v6_daddr", "sock_common.skc_v6_rcv_saddr")
+#: the fields the UDP reuse check compares on every datagram
+REUSE_KEYS = ("sock_common.skc_daddr", "sock_common.skc_dport", "sock_common.skc_num")
+
+#: ``struct tcp_sock`` field -> ConnValue field it is copied to
+TCP_STATS: dict[str, str] = {
+    "tcp_sock.srtt_us": "srtt_us",
+    "tcp_sock.mdev_us": "mdev_us",
+    "tcp_sock.bytes_received": "tcp_bytes_received",
+    "tcp_sock.bytes_acked": "tcp_bytes_acked",
+    "tcp_sock.total_retrans": "total_retrans",
+    "tcp_sock.segs_in": "segs_in",
+    "tcp_sock.segs_out": "segs_out",
+}
+
+#: every catalogue field the tracer reads (for Offsets checks and guessing)
+NEEDED_FIELDS: tuple[str, ...] = (
+    *TUPLE_V4,
+    "net.ns.inum",
+    "sock.sk_protocol",
+    *TCP_STATS,
+)
+IPV6_FIELDS: tuple[str, ...] = TUPLE_V6
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How to read a set of fields of one struct with few ``bpf_probe_read_kernel`` calls.
+
+    ``reads`` are ``(src_off, length, buf_off)``; ``where[key]`` is the field's position
+    in the buffer.  Each read starts 8-aligned in both struct and buffer, so fields keep
+    their natural alignment in the buffer.  ``size`` is the buffer size (multiple of 8).
+    """
+
+    reads: tuple[tuple[int, int, int], ...]
+    where: dict[str, int]
+    size: int
+
+
+def plan_reads(offsets: Offsets, keys: Iterable[str], max_span: int = 128) -> ReadPlan:
+    """Group ``keys`` (offsets from the same base pointer) into reads of at most
+    ``max_span`` bytes each (a single field larger than that is read alone)."""
+    fields = sorted(((offsets[k].offset, offsets[k].size, k) for k in keys), key=lambda f: f[0])
+    clusters: list[list[tuple[int, int, str]]] = []
+    for f in fields:
+        if clusters:
+            start = clusters[-1][0][0] & ~7
+            end = max(o + s for o, s, _ in clusters[-1])
+            if max(end, f[0] + f[1]) - start <= max_span:
+                clusters[-1].append(f)
+                continue
+        clusters.append([f])
+    reads = []
+    where = {}
+    pos = 0
+    for c in clusters:
+        start = c[0][0] & ~7
+        end = max(o + s for o, s, _ in c)
+        length = end - start
+        reads.append((start, length, pos))
+        for o, _, k in c:
+            where[k] = pos + (o - start)
+        pos += (length + 7) & ~7
+    return ReadPlan(tuple(reads), where, pos)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the programs collect; baked into the instructions as constants."""
+
+    collect_tcp: bool = True
+    collect_udp: bool = True
+    collect_ipv6: bool = True
+    #: only create entries for sockets in this network namespace (inode), 0 = all
+    netns: int = 0
+
+
+def atomic_fetch_add64(dst: Reg, off_: int, src: Reg) -> Insn:
+    """``src = atomic_fetch_add((u64 *)(dst + off), src)`` (BPF_ATOMIC | BPF_FETCH, 5.12)."""
+    return Insn(STX | ATOMIC | DW, dst, src, off_, int(AluOp.ADD) | BPF_FETCH)
+
+
+def jsle32(dst: Reg, imm: int, target: str) -> Insn:
+    return jmp32(JmpOp.JSLE, dst, imm, target)
+
+
+def jset(dst: Reg, imm: int, target: str) -> Insn:
+    return jmp(JmpOp.JSET, dst, imm, target)
+
+
+# stack layout shared by all programs (offsets from FP)
+KEY = -8  #: u64 key: the struct sock pointer
+TMP = -16  #: u64 scratch (old state)
+TMP2 = -24  #: u32 scratch (array index, netns inode)
+
+
+@dataclass
+class _Builder:
+    """Snippet emitters over one :class:`Program`; all snippets clobber R0-R5."""
+
+    offsets: Offsets
+    opts: Options
+    name: str
+    p: Program = field(default_factory=Program)
+    _labels: itertools.count = field(default_factory=itertools.count)
+
+    def label(self, stem: str) -> str:
+        return f"{stem}_{next(self._labels)}"
+
+    # -- memory ------------------------------------------------------------------------
+    def probe_read(self, dst: Reg, dst_off: int, n: int, src: Reg, src_off: int) -> None:
+        """``bpf_probe_read_kernel(dst + dst_off, n, src + src_off)``."""
+        self.p += [mov64(R1, dst)]
+        if dst_off:
+            self.p += add64(R1, dst_off)
+        self.p += [mov64(R2, n), mov64(R3, src)]
+        if src_off:
+            self.p += add64(R3, src_off)
+        self.p += call(Helper.probe_read_kernel)
+
+    def read_plan(self, plan: ReadPlan, buf: int, src: Reg) -> None:
+        for src_off, length, buf_off in plan.reads:
+            self.probe_read(FP, buf + buf_off, length, src, src_off)
+
+    def copy(self, dst: Reg, dst_off: int, src: Reg, src_off: int, n: int) -> None:
+        """Copy ``n`` bytes with the widest loads both offsets' alignment allows (via R1)."""
+        pos = 0
+        while pos < n:
+            for w in (8, 4, 2, 1):
+                if n - pos >= w and (dst_off + pos) % w == 0 and (src_off + pos) % w == 0:
+                    break
+            self.p += [ldx(w, R1, src, src_off + pos), stx(w, dst, dst_off + pos, R1)]
+            pos += w
+
+    def lookup(self, map_name: str, key_off: int) -> None:
+        self.p += [
+            ld_map_fd(R1, map_name),
+            mov64(R2, FP),
+            add64(R2, key_off),
+            call(Helper.map_lookup_elem),
+        ]
+
+    def bump(self, map_name: str, width: int = 8) -> None:
+        """``map_name[0] += 1`` for a (per-CPU) array of counters."""
+        skip = self.label("bump")
+        self.p += st(4, FP, TMP2, 0)
+        self.lookup(map_name, TMP2)
+        self.p += [jeq(R0, 0, skip), mov64(R1, 1), atomic_add(width, R0, 0, R1)]
+        self.p.label(skip)
+        self.p += mov64(R0, 0)
+
+    def now(self, value: Reg, field_name: str) -> None:
+        self.p += [call(Helper.ktime_get_ns), stx(8, value, off(field_name), R0)]
+
+    def pid_comm(self, value: Reg) -> None:
+        """``value->pid = tgid``; ``value->comm = current->comm``; sets PID_KNOWN."""
+        self.p += [
+            call(Helper.get_current_pid_tgid),
+            rsh64(R0, 32),
+            stx(4, value, off("pid"), R0),
+            mov64(R1, value),
+            add64(R1, off("comm")),
+            mov64(R2, 16),
+            call(Helper.get_current_comm),
+            ldx(1, R1, value, off("flags")),
+            or64(R1, Flag.PID_KNOWN),
+            stx(1, value, off("flags"), R1),
+        ]
+
+    def next_id(self, value: Reg, fail: str) -> None:
+        """``value->id = atomic_fetch_add(&ids[0], 1)``."""
+        self.p += st(4, FP, TMP2, 0)
+        self.lookup(MAP_IDS, TMP2)
+        self.p += [
+            jeq(R0, 0, fail),
+            mov64(R1, 1),
+            atomic_fetch_add64(R0, 0, R1),
+            stx(8, value, off("id"), R1),
+        ]
+
+    def netns(self, buf: int, plan: ReadPlan, dst: Reg, fail: str) -> None:
+        """``dst = sk->__sk_common.skc_net.net->ns.inum`` (from the tuple buffer); jumps
+        to ``fail`` when a netns filter is set and does not match."""
+        net = self.offsets.offset("net.ns.inum")
+        self.p += [ldx(8, R3, FP, buf + plan.where["sock_common.skc_net"]), st(4, FP, TMP2, 0)]
+        self.probe_read(FP, TMP2, 4, R3, net)
+        self.p += ldx(4, dst, FP, TMP2)
+        if self.opts.netns:
+            self.p += jne(dst, self.opts.netns, fail)
+
+    def zero(self, base: int, n: int) -> None:
+        self.p += [st(8, FP, base + i, 0) for i in range(0, n, 8)]
+
+    def tuple_to_value(self, value: Reg, buf: int, plan: ReadPlan) -> None:
+        """Copy addresses and ports from the tuple buffer into ``value``.
+
+        The local side is copied only while ``skc_num`` is set: a connecting socket
+        enters SYN_SENT before ``inet_hash_connect`` picks its port, and
+        ``tcp_set_state(TCP_CLOSE)`` releases the port (``inet_put_port`` zeroes
+        ``inet_num``) before ``inet_sk_state_store`` fires the tracepoint.
+        """
+        w = plan.where
+        done = self.label("local_done")
+        self.copy(value, off("daddr4"), FP, buf + w["sock_common.skc_daddr"], 4)
+        self.copy(value, off("dport"), FP, buf + w["sock_common.skc_dport"], 2)
+        v6 = "sock_common.skc_v6_daddr" in w
+        if v6:
+            self.copy(value, off("daddr6"), FP, buf + w["sock_common.skc_v6_daddr"], 16)
+        self.p += [ldx(2, R1, FP, buf + w["sock_common.skc_num"]), jeq(R1, 0, done)]
+        self.p += stx(2, value, off("sport"), R1)
+        self.copy(value, off("saddr4"), FP, buf + w["sock_common.skc_rcv_saddr"], 4)
+        if v6:
+            self.copy(value, off("saddr6"), FP, buf + w["sock_common.skc_v6_rcv_saddr"], 16)
+        self.p.label(done)
+        self.p += mov64(R0, 0)
+
+    def snapshot_tcp(self, value: Reg, sk: Reg) -> None:
+        """Copy the ``struct tcp_sock`` stats of ``sk`` into ``value``."""
+        for key, name in TCP_STATS.items():
+            f = self.offsets[key]
+            self.probe_read(value, off(name), min(f.size, size(name)), sk, f.offset)
+
+    def emit_closed(self, value: Reg, reason: EndReason) -> None:
+        """Send ``*value`` (a map value) to the ring buffer as ended, and delete it."""
+        ok = self.label("emitted")
+        self.p += st(1, value, off("end_reason"), int(reason))
+        self.now(value, "end_ns")
+        self.p += [
+            ld_map_fd(R1, MAP_EVENTS),
+            mov64(R2, value),
+            mov64(R3, VALUE_SIZE),
+            mov64(R4, BPF_RB_NO_WAKEUP),
+            call(Helper.ringbuf_output),
+            jeq(R0, 0, ok),
+        ]
+        self.bump(MAP_LOST)
+        self.p.label(ok)
+        self.p += [ld_map_fd(R1, MAP_CONNS), mov64(R2, FP), add64(R2, KEY)]
+        self.p += call(Helper.map_delete_elem)
+
+    def family_ok(self, fam: Reg, ok: str, fail: str) -> None:
+        self.p += jeq(fam, AF_INET, ok)
+        if self.opts.collect_ipv6:
+            self.p += jeq(fam, AF_INET6, ok)
+        self.p += ja(fail)
+
+    def out(self) -> None:
+        self.p.label("out")
+        self.p += [mov64(R0, 0), exit_()]
+
+
+def tuple_plan(offsets: Offsets, opts: Options) -> ReadPlan:
+    keys = [*TUPLE_V4, "sock.sk_protocol"]
+    if opts.collect_ipv6:
+        keys += TUPLE_V6
+    return plan_reads(offsets, keys)
+
+
+def _layout(plan: ReadPlan) -> tuple[int, int]:
+    """(buffer offset, value offset) from FP for a program with a tuple buffer."""
+    buf = TMP2 - plan.size
+    buf -= buf % 8 if buf % 8 else 0
+    val = buf - VALUE_SIZE
+    if val < -512:
+        raise ValueError(f"stack too small for a {plan.size}-byte tuple buffer")
+    return buf, val
+
+
+def build_state(offsets: Offsets, opts: Options) -> Program:
+    """The ``inet_sock_set_state`` program (see the module docstring)."""
+    b = _Builder(offsets, opts, "state")
+    p = b.p
+    plan = tuple_plan(offsets, opts)
+    buf, val = _layout(plan)
+    w = plan.where
+    p += [
+        mov64(R6, R1),
+        ldx(8, R9, R6, 16),  # newstate
+        ldx(8, R1, R6, 8),  # oldstate
+        stx(8, FP, TMP, R1),
+        ldx(8, R6, R6, 0),  # sk
+        stx(8, FP, KEY, R6),
+        jeq(R9, TcpState.LISTEN, "out"),
+        jne(R1, TcpState.LISTEN, "not_listener"),
+        jne(R9, TcpState.SYN_RECV, "out"),  # a listener closing
+    ]
+    p.label("not_listener")
+    b.read_plan(plan, buf, R6)
+    p += [ldx(2, R1, FP, buf + w["sock.sk_protocol"]), jne(R1, IPPROTO_TCP, "out")]
+    p += ldx(2, R1, FP, buf + w["sock_common.skc_family"])
+    b.family_ok(R1, "family_ok", "out")
+    p.label("family_ok")
+    b.lookup(MAP_CONNS, KEY)
+    p += [jeq(R0, 0, "create"), mov64(R7, R0)]
+    # CLOSE -> SYN_SENT on a tracked socket: connect() again on the same socket
+    p += [ldx(8, R1, FP, TMP), jne(R1, TcpState.CLOSE, "apply_map")]
+    p += jne(R9, TcpState.SYN_SENT, "apply_map")
+    b.snapshot_tcp(R7, R6)
+    b.emit_closed(R7, EndReason.REUSED)
+    p += ja("create")
+    p.label("apply_map")
+    _apply_transition(b, buf, plan)
+    p += ja("out")
+
+    p.label("create")
+    p += jeq(R9, TcpState.CLOSE, "out")
+    b.netns(buf, plan, R8, "out")
+    p += [mov64(R7, FP), add64(R7, val)]
+    b.zero(val, VALUE_SIZE)
+    p += stx(4, R7, off("netns"), R8)
+    b.next_id(R7, "out")
+    p += stx(8, R7, off("sk"), R6)
+    b.now(R7, "start_ns")
+    p += [
+        ldx(2, R1, FP, buf + w["sock_common.skc_family"]),
+        stx(2, R7, off("family"), R1),
+        st(1, R7, off("proto"), IPPROTO_TCP),
+        ldx(8, R1, FP, TMP),
+        jne(R1, TcpState.CLOSE, "not_active"),
+        jne(R9, TcpState.SYN_SENT, "not_active"),
+        st(1, R7, off("opened"), Opened.ACTIVE),
+    ]
+    b.pid_comm(R7)
+    p += ja("apply_new")
+    p.label("not_active")
+    p += [jne(R9, TcpState.SYN_RECV, "not_passive"), st(1, R7, off("opened"), Opened.PASSIVE)]
+    p += ja("apply_new")
+    p.label("not_passive")
+    p += st(1, R7, off("flags"), Flag.PARTIAL)
+    p.label("apply_new")
+    _apply_transition(b, buf, plan)
+    p += [
+        ld_map_fd(R1, MAP_CONNS),
+        mov64(R2, FP),
+        add64(R2, KEY),
+        mov64(R3, R7),
+        mov64(R4, BPF_NOEXIST),
+        call(Helper.map_update_elem),
+    ]
+    b.out()
+    return p
+
+
+def _apply_transition(b: _Builder, buf: int, plan: ReadPlan) -> None:
+    """R7 = value (stack or map), R9 = new state, FP+TMP = old state: record the
+    transition, the time and the tuple; take the owner from a close()/shutdown() in
+    process context when it is not known yet."""
+    p = b.p
+    skip = b.label("pid_done")
+    take = b.label("pid_take")
+    cw = b.label("pid_close_wait")
+    p += [
+        stx(1, R7, off("state"), R9),
+        ldx(8, R1, R7, off("history")),
+        lsh64(R1, 4),
+        mov64(R2, R9),
+        and64(R2, 0xF),
+        or64(R1, R2),
+        stx(8, R7, off("history"), R1),
+    ]
+    b.now(R7, "last_ns")
+    b.tuple_to_value(R7, buf, plan)
+    p += [
+        ldx(1, R1, R7, off("flags")),
+        jset(R1, Flag.PID_KNOWN, skip),
+        ldx(8, R1, FP, TMP),
+        jne(R1, TcpState.ESTABLISHED, cw),
+    ]
+    p += [jeq(R9, TcpState.FIN_WAIT1, take), ja(skip)]
+    p.label(cw)
+    p += [jne(R1, TcpState.CLOSE_WAIT, skip), jne(R9, TcpState.LAST_ACK, skip)]
+    p.label(take)
+    b.pid_comm(R7)
+    p.label(skip)
+    p += mov64(R0, 0)
+
+
+def build_length(offsets: Offsets, opts: Options, send: bool) -> Program:
+    """The ``sock_send_length`` (``send``) or ``sock_recv_length`` program."""
+    b = _Builder(offsets, opts, "send" if send else "recv")
+    p = b.p
+    plan = tuple_plan(offsets, opts)
+    buf, val = _layout(plan)
+    w = plan.where
+    nbytes = "bytes_sent" if send else "bytes_received"
+    segs = "segs_out" if send else "segs_in"
+    p += [
+        mov64(R6, R1),
+        ldx(8, R8, R6, 8),  # ret (int)
+        jsle32(R8, 0, "out"),
+        mov32(R8, R8),
+    ]
+    if not send:
+        p += [ldx(8, R1, R6, 16), jset(R1, MSG_PEEK, "out")]
+    p += [ldx(8, R6, R6, 0), stx(8, FP, KEY, R6)]
+    b.lookup(MAP_CONNS, KEY)
+    p += [jeq(R0, 0, "miss"), mov64(R7, R0)]
+    if opts.collect_udp:
+        # a UDP entry whose socket now has another tuple: a new flow (connect, rebind,
+        # or the struct sock was freed and reused)
+        rplan = plan_reads(offsets, REUSE_KEYS)
+        rw = rplan.where
+        p += [ldx(1, R1, R7, off("proto")), jne(R1, IPPROTO_UDP, "add")]
+        b.read_plan(rplan, buf, R6)
+        p += [
+            ldx(2, R1, FP, buf + rw["sock_common.skc_num"]),
+            ldx(2, R2, R7, off("sport")),
+            jne(R1, R2, "reused"),
+            ldx(2, R1, FP, buf + rw["sock_common.skc_dport"]),
+            ldx(2, R2, R7, off("dport")),
+            jne(R1, R2, "reused"),
+            ldx(4, R1, FP, buf + rw["sock_common.skc_daddr"]),
+            ldx(4, R2, R7, off("daddr4")),
+            jeq(R1, R2, "add"),
+        ]
+        p.label("reused")
+        b.emit_closed(R7, EndReason.REUSED)
+        p += ja("miss")
+    p.label("add")
+    p += atomic_add(8, R7, off(nbytes), R8)
+    if opts.collect_udp:
+        p += [
+            ldx(1, R1, R7, off("proto")),
+            jne(R1, IPPROTO_UDP, "segs_done"),
+            mov64(R1, 1),
+            atomic_add(4, R7, off(segs), R1),
+        ]
+        p.label("segs_done")
+    b.now(R7, "last_ns")
+    p += [ldx(1, R1, R7, off("flags")), jset(R1, Flag.PID_KNOWN, "out")]
+    b.pid_comm(R7)
+    p += ja("out")
+
+    # -- no entry: a UDP socket's first datagram, or a TCP connection older than us --
+    p.label("miss")
+    b.read_plan(plan, buf, R6)
+    p += ldx(2, R1, FP, buf + w["sock_common.skc_family"])
+    b.family_ok(R1, "family_ok", "out")
+    p.label("family_ok")
+    p += ldx(2, R9, FP, buf + w["sock.sk_protocol"])
+    if opts.collect_tcp:
+        p += [
+            jne(R9, IPPROTO_TCP, "not_tcp"),
+            ldx(1, R1, FP, buf + w["sock_common.skc_state"]),
+            jeq(R1, TcpState.CLOSE, "out"),
+            jeq(R1, TcpState.LISTEN, "out"),
+            ja("create"),
+        ]
+        p.label("not_tcp")
+    if opts.collect_udp:
+        p += jeq(R9, IPPROTO_UDP, "create")
+    p += ja("out")
+
+    p.label("create")
+    b.netns(buf, plan, R1, "out")
+    p += stx(4, FP, TMP, R1)
+    p += [mov64(R7, FP), add64(R7, val)]
+    b.zero(val, VALUE_SIZE)
+    p += [ldx(4, R1, FP, TMP), stx(4, R7, off("netns"), R1)]
+    b.next_id(R7, "out")
+    p += [
+        stx(8, R7, off("sk"), R6),
+        ldx(2, R1, FP, buf + w["sock_common.skc_family"]),
+        stx(2, R7, off("family"), R1),
+        stx(1, R7, off("proto"), R9),
+        ldx(1, R1, FP, buf + w["sock_common.skc_state"]),
+        stx(1, R7, off("state"), R1),
+        stx(8, R7, off(nbytes), R8),
+    ]
+    b.now(R7, "start_ns")
+    p += stx(8, R7, off("last_ns"), R0)
+    b.tuple_to_value(R7, buf, plan)
+    b.pid_comm(R7)
+    p += [jne(R9, IPPROTO_UDP, "tcp_partial")]
+    p += [
+        st(1, R7, off("opened"), Opened.ACTIVE if send else Opened.PASSIVE),
+        st(4, R7, off(segs), 1),
+        ja("insert"),
+    ]
+    p.label("tcp_partial")
+    p += [
+        ldx(1, R1, FP, buf + w["sock_common.skc_state"]),
+        stx(8, R7, off("history"), R1),
+        ldx(1, R1, R7, off("flags")),
+        or64(R1, Flag.PARTIAL),
+        stx(1, R7, off("flags"), R1),
+    ]
+    p.label("insert")
+    p += [
+        ld_map_fd(R1, MAP_CONNS),
+        mov64(R2, FP),
+        add64(R2, KEY),
+        mov64(R3, R7),
+        mov64(R4, BPF_NOEXIST),
+        call(Helper.map_update_elem),
+        jeq(R0, 0, "out"),
+    ]
+    # another CPU created it meanwhile: add to that one
+    b.lookup(MAP_CONNS, KEY)
+    p += [jeq(R0, 0, "out"), mov64(R7, R0), ja("add")]
+    b.out()
+    return p
+
+
+def build_destroy(offsets: Offsets, opts: Options) -> Program:
+    """The ``tcp_destroy_sock`` program: final stats to the ring buffer, entry deleted."""
+    b = _Builder(offsets, opts, "destroy")
+    p = b.p
+    p += [ldx(8, R6, R1, 0), stx(8, FP, KEY, R6)]
+    b.lookup(MAP_CONNS, KEY)
+    p += [jeq(R0, 0, "out"), mov64(R7, R0)]
+    b.snapshot_tcp(R7, R6)
+    b.emit_closed(R7, EndReason.DESTROYED)
+    b.out()
+    return p
+
+
+def build_refresh(offsets: Offsets, opts: Options) -> Program:
+    """Run by user space (``BPF_PROG_TEST_RUN``, args ``[sk]``): copy the current
+    ``tcp_sock`` stats into the entry; bump ``last_ns`` when segments moved.  Returns 1
+    when the entry exists, 0 when it is gone."""
+    b = _Builder(offsets, opts, "refresh")
+    p = b.p
+    p += [ldx(8, R6, R1, 0), stx(8, FP, KEY, R6)]
+    b.lookup(MAP_CONNS, KEY)
+    p += [jeq(R0, 0, "out"), mov64(R7, R0)]
+    p += [ldx(1, R1, R7, off("proto")), jne(R1, IPPROTO_TCP, "done")]
+    p += [
+        ldx(4, R8, R7, off("segs_in")),
+        ldx(4, R1, R7, off("segs_out")),
+        add64(R8, R1),
+    ]
+    b.snapshot_tcp(R7, R6)
+    p += [
+        ldx(4, R1, R7, off("segs_in")),
+        ldx(4, R2, R7, off("segs_out")),
+        add64(R1, R2),
+        jeq(R1, R8, "done"),
+    ]
+    b.now(R7, "last_ns")
+    p.label("done")
+    p += [mov64(R0, 1), exit_()]
+    b.out()
+    return p
+
+
+def needed_fields(opts: Options) -> tuple[str, ...]:
+    """The catalogue keys the programs read with these options."""
+    return NEEDED_FIELDS + (IPV6_FIELDS if opts.collect_ipv6 else ())

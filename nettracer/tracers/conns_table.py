@@ -1,0 +1,109 @@
+"""The user-space connection table: deltas between intervals, closed connections reported
+once, and exact accounting of what the kernel's LRU map evicted.
+
+Every entry the programs create gets an id from a kernel counter (``ids[0]``, fetched
+and incremented atomically), so the ids are dense: ``0 .. created-1``.  At each interval
+the tracer reads the counter *first* (``created``), then walks the map (``live``), then
+drains the ring buffer (``closed``).  An entry that left the map by any way but LRU
+eviction left a record in the ring buffer before it was deleted, so after the drain:
+
+* an id below ``created`` that was never seen (not live, never closed) was evicted
+  before any walk saw it;
+* an id that was live at the previous walk and is neither live nor closed now was
+  evicted since.
+
+Records that did not fit in the ring buffer (``lost``, counted by the programs) look
+the same, so ``evicted`` is what is missing minus what was lost.  Nothing is silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nettracer.tracers.conns_model import Conn
+
+
+@dataclass
+class Interval:
+    """What one interval reports."""
+
+    conns: list[Conn]
+    closed: list[Conn]
+    #: entries the kernel LRU map evicted during this interval (or dropped for the
+    #: user-space bound)
+    evicted: int
+    #: records lost because the ring buffer was full during this interval
+    lost: int
+
+
+@dataclass
+class ConnTable:
+    """Open connections by id, with the id accounting described in the module docstring.
+
+    ``max_conns`` bounds the open table and the closed connections kept per interval;
+    what does not fit is counted as evicted.
+    """
+
+    max_conns: int
+    open: dict[int, Conn] = field(default_factory=dict)
+    created: int = 0
+    lost_total: int = 0
+    evicted_total: int = 0
+    #: ids >= ``created`` already seen (created after the counter was read)
+    _early: set[int] = field(default_factory=set)
+
+    def update(
+        self, created: int, live: list[Conn], closed: list[Conn], lost_total: int
+    ) -> Interval:
+        """Account one interval: ``created`` the id counter read before the walk,
+        ``live`` the map's entries, ``closed`` the ring buffer's records since the last
+        update (including entries user space expired), ``lost_total`` the lost counter."""
+        seen_new = {i for i in self._early if i < created}
+        early = {i for i in self._early if i >= created}
+        closed_ids = set()
+        reported_closed: list[Conn] = []
+        for c in closed:
+            if c.id in closed_ids:
+                continue  # the same record twice cannot happen, but never report twice
+            closed_ids.add(c.id)
+            prev = self.open.pop(c.id, None)
+            if prev is not None:
+                c.prev = prev.counters()
+                c.gateway = c.gateway or prev.gateway
+            self._see(c.id, created, seen_new, early)
+            reported_closed.append(c)
+        live_now: dict[int, Conn] = {}
+        for c in live:
+            if c.id in closed_ids:
+                continue  # closed after the walk: reported as closed only
+            prev = self.open.get(c.id)
+            if prev is not None:
+                c.prev = prev.counters()
+                c.gateway = c.gateway or prev.gateway
+            self._see(c.id, created, seen_new, early)
+            live_now[c.id] = c
+        vanished = sum(1 for i in self.open if i not in live_now)
+        never_seen = max(0, created - self.created) - len(seen_new)
+        missing = vanished + never_seen
+        lost = max(0, lost_total - self.lost_total)
+        evicted = max(0, missing - lost)
+        # the user-space bound
+        conns = sorted(live_now.values(), key=lambda c: c.id)
+        if len(conns) > self.max_conns:
+            evicted += len(conns) - self.max_conns
+            conns = conns[-self.max_conns :]
+        if len(reported_closed) > self.max_conns:
+            evicted += len(reported_closed) - self.max_conns
+            reported_closed = reported_closed[: self.max_conns]
+        self.open = {c.id: c for c in conns}
+        self.created = max(self.created, created)
+        self._early = early
+        self.lost_total = max(self.lost_total, lost_total)
+        self.evicted_total += evicted
+        return Interval(conns=conns, closed=reported_closed, evicted=evicted, lost=lost)
+
+    def _see(self, cid: int, created: int, seen_new: set[int], early: set[int]) -> None:
+        if cid >= created:
+            early.add(cid)
+        elif cid >= self.created:
+            seen_new.add(cid)
