@@ -9,7 +9,12 @@ only when asked.  Names are found without an index: the string is located in the
 string section with ``bytes.find`` and its offset, as a 4-byte word, is searched for
 in the type section; a hit that sits exactly at a record start is a type of that
 name.  Resolving the whole field catalogue therefore touches only the first third
-of vmlinux's ~130k types.
+of vmlinux's ~130k types.  (A name that only exists as the tail of a longer string,
+which pahole and libbpf never emit, is still found, by a slower exhaustive pass.)
+
+``btf_type.info`` is decoded as the uapi header says: vlen in bits 0-15, kind in
+bits 24-28, kind_flag in bit 31; the unused bits 16-23 and 29-30 are ignored, as
+libbpf ignores them.  Blobs of either byte order are read (the magic tells which).
 
 Kinds (with the kernel that introduced them): INT, PTR, ARRAY, STRUCT, UNION, ENUM,
 FWD, TYPEDEF, VOLATILE, CONST, RESTRICT (4.18), FUNC, FUNC_PROTO (5.0), VAR,
@@ -24,7 +29,6 @@ from __future__ import annotations
 import array
 import bisect
 import enum
-import hashlib
 import re
 import struct
 import sys
@@ -250,6 +254,8 @@ class Btf:
     def sha256(self) -> str:
         """Hex SHA-256 of the whole blob: identifies the kernel build."""
         if self._sha256 is None:
+            import hashlib  # not at module level: its OpenSSL import costs ~3 ms
+
             self._sha256 = hashlib.sha256(self._data).hexdigest()
         return self._sha256
 
