@@ -159,8 +159,8 @@ def load_offsets(mode: str, btf: object | None = None) -> Offsets:
     if mode == "auto":
         mode = "btf" if os.path.exists("/sys/kernel/btf/vmlinux") else "guess"
     if mode == "guess":
-        raise NotSupported(
-            "guessed offsets", detail="the offset guesser is not in this build; use --offsets btf"
+        raise NettracerError(
+            "--offsets guess: the offset guesser is not in this build; use --offsets btf"
         )
     from nettracer.kernel.btf import Btf
     from nettracer.layout.btf_offsets import btf_offsets
