@@ -1,0 +1,396 @@
+"""Unit tests of the drop monitor's pure parts: header decoding, grouping, output, the
+program builder's read planning and name comparison (no root needed), plus kernel
+tests that every program variant passes the verifier and that the in-kernel
+``--device`` comparison survives a rename."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import kernel_skip
+
+from nettracer.errors import UsageError
+from nettracer.output import drops as out
+from nettracer.output.table import Column, render
+from nettracer.tracers import drops
+from nettracer.tracers.drops_program import (
+    DropEvent,
+    DropKey,
+    DropLayout,
+    Filters,
+    KfreeSkbArgs,
+    ProgramSpec,
+    _Reads,
+    build,
+)
+from nettracer.tracers.packet import (
+    Packet,
+    decode,
+    ethertype_from_skb,
+    ethertype_name,
+    parse_ethertype,
+)
+
+# -- packet decoding ---------------------------------------------------------------------
+
+
+def ipv4(
+    proto: int, payload: bytes, src: str = "10.0.0.1", dst: str = "10.0.0.2", opts: bytes = b""
+) -> bytes:
+    ihl = (20 + len(opts)) // 4
+    hdr = struct.pack(
+        "!BBHHHBBH4s4s", 0x40 | ihl, 0, 20 + len(opts) + len(payload), 1, 0, 64, proto, 0,
+        ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
+    )  # fmt: skip
+    return hdr + opts + payload
+
+
+def ipv6(nxt: int, payload: bytes, src: str = "fd00::1", dst: str = "fd00::2") -> bytes:
+    return (
+        struct.pack("!IHBB", 6 << 28, len(payload), nxt, 64)
+        + ipaddress.IPv6Address(src).packed
+        + ipaddress.IPv6Address(dst).packed
+        + payload
+    )
+
+
+def test_decode_ipv4_udp_with_options() -> None:
+    p = decode(0x0800, ipv4(17, struct.pack("!HHHH", 5000, 53, 8, 0), opts=b"\x01" * 8))
+    assert p == Packet("IPv4", "10.0.0.1", "10.0.0.2", "UDP", 5000, 53)
+    assert p.describe() == "UDP 10.0.0.1:5000 -> 10.0.0.2:53"
+
+
+def test_decode_ipv4_icmp_and_fragment() -> None:
+    p = decode(0x0800, ipv4(1, bytes([8, 0, 0, 0])))
+    assert (p.proto, p.icmp_type, p.icmp_code, p.sport) == ("ICMP", 8, 0, None)
+    frag = bytearray(ipv4(6, struct.pack("!HH", 1, 2)))
+    frag[6:8] = struct.pack("!H", 100)  # fragment offset 100: no L4 header here
+    p = decode(0x0800, bytes(frag))
+    assert (p.proto, p.sport, p.dport) == ("TCP", None, None)
+
+
+def test_decode_ipv6_tcp_after_extension_headers() -> None:
+    tcp = struct.pack("!HH", 40000, 443) + b"\0" * 16
+    dstopts = bytes([6, 0]) + b"\0" * 6  # next header TCP, 8 bytes
+    hop = bytes([60, 0]) + b"\0" * 6  # next header dstopts
+    p = decode(0x86DD, ipv6(0, hop + dstopts + tcp))
+    assert p == Packet("IPv6", "fd00::1", "fd00::2", "TCP", 40000, 443)
+    assert p.endpoints() == "[fd00::1]:40000 -> [fd00::2]:443"
+
+
+def test_decode_icmpv6_arp_and_garbage() -> None:
+    p = decode(0x86DD, ipv6(58, bytes([135, 0, 0, 0])))
+    assert (p.proto, p.icmp_type) == ("ICMPv6", 135)
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, b"\1" * 6,
+                      bytes([10, 0, 0, 1]), b"\0" * 6, bytes([10, 0, 0, 2]))  # fmt: skip
+    p = decode(0x0806, arp)
+    assert (p.family, p.src, p.dst, p.proto) == ("ARP", "10.0.0.1", "10.0.0.2", "request")
+    for ethertype, data in (
+        (0x0800, b"\x45\x00"),
+        (0x86DD, b"\x60" * 10),
+        (0x0806, b""),
+        (0x88CC, b"x"),
+    ):
+        decode(ethertype, data)  # never raises
+    assert decode(0x0800, b"\x60" + b"\0" * 40).src is None  # not IPv4 after all
+    assert Packet().describe() == "-"
+
+
+def test_ethertypes() -> None:
+    assert ethertype_name(0x0800) == "IPv4" and ethertype_name(0x86DD) == "IPv6"
+    assert ethertype_name(0) is None and ethertype_name(0x1234) == "0x1234"
+    assert parse_ethertype("ipv6") == 0x86DD and parse_ethertype("ARP") == 0x0806
+    assert parse_ethertype("0x88cc") == 0x88CC
+    with pytest.raises(ValueError, match="unknown protocol"):
+        parse_ethertype("ipv5")
+    # skb->protocol is __be16: 0x0800 lies in memory as 08 00, read little-endian as 0x0008
+    assert ethertype_from_skb(int.from_bytes(b"\x08\x00", "little")) == 0x0800
+
+
+# -- reasons, filters, --by ------------------------------------------------------------------
+
+NAMES = {2: "NOT_SPECIFIED", 3: "NO_SOCKET", 6: "SOCKET_RCVBUFF"}  # a sample, as BTF gives them
+
+
+def test_parse_reason() -> None:
+    assert drops.parse_reason("NO_SOCKET", NAMES) == 3
+    assert drops.parse_reason("no_socket", NAMES) == 3
+    assert drops.parse_reason("SKB_DROP_REASON_SOCKET_RCVBUFF", NAMES) == 6
+    assert drops.parse_reason("6", NAMES) == 6
+    with pytest.raises(UsageError, match="did you mean NO_SOCKET"):
+        drops.parse_reason("SOCKET", NAMES)
+
+
+def test_make_filters_and_by() -> None:
+    f = drops.make_filters("eth0", 4026531840, "no_socket", "ipv4", NAMES)
+    assert f == Filters(device=b"eth0", netns=4026531840, reason=3, protocol=0x0800)
+    with pytest.raises(UsageError):
+        drops.make_filters("a" * 16, None, None, None, NAMES)
+    with pytest.raises(UsageError):
+        drops.make_filters(None, None, None, "nope", NAMES)
+    with pytest.raises(drops.NotSupported):
+        drops.make_filters(None, None, "NO_SOCKET", None, None)
+    assert drops.parse_by("Location, device") == ("location", "device")
+    with pytest.raises(UsageError, match="--by"):
+        drops.parse_by("location,colour")
+
+
+# -- grouping and output ------------------------------------------------------------------------
+
+
+class FakeSymbol:
+    def __init__(self, name: str, offset: int, module: str) -> None:
+        self.name, self.offset, self.module = name, offset, module
+
+    def format(self) -> str:
+        return f"{self.name}+{self.offset:#x}"
+
+
+class FakeKallsyms:
+    """Two functions at 0x1000 (core) and 0x2000 (module "nf")."""
+
+    def lookup(self, addr: int) -> FakeSymbol | None:
+        if 0x1000 <= addr < 0x2000:
+            return FakeSymbol("udp_rcv", addr - 0x1000, "kernel")
+        if 0x2000 <= addr < 0x3000:
+            return FakeSymbol("nft_thing", addr - 0x2000, "nf_tables")
+        return None
+
+
+def names() -> drops.Names:
+    devs = {(1, 2): "eth0", (9, 2): "eth0", (1, 3): "eth1"}
+    return drops.Names(NAMES, lambda ns, ifx: devs.get((ns, ifx)), FakeKallsyms())
+
+
+def counts() -> list[drops.DropCount]:
+    return [
+        drops.DropCount(0x1010, 3, 2, 1, 0x0800, 0xFFFF, 5),
+        drops.DropCount(0x1010, 3, 2, 9, 0x0800, 0xFFFF, 2),  # same device name, other netns
+        drops.DropCount(0x1010, 3, 3, 1, 0x86DD, 0xFFFF, 1),
+        drops.DropCount(0x2004, 2, 0, 0, 0, 0xFFFF, 7),  # no device, no protocol
+        drops.DropCount(0x9999, 6, 3, 1, 0x0800, 0xFFFF, 1),  # no symbol
+    ]
+
+
+def test_group_by_default_keeps_devices_of_each_netns_apart() -> None:
+    groups = drops.group_counts(counts(), drops.DEFAULT_BY, names())
+    assert [g.count for g in groups] == [7, 5, 2, 1, 1]
+    top = groups[0].to_json()
+    assert top == {
+        "count": 7, "location": "nft_thing+0x4", "symbol": "nft_thing", "offset": 4,
+        "module": "nf_tables", "device": None, "ifindex": None, "netns": None,
+        "reason": "NOT_SPECIFIED", "protocol": None,
+    }  # fmt: skip
+    assert (groups[1].device, groups[1].netns, groups[1].ifindex) == ("eth0", 1, 2)
+    assert (groups[2].device, groups[2].netns) == ("eth0", 9)
+    nosym = next(g for g in groups if g.location and g.location.symbol is None)
+    assert nosym.location.text == "0x9999" and nosym.to_json()["offset"] is None
+
+
+def test_group_by_module_and_reason() -> None:
+    groups = drops.group_counts(counts(), ("module", "reason"), names())
+    got = {(g.module, g.reason): g.count for g in groups}
+    assert got == {
+        ("kernel", "NO_SOCKET"): 8,
+        ("nf_tables", "NOT_SPECIFIED"): 7,
+        (None, "SOCKET_RCVBUFF"): 1,
+    }
+    assert all(g.location is None and g.device is None for g in groups)
+    groups = drops.group_counts(counts(), ("netns",), names())
+    assert {g.netns: g.count for g in groups} == {1: 7, 9: 2, None: 7}
+
+
+def test_stack_frames_skip_tracing_machinery() -> None:
+    class K(FakeKallsyms):
+        def lookup(self, addr: int) -> FakeSymbol | None:
+            table = {1: ("bpf_prog_abc_nt_drops", "bpf"), 2: ("bpf_trace_run4", "kernel"),
+                     3: ("__traceiter_kfree_skb", "kernel"), 4: ("sk_skb_reason_drop", "kernel"),
+                     5: ("nft_thing", "nf_tables")}  # fmt: skip
+            name, mod = table[addr]
+            return FakeSymbol(name, 0x10, mod)
+
+    n = drops.Names(NAMES, lambda a, b: None, K())
+    assert n.frames([1, 2, 3, 4, 5]) == ["sk_skb_reason_drop+0x10", "nft_thing+0x10 [nf_tables]"]
+
+
+def test_interval_text_and_json() -> None:
+    groups = drops.group_counts(counts(), drops.DEFAULT_BY, names())
+    iv = out.Interval(time.time(), 5.0, groups, 16, 3)
+    text = out.interval_text(iv, drops.DEFAULT_BY).splitlines()
+    assert "drops in the last 5.0 s" in text[0]
+    assert text[1].split() == ["COUNT", "LOCATION", "DEVICE", "MODULE", "REASON", "PROTOCOL"]
+    assert text[2].split() == ["7", "nft_thing+0x4", "-", "nf_tables", "NOT_SPECIFIED", "-"]
+    assert text[3].split() == ["5", "udp_rcv+0x10", "eth0", "kernel", "NO_SOCKET", "IPv4"]
+    assert text[-1].strip() == "total 16 drops in 5 groups, 3 lost"
+    obj = json.loads(json.dumps(out.interval_json(iv)))
+    assert set(obj) == {"time", "interval_s", "drops", "total", "lost"}
+    assert obj["total"] == 16 and obj["lost"] == 3 and obj["interval_s"] == 5.0
+    assert len(obj["drops"]) == 5
+    empty = out.interval_text(out.Interval(time.time(), 1.0, [], 0, 0), drops.DEFAULT_BY)
+    assert empty.splitlines()[-1].strip() == "total 0 drops in 0 groups, 0 lost"
+
+
+def test_table_render() -> None:
+    lines = render(
+        [Column("N", right=True), Column("NAME"), Column("X")], [[1, "a", None], [100, "bbb", "z"]]
+    )
+    assert lines == ["  N  NAME  X", "  1  a     -", "100  bbb   z"]
+
+
+def test_event_view() -> None:
+    ev = DropEvent()
+    ev.ts_ns, ev.location, ev.pid_tgid, ev.reason, ev.ifindex, ev.netns = (
+        10**9,
+        0x1010,
+        42 << 32 | 43,
+        3,
+        2,
+        1,
+    )
+    ev.cpu, ev.len, ev.protocol = 1, 29, int.from_bytes(b"\x08\x00", "little")
+    ev.comm, ev.devname = b"python3", b"eth0"
+    hdr = ipv4(17, struct.pack("!HHHH", 40001, 9, 9, 0))
+    ctypes.memmove(ctypes.addressof(ev) + DropEvent.header.offset, hdr, len(hdr))
+    ev.header_len = len(hdr)
+    v = out.view_event(ev, names(), 0)
+    assert (v.pid, v.comm, v.device, v.location, v.reason, v.protocol) == (
+        42, "python3", "eth0", "udp_rcv+0x10", "NO_SOCKET", "IPv4")  # fmt: skip
+    assert "UDP 10.0.0.1:40001 -> 10.0.0.2:9 len 29" in out.event_text(v)
+    assert out.event_json(v)["packet"]["dport"] == 9
+
+
+# -- program builder ------------------------------------------------------------------------------
+
+LAYOUT = DropLayout(
+    sk_buff_dev=16, sk_buff_protocol=176, net_device_ifindex=224, net_device_nd_net=264,
+    net_device_name=280, net_ns_inum=176, sk_buff_sk=24, sock_common_skc_net=48,
+    sk_buff_len=112, sk_buff_head=192, sk_buff_network_header=180, sk_buff_transport_header=178,
+)  # fmt: skip
+
+
+def test_records_have_the_sizes_the_program_assumes() -> None:
+    assert ctypes.sizeof(DropKey) == 24
+    assert DropEvent.header.offset % 8 == 0
+
+
+def test_read_planning_merges_close_fields_and_splits_far_ones() -> None:
+    r = _Reads({"dev": (16, 8), "protocol": (176, 2), "sk": (24, 8)})
+    top = r.plan(-64)
+    assert [(s.start, s.size) for s in r.spans] == [(16, 162)]
+    assert r.where["protocol"] - r.where["dev"] == 160 and top == -64 - 168
+    far = _Reads({"a": (0, 8), "b": (4000, 4)})
+    far.plan(-8)
+    assert [(s.start, s.size) for s in far.spans] == [(0, 8), (4000, 4)]
+
+
+@pytest.mark.parametrize("events", [False, True])
+@pytest.mark.parametrize("stack", [False, True])
+@pytest.mark.parametrize("nargs", [2, 4])
+def test_build_assembles(events: bool, stack: bool, nargs: int) -> None:
+    args = KfreeSkbArgs(("skb", "location", "reason", "rx_sk")[:nargs])
+    flt = Filters(
+        device=b"averylongname12", netns=1, protocol=0x86DD, reason=3 if nargs > 2 else None
+    )
+    for f in (Filters(), flt):
+        prog = build(ProgramSpec(LAYOUT, args, f, stack=stack, events=events))
+        maps = {"counts": 3, "devnames": 4, "lost": 5, "stacks": 6, "events": 7}
+        assert prog.assemble(maps)
+
+
+def test_reason_filter_needs_the_reason_argument() -> None:
+    with pytest.raises(ValueError, match="no reason"):
+        build(ProgramSpec(LAYOUT, KfreeSkbArgs(("skb", "location")), Filters(reason=3)))
+
+
+# -- kernel -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kernel_spec_parts() -> tuple[DropLayout, KfreeSkbArgs, dict[int, str] | None]:
+    if os.geteuid() != 0:
+        kernel_skip("needs root to load BPF programs")
+    from nettracer.kernel.btf import Btf
+
+    btf = Btf.vmlinux()
+    args = drops.kfree_skb_args(btf)
+    layout = drops.layout_for(drops.load_offsets("btf", btf), events=True)
+    return layout, args, drops.reason_names(btf) if args.has_reason else None
+
+
+@pytest.mark.kernel
+def test_reason_names_agree_with_the_tracepoint_print_fmt(kernel_spec_parts) -> None:  # type: ignore[no-untyped-def]
+    """BTF's enum and tracefs' __print_symbolic table give the same names."""
+    _, args, from_btf = kernel_spec_parts
+    if not args.has_reason:
+        kernel_skip("kfree_skb has no reason on this kernel (before 5.17)")
+    from_tracefs = drops.reason_names(None)
+    assert from_btf is not None
+    assert {v: n for v, n in from_btf.items() if v in from_tracefs} == from_tracefs
+    assert drops.kfree_skb_args(None).names == args.names[:3]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("events", [False, True])
+@pytest.mark.parametrize("stack", [False, True])
+@pytest.mark.parametrize("filtered", [False, True])
+def test_every_variant_passes_the_verifier(
+    kernel_spec_parts, events: bool, stack: bool, filtered: bool
+) -> None:  # type: ignore[no-untyped-def]
+    layout, args, reasons = kernel_spec_parts
+    flt = Filters()
+    if filtered:
+        flt = Filters(
+            device=b"eth0", netns=4026531840, protocol=0x0800, reason=3 if reasons else None
+        )
+    with drops.DropMonitor(ProgramSpec(layout, args, flt, stack=stack, events=events)) as mon:
+        assert mon.link is not None and mon.prog is not None
+
+
+@pytest.mark.kernel
+def test_device_filter_matches_after_a_rename() -> None:
+    """``strscpy`` leaves the old name's tail after the NUL: the filter ignores it."""
+    if os.geteuid() != 0:
+        kernel_skip("needs root to build network namespaces")
+    pid = os.getpid()
+    a, b = f"ntra{pid}", f"ntrb{pid}"
+    long_name, short = f"longname{pid}"[:15], f"rb{pid}"
+    try:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(["ip", "-n", a, "link", "add", "va", "type", "veth", "peer", "name",
+                        long_name, "netns", b], check=True)  # fmt: skip
+        subprocess.run(["ip", "-n", b, "link", "set", long_name, "name", short], check=True)
+        for ns, dev, addr in ((a, "va", "10.202.0.1/24"), (b, short, "10.202.0.2/24")):
+            subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        inode = os.stat(f"/run/netns/{b}").st_ino
+        from nettracer.kernel.btf import Btf
+
+        btf = Btf.vmlinux()
+        layout = drops.layout_for(drops.load_offsets("btf", btf), events=False)
+        spec = ProgramSpec(
+            layout, drops.kfree_skb_args(btf), Filters(device=short.encode(), netns=inode)
+        )
+        with drops.DropMonitor(spec) as mon:
+            client = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            client += "for _ in range(6): s.sendto(b'x', ('10.202.0.2', 9))\n"
+            # the first datagram may wait for ARP; all of them reach b in the end
+            subprocess.run(["ip", "netns", "exec", a, sys.executable, "-c", client], check=True)
+            time.sleep(1.5)
+            sample = mon.collect()
+            names = drops.Names(None, mon.device_name)
+            groups = drops.group_counts(sample.counts, ("location", "device"), names)
+        assert {g.device for g in groups} == {short}, groups
+        udp = [g.count for g in groups if g.location and g.location.symbol == "__udp4_lib_rcv"]
+        assert udp == [6], groups
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
