@@ -32,7 +32,7 @@ import enum
 import re
 import struct
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nettracer.errors import NettracerError
 
@@ -110,8 +110,7 @@ _SIZED = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class BtfType:
+class BtfType(NamedTuple):
     """One decoded ``struct btf_type`` header.
 
     ``size_or_type`` is the union in the header: a size in bytes for INT, STRUCT,
@@ -126,8 +125,7 @@ class BtfType:
     size_or_type: int
 
 
-@dataclass(frozen=True, slots=True)
-class StructMember:
+class StructMember(NamedTuple):
     """One ``struct btf_member`` as stored (offsets relative to its own struct)."""
 
     name: str
@@ -136,8 +134,7 @@ class StructMember:
     bitfield_size: int
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(NamedTuple):
     """A resolved ``struct.member.path``.
 
     ``offset``/``size`` are bytes from the start of the outer struct.  For a
