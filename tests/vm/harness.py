@@ -58,6 +58,9 @@ DEFAULT_PYTEST_ARGS = ("-m", "kernel", "tests", "--ignore=tests/vm")
 
 MARKER_RE = re.compile(r"NETTRACER_VM_EXIT=(\d+)")
 
+#: terminal control sequences SeaBIOS and the kernel write to the serial console
+ESCAPE_RE = re.compile(rb"\x1b(\[[0-9;?]*[A-Za-z]|[c78])")
+
 
 class VMError(Exception):
     """The VM could not be prepared or started; the message is one line."""
@@ -326,7 +329,7 @@ def qemu_command(
         return ["-fsdev", fsdev, "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
 
     return [
-        qemu, "-accel", "tcg", "-cpu", "max", "-m", str(memory), "-smp", str(smp),
+        qemu, "-accel", "tcg", "-cpu", os.environ.get("NETTRACER_VM_CPU", "max"), "-m", str(memory), "-smp", str(smp),
         "-nographic", "-no-reboot", "-nic", "none",
         "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd), "-append", append,
         *share("hostroot", Path("/"), True),
@@ -368,9 +371,10 @@ def run_qemu(cmd: list[str], rundir: Path, timeout: float, interactive: bool) ->
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
-            pending += chunk.replace(b"\r", b"")
+            pending += ESCAPE_RE.sub(b"", chunk)
             *lines, pending = pending.split(b"\n")
             for raw in lines:
+                raw = raw.rstrip(b"\r").rsplit(b"\r", 1)[-1]  # what a terminal would show
                 line = raw.decode("utf-8", "replace")
                 if first_guest_line is None and line.startswith("nettracer-vm:"):
                     first_guest_line = time.monotonic()
@@ -380,8 +384,8 @@ def run_qemu(cmd: list[str], rundir: Path, timeout: float, interactive: bool) ->
                 out.write(raw + b"\n")
             out.flush()
     finally:
-        if pending:
-            out.write(pending + b"\n")
+        if pending.strip():
+            out.write(pending.rstrip(b"\r") + b"\n")
             out.flush()
         if proc.poll() is None:
             proc.terminate()
