@@ -394,3 +394,66 @@ def test_device_filter_matches_after_a_rename() -> None:
     finally:
         for ns in (a, b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+# -- symbols ------------------------------------------------------------------------------
+
+SYNTHETIC_KALLSYMS = """\
+ffffffff81000000 T _stext
+ffffffff81000000 T startup_64
+ffffffff81000100 t alias_b
+ffffffff81000100 T alias_a
+ffffffff81000200 T udp_rcv
+ffffffff81000300 T _etext
+ffffffff82000000 d some_data
+ffffffff82000100 b some_bss
+ffffffff82001000 B _end
+ffffffffc0002000 t nft_do_chain\t[nf_tables]
+ffffffffc0002100 t nft_other\t[nf_tables]
+ffffffffc0001000 t mod_first\t[mymod]
+ffffffffc0001080 t mod_second\t[mymod]
+ffffffffa0000000 t bpf_prog_1234_nt_drops\t[bpf]
+"""
+
+
+def test_symbol_cache_matches_kallsyms_on_an_unsorted_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nettracer.kernel.kallsyms import Kallsyms
+    from nettracer.tracers.symbols import SymbolCache
+
+    path = tmp_path / "kallsyms"
+    path.write_text(SYNTHETIC_KALLSYMS)
+    full = Kallsyms(str(path))
+    queries = [0, 0xFFFFFFFF81000000, 0xFFFFFFFF81000150, 0xFFFFFFFF81000210, 0xFFFFFFFF810002FF,
+               0xFFFFFFFF81000300, 0xFFFFFFFF82000050, 0xFFFFFFFFC0001010, 0xFFFFFFFFC0001090,
+               0xFFFFFFFFC0002004, 0xFFFFFFFFC0002110, 0xFFFFFFFFA0000010, 2**64 - 1]  # fmt: skip
+    cache = SymbolCache(str(path))
+    cache.prefetch(queries)
+    assert cache.passes == 1
+    for q in queries:
+        a, b = full.lookup(q), cache.lookup(q)
+        assert (a and (a.format_ps(), a.module)) == (b and (b.format_ps(), b.module)), hex(q)
+    assert cache.format(0xFFFFFFFF81000150) == "alias_b+0x50"
+    assert cache.lookup(0xFFFFFFFFC0002004).module == "nf_tables"
+    cache.lookup(0xFFFFFFFF81000150)
+    assert cache.passes == 1  # cached
+
+
+@pytest.mark.kernel
+def test_symbol_cache_matches_kallsyms_on_this_kernel() -> None:
+    import random
+
+    from nettracer.kernel.kallsyms import Kallsyms
+    from nettracer.tracers.symbols import SymbolCache
+
+    if os.geteuid() != 0:
+        kernel_skip("needs root to read kallsyms addresses")
+    full = Kallsyms().load()
+    addrs = list(full._addrs)
+    rng = random.Random(7)
+    queries = {a + d for a in rng.sample(addrs, 1500) for d in (-1, 0, 1, 0x41)}
+    queries |= set(addrs[:3]) | set(addrs[-3:])
+    cache = SymbolCache()
+    cache.prefetch(queries)
+    for q in queries:
+        a, b = full.lookup(q), cache.lookup(q)
+        assert (a and (a.format_ps(), a.module)) == (b and (b.format_ps(), b.module)), hex(q)

@@ -12,8 +12,12 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from nettracer.errors import UsageError
+
+if TYPE_CHECKING:
+    from nettracer.tracers.drops_program import ProgramSpec
 
 OFFSET_MODES = ("auto", "btf", "guess")
 
@@ -138,8 +142,8 @@ class _Session:
         self.out = sys.stdout
         self.events_seen = 0
 
-    def run(self) -> int:
-        from nettracer.bpf.fd import Terminated, install_signal_handlers
+    def _prepare(self) -> tuple[ProgramSpec, dict[int, str] | None, str]:
+        """(program spec, reason names, offsets source); BTF is dropped afterwards."""
         from nettracer.tracers import drops
         from nettracer.tracers.drops_program import ProgramSpec
 
@@ -160,6 +164,14 @@ class _Session:
             stack=args.stack,
             events=args.events,
         )
+        return spec, reasons, offsets.source
+
+    def run(self) -> int:
+        from nettracer.bpf.fd import Terminated, install_signal_handlers
+        from nettracer.tracers import drops
+
+        args = self.args
+        spec, reasons, source = self._prepare()
         install_signal_handlers()
         monitor = drops.DropMonitor(spec)
         try:
@@ -168,7 +180,7 @@ class _Session:
             self.monitor = monitor
             what = "events" if args.events else f"every {self.interval:g} s"
             sys.stderr.write(
-                f"nettracer: attached to {drops.TRACEPOINT} (offsets: {offsets.source}); "
+                f"nettracer: attached to {drops.TRACEPOINT} (offsets: {source}); "
                 f"printing {what}, Ctrl-C to stop\n"
             )
             sys.stderr.flush()

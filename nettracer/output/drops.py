@@ -116,6 +116,7 @@ def view_event(
 ) -> EventView:
     """Names and decoded headers for one event; ``mono_to_epoch_ns`` is
     ``time_ns() - monotonic_ns()`` (``bpf_ktime_get_ns`` is CLOCK_MONOTONIC)."""
+    names.prefetch([ev.location, *(stack or ())])
     loc = names.location(ev.location)
     ethertype = ethertype_from_skb(ev.protocol)
     header = bytes(ev.header)[: ev.header_len]

@@ -392,7 +392,11 @@ class Location:
 
 
 class Names:
-    """Names for what the kernel gives as numbers: locations, reasons, protocols, devices."""
+    """Names for what the kernel gives as numbers: locations, reasons, protocols, devices.
+
+    ``kallsyms`` is anything with ``lookup(addr) -> Symbol | None`` (and optionally
+    ``prefetch(addrs)``); by default a :class:`nettracer.tracers.symbols.SymbolCache`.
+    """
 
     def __init__(
         self,
@@ -405,12 +409,18 @@ class Names:
         self._kallsyms = kallsyms
 
     @functools.cached_property
-    def kallsyms(self):  # -> nettracer.kernel.kallsyms.Kallsyms
+    def kallsyms(self):  # -> nettracer.tracers.symbols.SymbolCache (or a stand-in)
         if self._kallsyms is None:
-            from nettracer.kernel.kallsyms import Kallsyms
+            from nettracer.tracers.symbols import SymbolCache
 
-            self._kallsyms = Kallsyms().load()
+            self._kallsyms = SymbolCache()
         return self._kallsyms
+
+    def prefetch(self, addrs: Iterable[int]) -> None:
+        """Name these addresses in one go (one read of kallsyms for all new ones)."""
+        prefetch = getattr(self.kallsyms, "prefetch", None)
+        if prefetch is not None:
+            prefetch(addrs)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one Names per run
     def location(self, addr: int) -> Location:
@@ -511,6 +521,15 @@ def group_counts(
     stack is its own group and carries its symbolized frames.
     """
     byset = set(by)
+    counts = list(counts)
+    wanted = {c.location for c in counts} if byset & {"location", "module"} else set()
+    stack_frames: dict[int, list[int]] = {}
+    if stacks is not None:
+        for c in counts:
+            if c.stack_id not in stack_frames:
+                stack_frames[c.stack_id] = stacks(c.stack_id)
+                wanted.update(stack_frames[c.stack_id])
+    names.prefetch(wanted)
     acc: dict[tuple[object, ...], list[object]] = {}
     for c in counts:
         loc = names.location(c.location) if byset & {"location", "module"} else None
@@ -549,7 +568,7 @@ def group_counts(
                 netns=(c.netns or None) if (has_dev or "netns" in byset) else None,
                 reason=names.reason(c.reason) if "reason" in byset else None,
                 protocol=names.protocol(c.protocol) if "protocol" in byset else None,
-                stack=tuple(names.frames(stacks(c.stack_id))) if stacks is not None else None,
+                stack=tuple(names.frames(stack_frames[c.stack_id])) if stacks is not None else None,
             )
         )
     groups.sort(key=lambda g: (-g.count, g.location.text if g.location else "", g.device or ""))

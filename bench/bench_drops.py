@@ -1,0 +1,294 @@
+"""``nettracer drops`` side by side with bpftrace's kfree_skb one-liner, on the same drops.
+
+Run as root from the repository: ``python3 bench/bench_drops.py [--drops N] [--rounds R]
+[--seconds S] [--startups K]``.  It builds two network namespaces (blaster B, target T,
+one veth pair with static neighbours; removed at the end) and measures:
+
+1. start-up, command start to attached, for ``nettracer drops`` and for
+   ``bpftrace -e 'tracepoint:skb:kfree_skb { @[ksym(args->location), args->reason] = count(); }'``,
+   both detected the same way: the command's pid shows up in ``bpftool perf list``
+   with a program on ``kfree_skb`` (median of K starts each);
+2. with both attached at once, plus an empty raw_tp program on ``kfree_skb`` (the
+   floor), N UDP datagrams from B to a closed port in T: BPF run time / run count of
+   each program over exactly that window (``BPF_ENABLE_STATS``), and the counts:
+   drops caused, ours for T's namespace, ours summed over every namespace at
+   (location, reason) -- the key bpftrace has -- and bpftrace's;
+3. the send rate of the same blaster for S seconds, alternating without / with
+   ``nettracer drops`` attached, R rounds (ratio of medians);
+4. the peak RSS (``VmHWM``) of ``nettracer drops`` in those runs.
+
+The cost figure for "ours" is the CLI's own program (found by pid in ``bpftool perf
+list``), running with the default options (no filters), so it is what a user runs.
+Other processes on the machine may cause drops too: they reach all three programs
+alike and do not change the cost ratios; they can make the all-namespace counts exceed
+the drops caused, which is why ours is also given for T alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+BPFTRACE_PROG = "tracepoint:skb:kfree_skb { @[ksym(args->location), args->reason] = count(); }"
+BPFTRACE = ["bpftrace", "-e", BPFTRACE_PROG]
+OURS = [sys.executable, "-m", "nettracer", "drops"]
+PID = os.getpid()
+BNS, TNS = f"ntbb{PID}", f"ntbt{PID}"
+TARGET = "10.203.0.2"
+
+BLASTER = """
+import socket, sys, time
+mode, amount = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+send, dst, data = s.sendto, ('TARGET', 9), b'x' * 16
+if mode == 'count':
+    for _ in range(int(amount)):
+        send(data, dst)
+    print(int(amount))
+else:
+    n, t0 = 0, time.perf_counter()
+    end = t0 + amount
+    while True:
+        for _ in range(1000):
+            send(data, dst)
+        n += 1000
+        now = time.perf_counter()
+        if now >= end:
+            break
+    print(n / (now - t0))
+""".replace("TARGET", TARGET)
+
+
+def sh(*cmd: str, ns: str | None = None, check: bool = True) -> str:
+    full = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
+    r = subprocess.run(full, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise SystemExit(f"{' '.join(full)}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def setup() -> int:
+    """The two namespaces; returns T's namespace inode."""
+    for ns in (BNS, TNS):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "-n", BNS, "link", "add", "bb", "address", "02:00:00:00:03:01", "type", "veth",
+       "peer", "name", "bt", "address", "02:00:00:00:03:02", "netns", TNS)  # fmt: skip
+    for ns, dev, me, peer, mac in ((BNS, "bb", 1, 2, "02:00:00:00:03:02"),
+                                   (TNS, "bt", 2, 1, "02:00:00:00:03:01")):  # fmt: skip
+        sh("ip", "-n", ns, "addr", "add", f"10.203.0.{me}/24", "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "neigh", "replace", f"10.203.0.{peer}", "lladdr", mac, "dev", dev,
+           "nud", "permanent")  # fmt: skip
+    # ICMP errors cost the target CPU time unrelated to tracing: do not send them
+    sh("sysctl", "-qw", "net.ipv4.icmp_ratelimit=1000000", ns=TNS)
+    return os.stat(f"/run/netns/{TNS}").st_ino
+
+
+def teardown() -> None:
+    for ns in (BNS, TNS):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def blast(mode: str, amount: float) -> float:
+    out = sh(sys.executable, "-c", BLASTER, mode, str(amount), ns=BNS)
+    return float(out.strip())
+
+
+def perf_attached(pid: int) -> int | None:
+    """The id of the program ``pid`` has attached to kfree_skb (bpftool perf list)."""
+    out = subprocess.run(["bpftool", "perf", "list", "--json"], capture_output=True, text=True)
+    try:
+        entries = json.loads(out.stdout or "[]")
+    except json.JSONDecodeError:
+        return None
+    for e in entries:
+        if e.get("pid") == pid and e.get("tracepoint") == "kfree_skb":
+            return int(e["prog_id"])
+    return None
+
+
+@dataclass
+class Started:
+    proc: subprocess.Popen[str]
+    prog_id: int
+    seconds: float  # command start to attached
+
+
+def start(cmd: list[str], timeout: float = 60) -> Started:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
+    while time.perf_counter() - t0 < timeout:
+        prog_id = perf_attached(proc.pid)
+        if prog_id is not None:
+            return Started(proc, prog_id, time.perf_counter() - t0)
+        if proc.poll() is not None:
+            raise SystemExit(f"{shlex.join(cmd)} exited with {proc.returncode} before attaching")
+    proc.kill()
+    raise SystemExit(f"{shlex.join(cmd)} did not attach within {timeout} s")
+
+
+def stop(s: Started) -> str:
+    s.proc.send_signal(signal.SIGINT)
+    out, _ = s.proc.communicate(timeout=60)
+    return out
+
+
+def prog_stats(prog_id: int) -> tuple[int, int]:
+    out = subprocess.run(
+        ["bpftool", "prog", "show", "id", str(prog_id), "--json"], capture_output=True, text=True
+    )
+    info = json.loads(out.stdout)
+    return info.get("run_time_ns", 0), info.get("run_cnt", 0)
+
+
+def vm_hwm_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_startup(k: int) -> tuple[list[float], list[float]]:
+    ours, theirs = [], []
+    for _ in range(k):
+        s = start([*OURS, "--interval", "3600"])
+        ours.append(s.seconds)
+        stop(s)
+        s = start(BPFTRACE)
+        theirs.append(s.seconds)
+        stop(s)
+    return ours, theirs
+
+
+def bench_cost_and_counts(n: int, inode: int) -> dict[str, object]:
+    from nettracer.bpf import prog as bpf_prog
+    from nettracer.bpf.insn import R0, exit_, mov64
+    from nettracer.bpf.link import attach_raw_tracepoint
+
+    stats = bpf_prog.enable_stats()
+    empty = bpf_prog.load([mov64(R0, 0), exit_()], name="nt_empty")
+    bt = start(BPFTRACE)
+    ours = start([*OURS, "--json", "--interval", "1"])
+    link = attach_raw_tracepoint(empty, "kfree_skb")
+    try:
+        time.sleep(0.5)
+        o0, b0, e0 = prog_stats(ours.prog_id), prog_stats(bt.prog_id), empty.stats()
+        caused = int(blast("count", n))
+        time.sleep(1.0)
+        o1, b1, e1 = prog_stats(ours.prog_id), prog_stats(bt.prog_id), empty.stats()
+    finally:
+        link.close()
+        empty.close()
+        stats.close()
+    bt_out = stop(bt)
+    our_out = stop(ours)
+    # bpftrace prints @[sym, reason]: count
+    bt_counts: dict[tuple[str, int], int] = {}
+    for m in re.finditer(r"^@\[(\S+), (\d+)\]: (\d+)$", bt_out, re.M):
+        bt_counts[(m.group(1), int(m.group(2)))] = int(m.group(3))
+    ours_t = ours_all = 0
+    for line in our_out.splitlines():
+        for d in json.loads(line)["drops"]:
+            if d["symbol"] == "__udp4_lib_rcv" and d["reason"] == "NO_SOCKET":
+                ours_all += d["count"]
+                if d["netns"] == inode:
+                    ours_t += d["count"]
+    from nettracer.kernel.btf import Btf
+
+    no_socket = next(
+        v for v, k in Btf.vmlinux().enum("skb_drop_reason").items() if k.endswith("_NO_SOCKET")
+    )
+    return {
+        "ours_ns": (o1[0] - o0[0]) / max(1, o1[1] - o0[1]),
+        "bpftrace_ns": (b1[0] - b0[0]) / max(1, b1[1] - b0[1]),
+        "empty_ns": (e1.run_time_ns - e0.run_time_ns) / max(1, e1.run_cnt - e0.run_cnt),
+        "runs": (o1[1] - o0[1], b1[1] - b0[1], e1.run_cnt - e0.run_cnt),
+        "caused": caused,
+        "ours_target_netns": ours_t,
+        "ours_all_netns": ours_all,
+        "bpftrace": bt_counts.get(("__udp4_lib_rcv", no_socket), 0),
+    }
+
+
+def bench_workload(rounds: int, seconds: float) -> tuple[list[float], list[float], float]:
+    without, with_, rss = [], [], 0.0
+    for _ in range(rounds):
+        without.append(blast("rate", seconds))
+        s = start([*OURS, "--interval", "1"])
+        with_.append(blast("rate", seconds))
+        rss = max(rss, vm_hwm_mb(s.proc.pid))
+        stop(s)
+    return without, with_, rss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--drops", type=int, default=200_000, help="datagrams for the cost run")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating workload rounds")
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per workload run")
+    ap.add_argument("--startups", type=int, default=5, help="start-up measurements per tool")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench_drops needs root")
+    bt_version = subprocess.run(["bpftrace", "--version"], capture_output=True, text=True).stdout
+    print(f"# command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"# kernel {platform.release()}, {os.cpu_count()} CPUs, {bt_version.strip()}, "
+          f"Python {platform.python_version()}")  # fmt: skip
+    inode = setup()
+    try:
+        ours_up, bt_up = bench_startup(args.startups)
+        cost = bench_cost_and_counts(args.drops, inode)
+        without, with_, rss = bench_workload(args.rounds, args.seconds)
+    finally:
+        teardown()
+    o, b, e = cost["ours_ns"], cost["bpftrace_ns"], cost["empty_ns"]
+    assert isinstance(o, float) and isinstance(b, float) and isinstance(e, float)
+    mo, mb = statistics.median(ours_up), statistics.median(bt_up)
+    rate_wo, rate_w = statistics.median(without), statistics.median(with_)
+    print()
+    print("in-kernel cost per event (run_time_ns / run_cnt, all three attached at once)")
+    print(f"  nettracer drops   {o:7.1f} ns   runs {cost['runs'][0]}")  # type: ignore[index]
+    print(f"  bpftrace          {b:7.1f} ns   runs {cost['runs'][1]}")  # type: ignore[index]
+    print(f"  empty raw_tp      {e:7.1f} ns   runs {cost['runs'][2]}")  # type: ignore[index]
+    print(f"  ours / bpftrace   {o / b:7.3f}      (target <= 1.0)")
+    print(f"  ours / empty      {o / e:7.3f}")
+    print(f"  above the floor   ours {o - e:.1f} ns, bpftrace {b - e:.1f} ns, "
+          f"ratio {(o - e) / (b - e):.3f}")  # fmt: skip
+    print("counts of UDP-to-closed-port drops (__udp4_lib_rcv, NO_SOCKET)")
+    print(f"  caused {cost['caused']}, ours in T's netns {cost['ours_target_netns']}, "
+          f"ours all netns {cost['ours_all_netns']}, bpftrace {cost['bpftrace']}")  # fmt: skip
+    print(f"workload: blaster send rate, {args.rounds} alternating rounds of {args.seconds:g} s")
+    print(f"  without  median {rate_wo:9.0f}/s  {[round(x) for x in without]}")
+    print(f"  with     median {rate_w:9.0f}/s  {[round(x) for x in with_]}")
+    print(f"  ratio    {rate_w / rate_wo:.3f}   (target >= 0.95)")
+    print(f"start-up, command start to attached (median of {args.startups})")
+    print(f"  nettracer drops {mo * 1000:6.0f} ms  {[round(x * 1000) for x in ours_up]}")
+    print(f"  bpftrace        {mb * 1000:6.0f} ms  {[round(x * 1000) for x in bt_up]}")
+    print(f"  ratio           {mo / mb:.3f}   (target <= 0.5)")
+    print(f"peak RSS of nettracer drops (VmHWM): {rss:.1f} MB   (target <= 60)")
+
+
+if __name__ == "__main__":
+    main()
