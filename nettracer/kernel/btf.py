@@ -224,8 +224,8 @@ class Btf:
 
     @classmethod
     def from_file(cls, path: str) -> Btf:
-        """Read a raw BTF file (``/sys/kernel/btf/*`` or ``bpftool btf dump ... format raw``
-        input)."""
+        """Read a raw BTF file: a copy of ``/sys/kernel/btf/vmlinux`` or any raw blob
+        (module BTF is split BTF on top of vmlinux and is not supported)."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
