@@ -1,0 +1,209 @@
+"""The offset guesser: every catalogue field from kernel memory, without BTF and
+without kprobes, in a handful of round trips.
+
+How it beats the classic one-offset-per-round-trip state machine:
+
+1. the programs (:mod:`nettracer.layout.probes`) are loaded and attached in this
+   thread while a second one (:class:`nettracer.layout.traffic.TrafficThread`) builds
+   two private network namespaces, a veth pair between them and a few dozen sockets
+   whose every address, port, state, counter and namespace it knows;
+2. one round of traffic: a ``recv(MSG_PEEK|MSG_DONTWAIT)`` on every socket (the kernel
+   copies 4 KiB of its ``struct sock`` and 512 bytes behind each pointer in its first
+   256 bytes) and one marked UDP datagram through each device (the kernel copies the
+   ``sk_buff``, 256 bytes behind each of its pointers and the ``net_device``);
+3. user space (:mod:`nettracer.layout.guess_analysis`) searches all offsets at once
+   and keeps a field only when a single offset agrees with every observation and the
+   observations disagree on the value. Values that move (RTT, counters) are only used
+   when ``TCP_INFO`` read before and after the snapshot is unchanged.
+
+Fields still unresolved after a round get another round (fresh sockets) while time
+remains; what is left is reported with the reason, never defaulted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nettracer.errors import NettracerError
+from nettracer.layout.catalogue import CATALOGUE
+from nettracer.layout.guess_analysis import analyse
+from nettracer.layout.match import Verdict
+from nettracer.layout.offsets import Field, Offsets
+from nettracer.layout.probes import Deref, ProbeSet, ProbeSpec, Record, Snapshot, require_root
+from nettracer.layout.traffic import PrivateNet, RoundLog, Traffic, TrafficThread
+
+DEFAULT_TIMEOUT_MS = 2000
+MAX_ROUNDS = 4
+
+SOCK = (Snapshot("sk", 4096),)
+SOCK_DEREF = Deref(0, 32, 512)  # every pointer in the first 256 bytes (sock_common)
+
+#: Linux 6.3+: every socket shows itself on recv()
+SOCK_RECV = ProbeSpec(1, "sock_recv_length", SOCK, SOCK_DEREF, required=False)
+#: the sk_buff, 256 bytes behind each of its first 48 slots, and the net_device
+START_XMIT = ProbeSpec(
+    2, "net_dev_start_xmit", (Snapshot("skb", 512), Snapshot("dev", 4096)), Deref(0, 48, 256)
+)
+#: the same sk_buff after eth_type_trans() pulled the Ethernet header: len == IP length
+NETIF_RX = ProbeSpec(7, "netif_rx", (Snapshot("skb", 512),))
+#: before Linux 6.3: TCP sockets show up in tcp_rcv_space_adjust (MSG_PEEK with data
+#: waiting) and inet_sock_set_state, datagram sockets when their receive queue overflows
+FALLBACK: tuple[ProbeSpec, ...] = (
+    ProbeSpec(3, "tcp_rcv_space_adjust", SOCK, SOCK_DEREF),
+    ProbeSpec(4, "udp_fail_queue_rcv_skb", SOCK, SOCK_DEREF),
+    ProbeSpec(5, "sock_rcvqueue_full", SOCK, SOCK_DEREF),
+    ProbeSpec(6, "inet_sock_set_state", SOCK, SOCK_DEREF, required=False),
+)
+
+
+class GuessTimeout(NettracerError):
+    """The guess did not finish within ``offsets.guess_timeout_ms``."""
+
+
+@dataclass
+class GuessResult:
+    """What :func:`guess` found, with how it went."""
+
+    offsets: Offsets
+    rounds: int
+    fallback: bool
+    notes: list[str] = field(default_factory=list)
+
+
+class _Sync:
+    """Hand-over between the loading thread and the traffic thread."""
+
+    def __init__(self) -> None:
+        self.mode = threading.Event()
+        self.fallback = False
+        self.ready = threading.Event()
+        self.cancel = threading.Event()
+
+    def wait(self, event: threading.Event) -> None:
+        while not event.wait(0.002):
+            if self.cancel.is_set():
+                raise GuessTimeout("cancelled")
+
+
+def _attach(ps: ProbeSet, sync: _Sync, force_fallback: bool) -> None:
+    modern = not force_fallback and ps.add(SOCK_RECV)
+    sync.fallback = not modern
+    sync.mode.set()
+    ps.add(START_XMIT)
+    ps.add(NETIF_RX)
+    if not modern:
+        for spec in FALLBACK:
+            ps.add(spec)
+    sync.ready.set()
+
+
+def _round(net: PrivateNet, arm: Callable[[int], None], sync: _Sync) -> RoundLog:
+    """One round of traffic (runs in the traffic thread). On Linux 6.3+ the sockets are
+    built while the programs are still being attached; nothing is recorded before."""
+
+    def guarded(step: int) -> None:
+        if sync.cancel.is_set():
+            raise GuessTimeout("cancelled")
+        arm(step)
+
+    sync.wait(sync.mode)
+    t = Traffic(net, guarded, sync.fallback)
+    try:
+        if not sync.fallback:
+            t.build()
+        sync.wait(sync.ready)
+        if sync.fallback:
+            t.build()
+        t.markers()
+        t.probes()
+        return t.log
+    finally:
+        arm(0)
+        t.close()
+
+
+def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) -> GuessResult:
+    """Guess every catalogue field on the running kernel (see the module docstring).
+
+    Raises :class:`nettracer.errors.PermissionError_` when not root,
+    :class:`nettracer.errors.NotSupported` without raw tracepoints,
+    :class:`nettracer.layout.traffic.NamespaceError` when the private namespaces
+    cannot be made and :class:`GuessTimeout` after ``timeout_ms``; in every case nothing
+    stays attached and the namespaces are gone. ``force_fallback`` uses the pre-6.3
+    tracepoints even where ``sock_recv_length`` exists (to test that path).
+    """
+    require_root()
+    start = time.perf_counter()
+    deadline = start + timeout_ms / 1000
+
+    def remaining() -> float:
+        return deadline - time.perf_counter()
+
+    sync = _Sync()
+    probes: list[ProbeSet] = []
+    worker = TrafficThread()
+
+    def arm(step: int) -> None:
+        if step:
+            probes[0].arm(worker.tid, step)
+        elif probes:
+            probes[0].disarm()
+
+    worker.start()
+    worker.submit(_round, arm, sync)
+    try:
+        ps = ProbeSet()
+        probes.append(ps)
+        _attach(ps, sync, force_fallback)
+        verdicts: dict[str, Verdict] = {}
+        notes: list[str] = []
+        rounds = 0
+        while True:
+            rounds += 1
+            try:
+                log = worker.result(remaining())
+            except TimeoutError:
+                raise _timeout(timeout_ms, f"round {rounds} of traffic") from None
+            records: list[Record] = []
+            ps.drain(records.append)
+            got, round_notes = analyse(log, records)
+            notes += [f"round {rounds}: {n}" for n in round_notes]
+            if ps.lost:
+                notes.append(f"round {rounds}: {ps.lost} records did not fit the ring buffer")
+            for key, v in got.items():
+                if not (key in verdicts and verdicts[key].ok):
+                    verdicts[key] = v
+            if all(v.ok for v in verdicts.values()) or rounds >= MAX_ROUNDS:
+                break
+            if remaining() < 0.25 * timeout_ms / 1000:
+                break
+            worker.submit(_round, arm, sync)
+        out = Offsets(source="guess")
+        for spec in CATALOGUE:
+            v = verdicts.get(spec.key)
+            if v is not None and v.ok and v.offset is not None:
+                out.fields[spec.key] = Field(v.offset, spec.size)
+            else:
+                out.unresolved[spec.key] = v.why if v is not None else "not observed"
+        out.elapsed_ms = (time.perf_counter() - start) * 1e3
+        return GuessResult(out, rounds, sync.fallback, notes)
+    finally:
+        sync.cancel.set()
+        for ps in probes:
+            ps.close()
+        worker.stop()
+
+
+def guess_offsets(timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Offsets:
+    """:func:`guess`, the offsets only."""
+    return guess(timeout_ms).offsets
+
+
+def _timeout(timeout_ms: int, during: str) -> GuessTimeout:
+    return GuessTimeout(
+        f"guessing offsets timed out after {timeout_ms} ms ({during}); raise "
+        f"offsets.guess_timeout_ms (--timeout-ms) or use --source btf"
+    )

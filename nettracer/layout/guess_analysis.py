@@ -1,0 +1,293 @@
+"""From records and ground truth to offsets: the user-space half of the guesser.
+
+The kernel side (:mod:`nettracer.layout.probes`) hands over snapshots tagged with
+the step that caused them; the traffic side (:mod:`nettracer.layout.traffic`) says
+what each step did and what is true about it. This module pairs the two and applies
+:func:`nettracer.layout.match.decide` field by field:
+
+* ``sock_common``/``sock``/``tcp_sock`` fields: the snapshot of ``struct sock`` taken
+  while each socket of ours was asked to ``recv()``; ``skc_net`` and ``net.ns.inum``
+  together: the 8-byte slot whose pointee holds our namespace's inode;
+* ``sk_buff`` fields: the snapshot of each ``struct sk_buff`` our marked datagrams
+  went out in (``net_dev_start_xmit``); ``head``/``network_header``/
+  ``transport_header`` together: the pointer and the two u16 offsets from it at which
+  our own IP and UDP headers and marker bytes are found;
+* ``net_device`` fields: the device argument of the same tracepoint, whose identity
+  (name, ifindex, namespace) is known from the route each marked datagram took;
+  ``nd_net`` equals the ``skc_net`` of sockets in that namespace.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from nettracer.layout.catalogue import CATALOGUE
+from nettracer.layout.match import Exact, Observation, Verdict, decide, resolve, u32, u64
+from nettracer.layout.probes import Record
+from nettracer.layout.traffic import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MarkerSend, RoundLog
+
+SOCK_TRACEPOINTS = {
+    "sock_recv_length",
+    "tcp_rcv_space_adjust",
+    "udp_fail_queue_rcv_skb",
+    "sock_rcvqueue_full",
+}
+SOCK_FIELDS = tuple(f.key for f in CATALOGUE if f.struct in ("sock_common", "sock", "tcp_sock"))
+#: fields found through a pointer, not by value: resolved by the special cases below
+POINTER_FIELDS = {"sock_common.skc_net", "net.ns.inum"}
+
+
+@dataclass
+class SockSnap:
+    """One ``struct sock`` snapshot of a known socket."""
+
+    obs: Observation
+    record: Record
+    sock_name: str
+    ns: str
+
+
+@dataclass
+class RoundEvidence:
+    """Observations gathered from one round."""
+
+    socks: list[SockSnap] = field(default_factory=list)
+    sk_ptr: dict[str, int] = field(default_factory=dict)  # socket name -> struct sock *
+    tx: list[tuple[Record, MarkerSend | None]] = field(default_factory=list)
+    rx: list[tuple[Record, MarkerSend]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def collect(log: RoundLog, records: list[Record]) -> RoundEvidence:
+    """Pair each record with the step that caused it and that step's ground truth."""
+    ev = RoundEvidence(notes=list(log.notes))
+    by_step: dict[int, list[Record]] = defaultdict(list)
+    for r in records:
+        by_step[r.step].append(r)
+    for p in log.probes:
+        recs = [r for r in by_step.get(p.step, ()) if r.spec.tracepoint in SOCK_TRACEPOINTS]
+        ptrs = {r.arg("sk") for r in recs}
+        if len(ptrs) != 1:
+            if ptrs:
+                ev.notes.append(f"step {p.step} ({p.sock.name}): {len(ptrs)} sockets, skipped")
+            continue
+        ev.sk_ptr[p.sock.name] = ptrs.pop()
+        for r in recs:
+            ev.socks.append(
+                SockSnap(
+                    Observation(r.snapshot(0), p.expect, p.sock.name), r, p.sock.name, p.sock.ns
+                )
+            )
+    for st in log.states:
+        for r in by_step.get(st.step, ()):
+            if r.spec.tracepoint != "inet_sock_set_state":
+                continue
+            old = r.arg("oldstate")
+            sk = st.roles.get(old)
+            if sk is None or old not in st.expect:
+                continue
+            ev.socks.append(
+                SockSnap(Observation(r.snapshot(0), st.expect[old], sk.name), r, sk.name, sk.ns)
+            )
+    markers = {m.step: m for m in log.markers}
+    for step, recs in by_step.items():
+        m = markers.get(step)
+        ours = set()
+        for r in recs:
+            if r.spec.tracepoint == "net_dev_start_xmit":
+                ev.tx.append((r, m))
+                if m is not None and _marker_hits(r, m):
+                    ours.add(r.arg("skb"))
+        if m is None:
+            continue
+        for r in recs:  # the same sk_buff on the receiving side (lo and veth keep it)
+            if r.spec.tracepoint == "netif_rx" and r.arg("skb") in ours:
+                ev.rx.append((r, m))
+    return ev
+
+
+def _sock_pointer_fields(ev: RoundEvidence, inode: dict[str, int]) -> dict[str, Verdict]:
+    """``skc_net`` and ``net.ns.inum``: (slot, offset) pairs such that the struct the slot
+    points to holds the socket's namespace inode at that offset, in every snapshot."""
+    pairs: list[set[tuple[int, int]]] = []
+    values: set[object] = set()
+    for s in ev.socks:
+        want = u32(inode[s.ns])
+        cand = set()
+        for slot, block in s.record.derefs().items():
+            for off in want.offsets(block):
+                cand.add((slot, off))
+        pairs.append(cand)
+        values.add(inode[s.ns])
+    if not pairs:
+        why = "no struct sock snapshot of ours"
+        return {k: Verdict(None, why, 0) for k in POINTER_FIELDS}
+    common = set.intersection(*pairs)
+    n = len(pairs)
+    if not common:
+        why = f"no (pointer, offset) pair leads to our namespace inode in all {n} snapshots"
+        return {k: Verdict(None, why, n) for k in POINTER_FIELDS}
+    return {
+        "sock_common.skc_net": decide("sock_common.skc_net", [{a for a, _ in common}] * n, values),
+        "net.ns.inum": decide("net.ns.inum", [{b for _, b in common}] * n, values),
+    }
+
+
+def _ip_signature(m: MarkerSend) -> list[tuple[int, bytes]]:
+    """Bytes of the IP header we know for sure (not id, TTL-dependent checksum...)."""
+    if m.family == socket.AF_INET:
+        return [(0, b"\x45"), (9, b"\x11"), (12, m.src + m.dst)]
+    return [(0, b"\x60"), (6, b"\x11"), (8, m.src + m.dst)]
+
+
+def _marker_hits(r: Record, m: MarkerSend) -> list[tuple[int, int, int]]:
+    """(slot, network header position, transport header position) in the followed
+    blocks of ``r`` where the datagram ``m`` is found, headers checked."""
+    iphl = 20 if m.family == socket.AF_INET else 40
+    udp = struct.pack(">HHH", m.sport, m.dport, m.ip_len - iphl)
+    hits = []
+    for slot, block in r.derefs().items():
+        q = block.find(m.marker)
+        while q >= 0:
+            th = q - 8
+            nh = th - iphl
+            if (
+                nh >= 0
+                and block[th : th + 6] == udp
+                and all(block[nh + o : nh + o + len(b)] == b for o, b in _ip_signature(m))
+            ):
+                hits.append((slot, nh, th))
+            q = block.find(m.marker, q + 1)
+    return hits
+
+
+def _u16_offsets(buf: bytes, value: int) -> set[int]:
+    return Exact(struct.pack("<H", value), 2).offsets(buf)
+
+
+def _skb_pointer_fields(ev: RoundEvidence) -> dict[str, Verdict]:
+    """``head``, ``network_header`` and ``transport_header`` from marked datagrams."""
+    rn: list[set[tuple[int, int]]] = []
+    rt: list[set[tuple[int, int]]] = []
+    nvals: set[object] = set()
+    tvals: set[object] = set()
+    hvals: set[object] = set()
+    for r, m in ev.tx:
+        if m is None:
+            continue
+        hits = _marker_hits(r, m)
+        if not hits:
+            continue
+        skb = r.snapshot(0)
+        pn, pt = set(), set()
+        for slot, nh, th in hits:
+            pn |= {(slot, o) for o in _u16_offsets(skb, nh)}
+            pt |= {(slot, o) for o in _u16_offsets(skb, th)}
+            nvals.add(nh)
+            tvals.add(th)
+        rn.append(pn)
+        rt.append(pt)
+        hvals.add(r.arg("skb"))
+    if not rn:
+        why = "no marked datagram seen in a followed pointer of struct sk_buff"
+        return {k: Verdict(None, why, 0) for k in ("head", "network_header", "transport_header")}
+    cn = set.intersection(*rn)
+    ct = set.intersection(*rt)
+    heads = {a for a, _ in cn} & {a for a, _ in ct}
+    n = len(rn)
+    out = {"head": decide("sk_buff.head", [heads] * n, hvals)}
+    if out["head"].ok:
+        h = out["head"].offset
+        out["network_header"] = decide(
+            "sk_buff.network_header", [{b for a, b in cn if a == h}] * n, nvals
+        )
+        out["transport_header"] = decide(
+            "sk_buff.transport_header", [{b for a, b in ct if a == h}] * n, tvals
+        )
+    else:
+        why = f"needs sk_buff.head ({out['head'].why})"
+        out["network_header"] = Verdict(None, why, n)
+        out["transport_header"] = Verdict(None, why, n)
+    return out
+
+
+def _eth_framed(r: Record, m: MarkerSend) -> bool:
+    """The two bytes before our IP header are its EtherType: the frame that
+    ``skb->len`` counts starts ``ETH_HLEN`` bytes before the IP header (lo, veth)."""
+    ethertype = struct.pack(">H", ETH_P_IP if m.family == socket.AF_INET else ETH_P_IPV6)
+    blocks = r.derefs()
+    return any(
+        nh >= ETH_HLEN and blocks[slot][nh - 2 : nh] == ethertype
+        for slot, nh, _ in _marker_hits(r, m)
+    )
+
+
+def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], list[str]]:
+    """Verdicts for every catalogue field from one round."""
+    ev = collect(log, records)
+    verdicts: dict[str, Verdict] = {}
+    sock_obs = [s.obs for s in ev.socks]
+    for key in SOCK_FIELDS:
+        if key not in POINTER_FIELDS:
+            verdicts[key] = resolve(key, sock_obs)
+    verdicts.update(_sock_pointer_fields(ev, log.netns_inode))
+
+    # struct net * of each namespace, as skc_net holds it
+    net_ptr: dict[str, int] = {}
+    net_v = verdicts["sock_common.skc_net"]
+    if net_v.ok:
+        seen: dict[str, set[int]] = defaultdict(set)
+        for s in ev.socks:
+            snap = s.obs.buf
+            seen[s.ns].add(struct.unpack_from("<Q", snap, net_v.offset)[0])
+        net_ptr = {ns: next(iter(v)) for ns, v in seen.items() if len(v) == 1}
+
+    # struct sk_buff
+    skb_obs: list[Observation] = []
+    dev_identity: dict[int, set[str]] = defaultdict(set)
+    for r, m in ev.tx:
+        expect = {"sk_buff.dev": u64(r.arg("dev"))}
+        if m is not None and _marker_hits(r, m):
+            dev_identity[r.arg("dev")].add(m.device.key)
+            eth = ETH_P_IP if m.family == socket.AF_INET else ETH_P_IPV6
+            expect["sk_buff.protocol"] = Exact(struct.pack(">H", eth), 2)
+            if _eth_framed(r, m):
+                expect["sk_buff.len"] = u32(ETH_HLEN + m.ip_len)
+            ptr = ev.sk_ptr.get(m.sender.name)
+            if ptr:
+                expect["sk_buff.sk"] = u64(ptr)
+        skb_obs.append(Observation(r.snapshot(0), expect, m.sender.name if m else "tx"))
+    for r, m in ev.rx:
+        eth = ETH_P_IP if m.family == socket.AF_INET else ETH_P_IPV6
+        expect = {
+            "sk_buff.len": u32(m.ip_len),  # after eth_type_trans(): the IP packet only
+            "sk_buff.protocol": Exact(struct.pack(">H", eth), 2),
+        }
+        skb_obs.append(Observation(r.snapshot(0), expect, f"{m.sender.name} rx"))
+    for key in ("sk_buff.dev", "sk_buff.len", "sk_buff.protocol", "sk_buff.sk"):
+        verdicts[key] = resolve(key, skb_obs)
+    for name, v in _skb_pointer_fields(ev).items():
+        verdicts[f"sk_buff.{name}"] = v
+
+    # struct net_device
+    dev_obs: list[Observation] = []
+    for r, _ in ev.tx:
+        keys = dev_identity.get(r.arg("dev"))
+        if not keys or len(keys) != 1:
+            continue
+        d = log.devices[next(iter(keys))]
+        expect = {
+            "net_device.name": Exact(d.name.encode().ljust(16, b"\0")),
+            "net_device.ifindex": u32(d.ifindex),
+        }
+        if d.ns in net_ptr:
+            expect["net_device.nd_net"] = u64(net_ptr[d.ns])
+        dev_obs.append(Observation(r.snapshot(1), expect, d.key))
+    for key in ("net_device.name", "net_device.ifindex", "net_device.nd_net"):
+        verdicts[key] = resolve(key, dev_obs)
+    if not net_v.ok:
+        verdicts["net_device.nd_net"] = Verdict(None, f"needs sock_common.skc_net ({net_v.why})", 0)
+    return verdicts, ev.notes

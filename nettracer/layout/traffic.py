@@ -1,0 +1,702 @@
+"""The traffic the guesser makes, in network namespaces of its own, and everything it
+knows about it.
+
+A dedicated thread calls ``unshare(CLONE_NEWNET)`` twice: namespace *A* (where most
+sockets live) and namespace *B* (for a second ``struct net``), joined by a veth pair
+with ifindexes and names we pick. Sockets keep the namespace they were created in,
+so the thread makes B's sockets while in B and returns to A. Nothing of the host is
+touched; when the thread ends and its sockets and namespace fds are closed, both
+namespaces (and the veth pair) go away with them.
+
+Ground truth comes from the sockets themselves: ``getsockname``/``getpeername``,
+``SO_TYPE``/``SO_PROTOCOL``, ``TCP_INFO`` (read before and after each kernel-side
+snapshot; an observation where a moving value changed is dropped), the namespace
+inode (``fstat`` of the namespace fd), and the veth names/ifindexes we chose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import queue
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from nettracer.bpf.syscall import CLONE_NEWNET, setns, unshare
+from nettracer.errors import NettracerError
+from nettracer.layout.match import Exact, Matcher, Shifted, be16, u16, u32, u64
+from nettracer.layout.rtnl import Rtnl
+
+LOOPBACK_IFINDEX = 1  # include/net/flow.h: lo is ifindex 1 in every namespace
+VETH_A, VETH_B = "192.0.2.1", "192.0.2.2"  # TEST-NET-1, only ever inside our namespaces
+RAW_PROTO = 253  # IANA "use for experimentation and testing"
+SO_NO_CHECK, SO_ATTACH_FILTER, SO_DETACH_FILTER = 11, 26, 27
+TCP_DEFER_ACCEPT = 9
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+ETH_HLEN = 14
+
+#: ``struct tcp_info`` (include/uapi/linux/tcp.h): field -> (offset, struct format)
+TCP_INFO_FIELDS: dict[str, tuple[int, str]] = {
+    "state": (0, "B"),
+    "unacked": (24, "I"),
+    "rtt": (68, "I"),  # srtt_us >> 3
+    "rttvar": (72, "I"),  # mdev_us >> 2
+    "total_retrans": (100, "I"),
+    "bytes_acked": (120, "Q"),  # Linux 4.1
+    "bytes_received": (128, "Q"),  # Linux 4.1
+    "segs_out": (136, "I"),  # Linux 4.2
+    "segs_in": (140, "I"),  # Linux 4.2
+}
+
+
+class NamespaceError(NettracerError):
+    """A private network namespace (or its devices) could not be set up."""
+
+
+def tcp_info(sock: socket.socket) -> dict[str, int]:
+    """The :data:`TCP_INFO_FIELDS` this kernel reports for ``sock``."""
+    buf = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    out = {}
+    for name, (off, fmt) in TCP_INFO_FIELDS.items():
+        if off + struct.calcsize(fmt) <= len(buf):
+            out[name] = struct.unpack_from("<" + fmt, buf, off)[0]
+    return out
+
+
+def tcp_expectations(info: dict[str, int]) -> dict[str, Matcher]:
+    """What ``TCP_INFO`` says about ``struct tcp_sock`` (tcp_get_info() in net/ipv4/tcp.c)."""
+    exp: dict[str, Matcher] = {}
+    if info.get("rtt"):
+        exp["tcp_sock.srtt_us"] = Shifted(info["rtt"], 3)
+        exp["tcp_sock.mdev_us"] = Shifted(info["rttvar"], 2)
+    for key, name in (
+        ("tcp_sock.bytes_received", "bytes_received"),
+        ("tcp_sock.bytes_acked", "bytes_acked"),
+    ):
+        if name in info:
+            exp[key] = u64(info[name])
+    for key, name in (
+        ("tcp_sock.total_retrans", "total_retrans"),
+        ("tcp_sock.segs_in", "segs_in"),
+        ("tcp_sock.segs_out", "segs_out"),
+    ):
+        if name in info:
+            exp[key] = u32(info[name])
+    return exp
+
+
+def _v4(addr: str) -> bytes | None:
+    """The IPv4 address of an AF_INET or v4-mapped AF_INET6 sockaddr host, else None."""
+    if ":" not in addr:
+        return socket.inet_aton(addr)
+    packed = socket.inet_pton(socket.AF_INET6, addr.split("%")[0])
+    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+        return packed[12:]
+    return None
+
+
+def sock_expectations(sock: socket.socket, peer_hint: tuple | None = None) -> dict[str, Matcher]:
+    """What a socket's own view of itself says about ``struct sock`` (net/ipv4/af_inet.c
+    inet_getname(), net/ipv6/af_inet6.c inet6_getname())."""
+    fam = sock.family
+    typ = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+    exp: dict[str, Matcher] = {
+        "sock_common.skc_family": u16(fam),
+        "sock.sk_type": u16(typ),
+        "sock.sk_protocol": u16(proto),
+    }
+    local = sock.getsockname()
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        peer = peer_hint
+    # datagram sockets: TCP_ESTABLISHED after connect(), else TCP_CLOSE
+    state = tcp_info(sock)["state"] if typ == socket.SOCK_STREAM else (1 if peer else 7)
+    exp["sock_common.skc_state"] = Exact(bytes([state]))
+    if typ != socket.SOCK_RAW:  # raw sockets keep the protocol in inet_num/inet_sport
+        exp["sock_common.skc_num"] = u16(local[1])
+        exp["sock_common.skc_dport"] = be16(peer[1] if peer else 0)
+    loc4 = _v4(local[0])
+    peer4 = _v4(peer[0]) if peer else b"\0" * 4
+    if loc4 is not None and peer4 is not None:
+        exp["sock_common.skc_rcv_saddr"] = Exact(loc4, 4)
+        exp["sock_common.skc_daddr"] = Exact(peer4, 4)
+    if fam == socket.AF_INET6:
+        exp["sock_common.skc_v6_rcv_saddr"] = Exact(socket.inet_pton(fam, local[0]), 4)
+        exp["sock_common.skc_v6_daddr"] = Exact(
+            socket.inet_pton(fam, peer[0]) if peer else b"\0" * 16, 4
+        )
+    return exp
+
+
+@dataclass
+class Sock:
+    """A socket of ours and the namespace ("A"/"B") it was created in."""
+
+    name: str
+    sock: socket.socket
+    ns: str
+    peer: tuple | None = None  # what connect() was given, for raw sockets (no getpeername)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device we send through: its name, ifindex and namespace."""
+
+    key: str
+    name: str
+    ifindex: int
+    ns: str
+
+
+@dataclass
+class SockProbe:
+    """Step ``step`` took a snapshot of ``sock`` (recv(MSG_PEEK|MSG_DONTWAIT), or an
+    overflowing receive queue); ``expect`` is the ground truth."""
+
+    step: int
+    sock: Sock
+    expect: dict[str, Matcher]
+    tcp_stable: bool = True
+
+
+@dataclass
+class MarkerSend:
+    """Step ``step`` sent one UDP datagram carrying ``marker`` through ``device``."""
+
+    step: int
+    sender: Sock
+    device: Device
+    marker: bytes
+    ip_len: int
+    family: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+
+
+@dataclass
+class StateStep:
+    """(fallback) Step ``step`` made ``inet_sock_set_state`` fire: ``roles`` maps the
+    old state to the socket whose snapshot that is."""
+
+    step: int
+    roles: dict[int, Sock]
+    expect: dict[int, dict[str, Matcher]] = field(default_factory=dict)
+
+
+@dataclass
+class RoundLog:
+    """What one round of traffic did, for the analysis to compare with the records."""
+
+    probes: list[SockProbe] = field(default_factory=list)
+    markers: list[MarkerSend] = field(default_factory=list)
+    states: list[StateStep] = field(default_factory=list)
+    netns_inode: dict[str, int] = field(default_factory=dict)
+    devices: dict[str, Device] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _drop_all_filter() -> tuple[bytes, ctypes.Array]:
+    """``struct sock_fprog`` for the classic BPF program ``ret #0`` (drop everything);
+    the returned buffer must outlive its use."""
+    insns = ctypes.create_string_buffer(struct.pack("<HBBI", 0x06, 0, 0, 0))  # BPF_RET|BPF_K
+    return struct.pack("@HxxxxxxP", 1, ctypes.addressof(insns)), insns
+
+
+def _ns_inode(fd: int) -> int:
+    return os.fstat(fd).st_ino
+
+
+class PrivateNet:
+    """Namespaces A and B of the calling thread, linked by a veth pair (when the kernel
+    has veth). Must be created and closed by the same thread."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+        self.rtnl: dict[str, Rtnl] = {}
+        self.devices: dict[str, Device] = {}
+        self.notes: list[str] = []
+        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for ns in ("A", "B"):
+                try:
+                    unshare(CLONE_NEWNET)
+                except OSError as exc:
+                    raise NamespaceError(
+                        f"cannot create a network namespace ({exc.strerror}); guessing "
+                        f"offsets needs CAP_SYS_ADMIN and CONFIG_NET_NS"
+                    ) from None
+                self.fds[ns] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                self.rtnl[ns] = Rtnl()
+                self.rtnl[ns].link_up(LOOPBACK_IFINDEX)
+                self.devices[f"lo/{ns}"] = Device(f"lo/{ns}", "lo", LOOPBACK_IFINDEX, ns)
+            setns(self.fds["A"], CLONE_NEWNET)
+            self.inode = {ns: _ns_inode(fd) for ns, fd in self.fds.items()}
+            self._veth()
+        except BaseException:
+            self.close()
+            raise
+
+    def _veth(self) -> None:
+        rnd = random.Random()
+        tag = f"{rnd.getrandbits(24):06x}"
+        ia, ib = rnd.sample(range(1000, 60000), 2)
+        na, nb = f"ntg{tag}a", f"ntg{tag}b"
+        try:
+            self.rtnl["A"].add_veth(na, ia, nb, ib, self.fds["B"])
+            self.rtnl["A"].add_ipv4(ia, VETH_A, 30)
+            self.rtnl["B"].add_ipv4(ib, VETH_B, 30)
+            self.rtnl["A"].link_up(ia)
+            self.rtnl["B"].link_up(ib)
+        except OSError as exc:
+            self.notes.append(f"no veth pair ({exc.strerror})")
+            return
+        self.devices["veth/A"] = Device("veth/A", na, ia, "A")
+        self.devices["veth/B"] = Device("veth/B", nb, ib, "B")
+
+    @property
+    def has_veth(self) -> bool:
+        return "veth/A" in self.devices
+
+    @contextlib.contextmanager
+    def inside(self, ns: str) -> Iterator[None]:
+        """Run the block with the thread in namespace ``ns`` (sockets made there stay)."""
+        if ns == "A":
+            yield
+            return
+        setns(self.fds[ns], CLONE_NEWNET)
+        try:
+            yield
+        finally:
+            setns(self.fds["A"], CLONE_NEWNET)
+
+    def close(self) -> None:
+        for r in self.rtnl.values():
+            r.close()
+        self.rtnl.clear()
+        with contextlib.suppress(OSError):
+            setns(self._home, CLONE_NEWNET)
+        for fd in [*self.fds.values(), self._home]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        self._home = -1
+
+
+class Traffic:
+    """The sockets of one round and the steps that make the kernel show them to us."""
+
+    def __init__(self, net: PrivateNet, arm: Callable[[int], None], fallback: bool) -> None:
+        self.net = net
+        self.arm = arm  # arm(step): record this thread's events tagged step (0: stop)
+        self.fallback = fallback
+        self.socks: list[Sock] = []
+        self.log = RoundLog(netns_inode=dict(net.inode), devices=dict(net.devices))
+        self.step = 0
+        self.rnd = random.Random()
+        self.has_v6 = True
+
+    # -- helpers -------------------------------------------------------------
+    def next_step(self) -> int:
+        self.step += 1
+        self.arm(self.step)
+        return self.step
+
+    def add(self, name: str, sock: socket.socket, ns: str = "A") -> socket.socket:
+        self.socks.append(Sock(name, sock, ns))
+        return sock
+
+    def udp(self, name: str, fam: int, bind: tuple, ns: str = "A") -> socket.socket:
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        self.add(name, s, ns)
+        if self.fallback:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        s.bind(bind)
+        return s
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.sock.close()
+        self.socks.clear()
+
+    # -- building the sockets --------------------------------------------------
+    def build(self) -> None:
+        """Every socket of the round, connections established and data exchanged."""
+        self._udp_and_raw()
+        self._tcp()
+
+    def _udp_and_raw(self) -> None:
+        v4, v6 = socket.AF_INET, socket.AF_INET6
+        with self.net.inside("B"):
+            self.ub1 = self.udp("udp-b-veth", v4, (VETH_B, 0), "B") if self.net.has_veth else None
+            self.ub3 = self.udp("udp-b-lo-rx", v4, ("127.0.0.2", 0), "B")
+            self.ub2 = self.udp("udp-b-lo-tx", v4, ("127.0.0.1", 0), "B")
+            self.ub2.connect(self.ub3.getsockname())
+        self.u2 = self.udp("udp-rx", v4, ("127.0.0.2", 0))
+        self.u1 = self.udp("udp-tx", v4, ("127.0.0.1", 0))
+        self.u1.connect(self.u2.getsockname())
+        # no UDP checksum: CHECKSUM_NONE, so skb->csum_start cannot pass for transport_header
+        self.u1.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+        self.u3 = self.udp("udp-bcast", v4, ("127.255.255.255", 0))
+        # unconnected, but a corked send (MSG_MORE) left its destination in
+        # inet->cork.fl: that copy of an address is not skc_daddr
+        corked = self.udp("udp-corked", v4, ("127.0.0.12", 0))
+        corked.sendto(b"cork", socket.MSG_MORE, self.u2.getsockname())
+        corked.sendto(b"ed", self.u2.getsockname())
+        if self.ub1 is not None:
+            self.u4 = self.udp("udp-veth", v4, (VETH_A, 0))
+            self.u4.connect(self.ub1.getsockname())
+            self.ub1.connect(self.u4.getsockname())
+            # resolve the neighbours now so that the marker sends below go out at once
+            self.u4.send(b"warm-up")
+            self.ub1.send(b"warm-up")
+        try:
+            self.u7 = self.udp("udp6-rx", v6, ("::1", 0))
+        except OSError as exc:
+            self.has_v6 = False
+            self.log.notes.append(f"no IPv6 ({exc.strerror})")
+        if self.has_v6:
+            self.u6 = self.udp("udp6-tx", v6, ("::1", 0))
+            self.u6.connect(self.u7.getsockname()[:2])
+            self.u8 = self.udp("udp6-mapped", v6, ("::ffff:127.0.0.8", 0))
+            self.u8.connect(("::ffff:" + self.u2.getsockname()[0], self.u2.getsockname()[1]))
+            if not self.fallback:  # an address nobody sends to: snapshot by recv() only
+                group = f"ff0e::{self.rnd.getrandbits(16):x}:{self.rnd.getrandbits(16):x}"
+                self.udp("udp6-mcast", v6, (group, 0))
+        self.r2 = self.add("raw-rx", socket.socket(v4, socket.SOCK_RAW, RAW_PROTO))
+        self.r2.bind(("127.0.0.10", 0))
+        self.r1 = self.add("raw-tx", socket.socket(v4, socket.SOCK_RAW, RAW_PROTO))
+        self.r1.bind(("127.0.0.9", 0))
+        self.r1.connect(("127.0.0.10", 0))
+        self.socks[-1].peer = ("127.0.0.10", 0)
+        if self.fallback:
+            for r in (self.r1, self.r2):
+                r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        if self.has_v6 and not self.fallback:
+            r6 = self.add("raw6", socket.socket(v6, socket.SOCK_RAW, RAW_PROTO - 1))
+            r6.bind(("::1", 0))
+
+    def _listener(self, name: str, fam: int, addr: tuple, defer: bool = False) -> Sock:
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        sk = Sock(name, s, "A")
+        self.socks.append(sk)
+        s.bind(addr)
+        if defer:
+            s.setsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT, 1)
+        if self.fallback:
+            st = StateStep(self.next_step(), {7: sk})
+            s.listen(8)
+            self.arm(0)
+            st.expect[7] = {
+                k: v for k, v in sock_expectations(s).items() if k not in ("sock_common.skc_state",)
+            }
+            st.expect[7]["sock_common.skc_state"] = Exact(bytes([7]))
+            self.log.states.append(st)
+        else:
+            s.listen(8)
+        return sk
+
+    def _connect(
+        self,
+        name: str,
+        listener: Sock,
+        fam: int,
+        bind: tuple,
+        defer: bool = False,
+        cc: str | None = None,
+    ) -> tuple[socket.socket, socket.socket]:
+        c = socket.socket(fam, socket.SOCK_STREAM)
+        self.add(f"{name}-client", c)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if cc is not None:  # a different congestion control: different icsk_ca_priv
+            with contextlib.suppress(OSError):
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, cc.encode())
+        c.bind(bind)
+        step = self.next_step() if self.fallback else 0
+        c.connect(listener.sock.getsockname()[:2])
+        if defer:  # the child is made when data comes: its SYN-ACK RTT is this pause
+            time.sleep(0.0008 + self.rnd.random() * 0.0008)
+            c.send(b"d")
+        if step:
+            self.arm(0)
+        s, _ = listener.sock.accept()
+        self.add(f"{name}-server", s)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if defer:
+            s.recv(1)
+        if step:
+            client, server = self.socks[-2], self.socks[-1]
+            st = StateStep(step, {2: client, 3: server})
+            for old, sk in st.roles.items():
+                e = sock_expectations(sk.sock)
+                e["sock_common.skc_state"] = Exact(bytes([old]))
+                st.expect[old] = e
+            self.log.states.append(st)
+        return c, s
+
+    def _exchange(self, c: socket.socket, s: socket.socket, up: int, down: int) -> None:
+        c.sendall(os.urandom(up))
+        _recv_exactly(s, up)
+        s.sendall(os.urandom(down))
+        _recv_exactly(c, down)
+
+    def _retransmit(self, c: socket.socket, s: socket.socket, episodes: int) -> None:
+        """Make ``c`` retransmit ``episodes`` times without waiting for a timer: the
+        receiver drops one segment (a classic BPF socket filter, ``ret #0``), three
+        later segments are SACKed and the sender fast-retransmits the hole at once."""
+        fprog, keep = _drop_all_filter()
+        for _ in range(episodes):
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            c.send(b"lost..")
+            s.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+            for _ in range(4):
+                c.send(b"sacked")
+        del keep
+        _recv_exactly(s, episodes * 30)
+
+    def _tail_loss(self, c: socket.socket, s: socket.socket) -> None:
+        """Start a retransmission that is not a loss: the receiver drops two segments,
+        and ~2 jiffies later the tail loss probe (RFC 8985) resends the second one,
+        which counts in ``total_retrans`` but not in ``tcp_sock.lost`` (the first one
+        is then marked lost and resent). Finished by :meth:`_finish_tail_loss`."""
+        fprog, keep = _drop_all_filter()
+        s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        c.send(b"tail-1")
+        c.send(b"tail-2")
+        s.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+        del keep
+        self.tlp = (c, s)
+
+    def _finish_tail_loss(self, limit_s: float = 0.2) -> bool:
+        """Wait until the tail loss probe fired and everything was acknowledged."""
+        c, s = self.tlp
+        end = time.perf_counter() + limit_s
+        while time.perf_counter() < end:
+            info = tcp_info(c)
+            if info.get("total_retrans", 0) >= 1 and info.get("unacked") == 0:
+                _recv_exactly(s, 12)
+                s.send(b"p")
+                c.send(b"q")
+                _recv_peek(c)
+                _recv_peek(s)
+                return True
+            time.sleep(0.0003)
+        self.log.notes.append("tail loss probe did not fire in time")
+        return False
+
+    def _tcp(self) -> None:
+        v4, v6 = socket.AF_INET, socket.AF_INET6
+        l1 = self._listener("tcp-listen", v4, ("127.0.0.2", 0))
+        # first, so that its timer runs while everything else is built
+        self._tail_loss(*self._connect("tcp-tlp", l1, v4, ("127.0.0.11", 0), cc="reno"))
+        l2 = self._listener("tcp-listen-defer", v4, ("127.0.0.4", 0), defer=True)
+        conns = [
+            (self._connect("tcp1", l1, v4, ("127.0.0.1", 0)), 0),
+            (self._connect("tcp2", l2, v4, ("127.0.0.3", 0), defer=True), 1),
+            (self._connect("tcp3", l1, v4, ("127.0.0.5", 0), cc="reno"), 2),
+        ]
+        if self.has_v6:
+            l6 = self._listener("tcp6-listen", v6, ("::1", 0))
+            l7 = self._listener("tcp6-mapped-listen", v6, ("::ffff:127.0.0.7", 0))
+            conns.append((self._connect("tcp6", l6, v6, ("::1", 0)), 0))
+            conns.append((self._connect("tcp6-mapped", l7, v6, ("::ffff:127.0.0.6", 0)), 1))
+        if not self.fallback:
+            self.add("tcp-closed", socket.socket(v4, socket.SOCK_STREAM))
+        for i, ((c, s), episodes) in enumerate(conns):
+            self._exchange(c, s, 100 + 37 * i + self.rnd.randrange(30), 50 + 91 * i)
+            if episodes:
+                self._retransmit(c, s, episodes)
+            # one byte waiting on each side: what MSG_PEEK copies (tcp_rcv_space_adjust)
+            s.send(b"p")
+            c.send(b"q")
+            _recv_peek(c)
+            _recv_peek(s)
+
+    # -- the recorded steps ----------------------------------------------------
+    def markers(self) -> None:
+        """One marked UDP datagram through each device, in both namespaces."""
+        sends: list[tuple[socket.socket, str, str]] = [(self.u1, "udp-tx", "lo/A")]
+        if self.ub1 is not None:
+            sends += [(self.u4, "udp-veth", "veth/A"), (self.ub1, "udp-b-veth", "veth/B")]
+        sends.append((self.ub2, "udp-b-lo-tx", "lo/B"))
+        if self.has_v6:
+            sends += [(self.u6, "udp6-tx", "lo/A"), (self.u8, "udp6-mapped", "lo/A")]
+        for i, (sock, name, dev) in enumerate(sends):
+            marker = os.urandom(16)
+            payload = marker + b"\xa5" * (5 + 11 * i + self.rnd.randrange(7))
+            local, peer = sock.getsockname(), sock.getpeername()
+            src4, dst4 = _v4(local[0]), _v4(peer[0])
+            if src4 is not None and dst4 is not None:
+                fam, src, dst, iphl = socket.AF_INET, src4, dst4, 20
+            else:
+                fam, iphl = socket.AF_INET6, 40
+                src = socket.inet_pton(fam, local[0])
+                dst = socket.inet_pton(fam, peer[0])
+            step = self.next_step()
+            sock.send(payload)
+            self.log.markers.append(
+                MarkerSend(
+                    step,
+                    self._sock(name),
+                    self.net.devices[dev],
+                    marker,
+                    iphl + 8 + len(payload),
+                    fam,
+                    src,
+                    dst,
+                    local[1],
+                    peer[1],
+                )
+            )
+        self.arm(0)
+
+    def probes(self) -> None:
+        """A snapshot of every socket: ``recv(MSG_PEEK|MSG_DONTWAIT)`` fires
+        sock_recv_length (6.3) and, with data waiting on TCP, tcp_rcv_space_adjust."""
+        tlp = [sk for sk in self.socks if sk.name.startswith("tcp-tlp")]
+        rest = [sk for sk in self.socks if not sk.name.startswith("tcp-tlp")]
+        for sk in rest + tlp:
+            if tlp and sk is tlp[0] and not self._finish_tail_loss():
+                break
+            s = sk.sock
+            is_tcp = s.type == socket.SOCK_STREAM
+            if self.fallback and not is_tcp:
+                self._overflow(sk)
+                continue
+            expect = sock_expectations(s, sk.peer)
+            before = tcp_info(s) if is_tcp else None
+            step = self.next_step()
+            with contextlib.suppress(OSError):
+                s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.arm(0)
+            probe = SockProbe(step, sk, expect)
+            if before is not None:
+                after = tcp_info(s)
+                if after == before and after.get("state") == 1:
+                    probe.expect.update(tcp_expectations(after))
+                else:
+                    probe.tcp_stable = False
+            self.log.probes.append(probe)
+
+    def _overflow(self, sk: Sock) -> None:
+        """(fallback, before 6.3) Snapshot a datagram socket by overfilling its receive
+        queue (SO_RCVBUF is minimal): udp_fail_queue_rcv_skb / sock_rcvqueue_full."""
+        s = sk.sock
+        try:
+            peer = s.getpeername()
+        except OSError:
+            peer = None
+        sender = None
+        if s.type == socket.SOCK_RAW:
+            sender = self.r1 if s is self.r2 else self.r2
+            if peer is None and s is not self.r2:
+                return
+            dst = (s.getsockname()[0], 0)
+        else:
+            for other in self.socks:
+                o = other.sock
+                if o is s or o.type != socket.SOCK_DGRAM or other.ns != sk.ns:
+                    continue
+                if peer is not None and o.getsockname()[:2] != peer[:2]:
+                    continue
+                if o.family != s.family and peer is None:
+                    continue
+                sender = o
+                break
+            dst = s.getsockname()[:2]
+        if sender is None:
+            return
+        expect = sock_expectations(s, sk.peer)
+        step = self.next_step()
+        with contextlib.suppress(OSError):
+            if dst[0].startswith("127.255"):
+                sender.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            for _ in range(4):
+                sender.sendto(b"\x5a" * 1200, dst)
+        self.arm(0)
+        self.log.probes.append(SockProbe(step, sk, expect))
+
+    def _sock(self, name: str) -> Sock:
+        for s in self.socks:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _recv_exactly(s: socket.socket, n: int) -> None:
+    while n > 0:
+        got = s.recv(n)
+        if not got:
+            raise NamespaceError("a guessing connection closed early")
+        n -= len(got)
+
+
+def _recv_peek(s: socket.socket) -> None:
+    """Wait until a byte is readable on ``s`` (without taking it)."""
+    for _ in range(1000):
+        with contextlib.suppress(BlockingIOError):
+            if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                return
+        time.sleep(0.0001)
+    raise NamespaceError("a guessing connection stalled")
+
+
+class TrafficThread(threading.Thread):
+    """Owns the private namespaces and runs functions in this thread when asked.
+
+    :meth:`submit` queues ``fn(net, *args)`` (``net`` is the :class:`PrivateNet`),
+    :meth:`result` waits for its outcome; :meth:`stop` closes everything (the
+    namespaces vanish with the thread's last reference)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="nettracer-guess", daemon=True)
+        self._requests: queue.Queue = queue.Queue()
+        self._results: queue.Queue = queue.Queue()
+        self.tid = 0
+
+    def run(self) -> None:
+        self.tid = threading.get_native_id()
+        try:
+            net = PrivateNet()
+        except BaseException as exc:
+            self._results.put((False, exc))
+            return
+        try:
+            while True:
+                req = self._requests.get()
+                if req is None:
+                    return
+                fn, args = req
+                try:
+                    self._results.put((True, fn(net, *args)))
+                except BaseException as exc:
+                    self._results.put((False, exc))
+        finally:
+            net.close()
+
+    def submit(self, fn: Callable, *args: object) -> None:
+        self._requests.put((fn, args))
+
+    def result(self, timeout: float) -> object:
+        """The outcome of the oldest submitted call: its value, or what it raised;
+        TimeoutError when none came within ``timeout`` seconds."""
+        try:
+            ok, value = self._results.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            raise TimeoutError from None
+        if not ok:
+            raise value
+        return value
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._requests.put(None)
+        self.join(timeout)
