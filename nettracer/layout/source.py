@@ -46,10 +46,12 @@ def offsets_for(
     force: bool = False,
     warn: Callable[[str], None] = _stderr_warning,
     identity: KernelIdentity | None = None,
+    btf_path: str = BTF_VMLINUX,
 ) -> Offsets:
     """The offsets for ``source`` (``auto``, ``btf`` or ``guess``); see the module docstring.
 
-    ``cache_dir`` None disables the cache. Errors are :class:`NettracerError`\\ s: no BTF
+    ``cache_dir`` None disables the cache; ``btf_path`` is where ``auto`` looks for BTF.
+    Errors are :class:`NettracerError`\\ s: no BTF
     for ``btf``, a foreign or corrupt ``profile``, the guesser's errors.
     """
     if source not in SOURCES:
@@ -58,10 +60,11 @@ def offsets_for(
         if source == "btf":
             raise UsageError("--profile and --source btf exclude each other")
         return load_profile(profile, identity or current(), force)
-    if source == "btf" or (source == "auto" and os.path.exists(BTF_VMLINUX)):
+    if source == "btf" or (source == "auto" and os.path.exists(btf_path)):
+        from nettracer.kernel.btf import Btf
         from nettracer.layout.btf_offsets import btf_offsets
 
-        return btf_offsets()
+        return btf_offsets(None if btf_path == BTF_VMLINUX else Btf.vmlinux(btf_path))
     ident = identity or current()
     if source == "auto" and cache_dir is not None:
         try:
