@@ -71,6 +71,10 @@ class GuessResult:
     rounds: int
     fallback: bool
     notes: list[str] = field(default_factory=list)
+    #: inodes of the private namespaces used (gone by the time this is returned)
+    netns_inodes: tuple[int, ...] = ()
+    #: names of the devices made in them
+    devices: tuple[str, ...] = ()
 
 
 class _Sync:
@@ -161,6 +165,7 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
         verdicts: dict[str, Verdict] = {}
         notes: list[str] = []
         rounds = 0
+        log = RoundLog()
         while True:
             rounds += 1
             try:
@@ -189,7 +194,14 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
             else:
                 out.unresolved[spec.key] = v.why if v is not None else "not observed"
         out.elapsed_ms = (time.perf_counter() - start) * 1e3
-        return GuessResult(out, rounds, sync.fallback, notes)
+        return GuessResult(
+            out,
+            rounds,
+            sync.fallback,
+            notes,
+            tuple(log.netns_inode.values()),
+            tuple(d.name for d in log.devices.values() if d.name != "lo"),
+        )
     finally:
         sync.cancel.set()
         for ps in probes:

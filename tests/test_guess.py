@@ -1,0 +1,324 @@
+"""The offset guesser against BTF on the running kernel, its matching rules without a
+kernel, its clean-up and its command line.
+
+Ground truth: ``btf_offsets()`` (the BTF of the running kernel) for every guessed field;
+the guesser itself never reads BTF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+from conftest import kernel_skip
+
+from nettracer.layout.catalogue import BY_KEY, CATALOGUE
+from nettracer.layout.match import Exact, Observation, Shifted, decide, resolve, u16, u32
+
+pytestmark = []
+
+
+# -- matching rules (no kernel) --------------------------------------------------------
+def test_exact_offsets_respect_alignment() -> None:
+    buf = b"\x00\x07\x00\x00\x07\x00\x00\x00"
+    assert Exact(b"\x07").offsets(buf) == {1, 4}
+    assert u16(7).offsets(buf) == {4}
+    assert u32(7).offsets(buf) == {4}
+    assert u32(7).offsets(buf, limit=4) == set()
+
+
+def test_shifted_matches_srtt_as_tcp_info_reports_it() -> None:
+    # tcpi_rtt = srtt_us >> 3: srtt_us 8*37+5 is reported as 37
+    buf = (0).to_bytes(4, "little") + (8 * 37 + 5).to_bytes(4, "little")
+    m = Shifted(37, 3)
+    assert m.offsets(buf) == {4}
+    assert m.matches(buf, 4) and not m.matches(buf, 0)
+
+
+def test_unique_offset_across_different_values_is_resolved() -> None:
+    a = bytes([0, 0, 5, 0, 9, 0])
+    b = bytes([0, 0, 6, 0, 9, 0])
+    obs = [Observation(a, {"f": Exact(b"\x05")}), Observation(b, {"f": Exact(b"\x06")})]
+    v = resolve("f", obs)
+    assert v.ok and v.offset == 2 and v.n == 2
+
+
+def test_same_value_everywhere_is_not_enough() -> None:
+    a = bytes([0, 0, 5, 0])
+    obs = [Observation(a, {"f": Exact(b"\x05")}), Observation(a, {"f": Exact(b"\x05")})]
+    v = resolve("f", obs)
+    assert not v.ok and "same value" in v.why
+
+
+def test_ambiguous_and_contradictory_observations_are_unresolved() -> None:
+    a = bytes([5, 0, 5, 0])
+    b = bytes([6, 0, 6, 0])
+    obs = [Observation(a, {"f": Exact(b"\x05")}), Observation(b, {"f": Exact(b"\x06")})]
+    v = resolve("f", obs)
+    assert not v.ok and v.why.startswith("ambiguous: offsets 0, 2")
+    c = bytes([7, 0, 0, 0])
+    v = resolve("f", [*obs, Observation(c, {"f": Exact(b"\x08")})])
+    assert not v.ok and v.why.startswith("no offset matches all 3")
+    assert not decide("f", [], set()).ok
+
+
+def test_probe_programs_assemble() -> None:
+    from nettracer.bpf.insn import assemble
+    from nettracer.layout import guess, probes
+
+    for spec in (guess.SOCK_RECV, guess.START_XMIT, guess.NETIF_RX, *guess.FALLBACK):
+        code = assemble(probes.build(spec), {"ctl": 3, "events": 4, "lost": 5})
+        assert len(code) % 8 == 0 and len(code) > 100
+        assert spec.record_size % 8 == 0
+        assert spec.deref_offset + (spec.deref.slots * spec.deref.size if spec.deref else 0) <= (
+            spec.record_size
+        )
+
+
+def test_rtnetlink_attributes_are_padded() -> None:
+    from nettracer.layout.rtnl import attr
+
+    a = attr(3, b"lo\0")
+    assert a == b"\x07\x00\x03\x00lo\x00\x00" and len(a) % 4 == 0
+
+
+# -- the real kernel ---------------------------------------------------------------------
+def _btf() -> dict:
+    from nettracer.layout.btf_offsets import btf_offsets
+
+    try:
+        b = btf_offsets()
+    except Exception as exc:  # no BTF: nothing to compare with
+        kernel_skip(f"no BTF to compare guessed offsets with ({exc})")
+    assert not b.unresolved, b.unresolved
+    return b.to_json()
+
+
+def _check(result, btf: dict) -> list[str]:  # type: ignore[no-untyped-def]
+    got = result.offsets.to_json()
+    problems = [
+        f"{k}: unresolved ({result.offsets.unresolved[k]})" for k in result.offsets.unresolved
+    ]
+    problems += [f"{k}: guessed {got[k]} BTF {btf[k]}" for k in got if got[k] != btf.get(k)]
+    return problems
+
+
+def _our_bpf_programs(settle_s: float = 3.0) -> list[str]:
+    """Names of loaded programs the guesser makes (``ntg_*``), from bpftool when present;
+    the kernel frees a closed program after an RCU grace period, so wait for that."""
+    import time
+
+    end = time.monotonic() + settle_s
+    while True:
+        names = _bpftool_ntg()
+        if not names or time.monotonic() > end:
+            return names
+        time.sleep(0.05)
+
+
+def _bpftool_ntg() -> list[str]:
+    try:
+        out = subprocess.run(
+            ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    with contextlib.suppress(ValueError):
+        return [
+            p.get("name", "")
+            for p in json.loads(out.stdout or "[]")
+            if p.get("name", "").startswith("ntg_")
+        ]
+    return []
+
+
+def _assert_cleaned_up(result) -> None:  # type: ignore[no-untyped-def]
+    from nettracer.bpf.fd import live_objects
+
+    assert not [o for o in live_objects() if o.kind in ("link", "program")]
+    assert not [t for t in threading.enumerate() if t.name == "nettracer-guess"]
+    # our threads are all back in the host namespace; the private ones are unreachable
+    ours = {os.stat(p).st_ino for p in glob.glob(f"/proc/{os.getpid()}/task/*/ns/net")}
+    assert not ours & set(result.netns_inodes)
+    host = set(socket.if_nameindex())
+    assert not [n for _, n in host if n in result.devices]
+
+
+@pytest.mark.kernel
+def test_guess_equals_btf_twenty_times() -> None:
+    from nettracer.layout.guess import guess
+
+    btf = _btf()
+    failures = []
+    for i in range(20):
+        r = guess(timeout_ms=5000)
+        failures += [f"run {i}: {p}" for p in _check(r, btf)]
+        _assert_cleaned_up(r)
+    assert not failures, failures
+    assert set(btf) == {f.key for f in CATALOGUE}
+
+
+@pytest.mark.kernel
+def test_guess_equals_btf_under_background_load() -> None:
+    """Threads in the host namespace open and close TCP connections and send UDP to
+    closed ports while guessing: none of it may reach the guesser."""
+    from nettracer.layout.guess import guess
+
+    btf = _btf()
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                s, _ = listener.accept()
+            except OSError:
+                return
+            s.close()
+
+    def tcp() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                c = socket.create_connection(listener.getsockname(), timeout=1)
+                c.send(b"x" * 100)
+                c.close()
+
+    def udp() -> None:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()  # nobody listens there any more: ICMP port unreachable, kfree_skb
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                u.sendto(b"y" * 64, ("127.0.0.1", port))
+        u.close()
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (accept, tcp, tcp, udp, udp)]
+    for t in threads:
+        t.start()
+    failures = []
+    try:
+        for i in range(8):
+            r = guess(timeout_ms=10000)
+            failures += [f"run {i}: {p}" for p in _check(r, btf)]
+    finally:
+        stop.set()
+        listener.close()
+        for t in threads:
+            t.join(5)
+    assert not failures, failures
+
+
+@pytest.mark.kernel
+def test_pre_6_3_tracepoints_give_the_same_offsets() -> None:
+    """The path for kernels without sock_recv_length (receive-queue overflows,
+    tcp_rcv_space_adjust, inet_sock_set_state), forced here."""
+    from nettracer.layout.guess import guess
+
+    btf = _btf()
+    failures = []
+    for i in range(3):
+        r = guess(timeout_ms=10000, force_fallback=True)
+        assert r.fallback
+        failures += [f"run {i}: {p}" for p in _check(r, btf)]
+        _assert_cleaned_up(r)
+    assert not failures, failures
+
+
+@pytest.mark.kernel
+def test_timeout_leaves_nothing_behind() -> None:
+    from nettracer.layout.guess import GuessTimeout, guess
+
+    with pytest.raises(GuessTimeout, match="timed out after 1 ms"):
+        guess(timeout_ms=1)
+    from nettracer.bpf.fd import live_objects
+
+    assert not [o for o in live_objects() if o.kind in ("link", "program")]
+    assert not [t for t in threading.enumerate() if t.name == "nettracer-guess"]
+    assert not _our_bpf_programs()
+
+
+@pytest.mark.kernel
+def test_unknown_required_tracepoint_is_not_supported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nettracer.errors import NotSupported
+    from nettracer.layout import probes
+
+    tp = probes.Tracepoint("no_such_tracepoint_ntg", ("sk",), "99.0")
+    monkeypatch.setitem(probes.TRACEPOINTS, tp.name, tp)
+    spec = probes.ProbeSpec(9, tp.name, (probes.Snapshot("sk", 64),))
+    with probes.ProbeSet(1 << 16) as ps, pytest.raises(NotSupported, match=r"needs Linux 99\.0"):
+        ps.add(spec)
+    optional = probes.ProbeSpec(9, tp.name, (probes.Snapshot("sk", 64),), required=False)
+    with probes.ProbeSet(1 << 16) as ps:
+        assert ps.add(optional) is False and ps.missing == [tp.name]
+
+
+def test_not_root_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nettracer.errors import PermissionError_
+    from nettracer.layout import guess
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(PermissionError_, match="needs root"):
+        guess.guess()
+
+
+# -- the command line --------------------------------------------------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nettracer", "offsets", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.kernel
+def test_cli_json_shape_and_verify(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    btf = _btf()
+    p = _cli("--source", "guess", "--verify", "--json", "--cache-dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    obj = json.loads(p.stdout)
+    assert set(obj) == {"kernel", "source", "elapsed_ms", "fields", "unresolved", "verified"}
+    assert set(obj["kernel"]) == {"release", "version", "machine", "btf_sha256"}
+    assert obj["kernel"]["release"] == os.uname().release
+    assert obj["source"] == "guess" and isinstance(obj["elapsed_ms"], float)
+    assert obj["fields"] == btf and obj["unresolved"] == {}
+    assert obj["verified"] == dict.fromkeys(BY_KEY, True)
+
+
+@pytest.mark.kernel
+def test_cli_verify_exits_3_on_a_wrong_profile(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _btf()
+    good = tmp_path / "good.json"
+    p = _cli("--source", "btf", "--save", str(good), "--json")
+    assert p.returncode == 0, p.stderr
+    data = json.loads(good.read_text())
+    data["fields"]["sk_buff.len"]["offset"] += 8
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    p = _cli("--profile", str(bad), "--verify", "--json")
+    assert p.returncode == 3
+    assert json.loads(p.stdout)["verified"]["sk_buff.len"] is False
+    assert p.stderr.count("\n") == 1 and "sk_buff.len" in p.stderr
+    p = _cli("--profile", str(good), "--verify")
+    assert p.returncode == 0, p.stderr
+    assert "sk_buff.len" in p.stdout
+
+
+def test_cli_usage_errors_are_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = _cli("--force")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    p = _cli("--profile", str(tmp_path / "missing.json"))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "missing.json" in p.stderr
+    p = _cli("--timeout-ms", "0")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
