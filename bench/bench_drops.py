@@ -4,7 +4,8 @@ Run as root from the repository: ``python3 bench/bench_drops.py [--drops N] [--r
 [--seconds S] [--startups K]``.  It builds two network namespaces (blaster B, target T,
 one veth pair with static neighbours; removed at the end) and measures:
 
-1. start-up, command start to attached, for ``nettracer drops`` and for
+1. start-up, command start to attached, for ``nettracer drops`` (with its byte-code
+   cached, as an installed package runs, and without) and for
    ``bpftrace -e 'tracepoint:skb:kfree_skb { @[ksym(args->location), args->reason] = count(); }'``,
    both detected the same way: the command's pid shows up in ``bpftool perf list``
    with a program on ``kfree_skb`` (median of K starts each);
@@ -128,7 +129,23 @@ class Started:
     seconds: float  # command start to attached
 
 
-def start(cmd: list[str], timeout: float = 60) -> Started:
+#: environment of "installed" runs: byte-code cached (pip compiles it on install), kept
+#: outside the checkout
+PYC_ENV = {"PYTHONPYCACHEPREFIX": f"/tmp/nettracer-bench-pyc-{os.getuid()}"}
+
+
+def env(pyc: bool) -> dict[str, str]:
+    e = dict(os.environ, PYTHONPATH=REPO)
+    if pyc:
+        e.pop("PYTHONDONTWRITEBYTECODE", None)
+        e.update(PYC_ENV)
+    else:
+        e["PYTHONDONTWRITEBYTECODE"] = "1"
+        e.pop("PYTHONPYCACHEPREFIX", None)
+    return e
+
+
+def start(cmd: list[str], timeout: float = 60, pyc: bool = True) -> Started:
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -136,7 +153,7 @@ def start(cmd: list[str], timeout: float = 60) -> Started:
         stderr=subprocess.DEVNULL,
         text=True,
         cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=REPO),
+        env=env(pyc),
     )
     while time.perf_counter() - t0 < timeout:
         prog_id = perf_attached(proc.pid)
@@ -170,16 +187,22 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
-def bench_startup(k: int) -> tuple[list[float], list[float]]:
-    ours, theirs = [], []
+def bench_startup(k: int) -> tuple[list[float], list[float], list[float]]:
+    """Start-up of ours with byte-code cached (as installed), ours without (this checkout
+    under PYTHONDONTWRITEBYTECODE=1), and bpftrace, interleaved."""
+    stop(start([*OURS, "--interval", "3600"], pyc=True))  # write the byte-code cache
+    ours, ours_nopyc, theirs = [], [], []
     for _ in range(k):
-        s = start([*OURS, "--interval", "3600"])
+        s = start([*OURS, "--interval", "3600"], pyc=True)
         ours.append(s.seconds)
         stop(s)
         s = start(BPFTRACE)
         theirs.append(s.seconds)
         stop(s)
-    return ours, theirs
+        s = start([*OURS, "--interval", "3600"], pyc=False)
+        ours_nopyc.append(s.seconds)
+        stop(s)
+    return ours, ours_nopyc, theirs
 
 
 def bench_cost_and_counts(n: int, inode: int) -> dict[str, object]:
@@ -233,10 +256,14 @@ def bench_cost_and_counts(n: int, inode: int) -> dict[str, object]:
 
 
 def bench_workload(rounds: int, seconds: float) -> tuple[list[float], list[float], float]:
+    """Alternating runs; in both arms the blast starts 2 s after the (would-be) attach, so
+    that the comparison is of the steady state, not of nettracer's start-up."""
     without, with_, rss = [], [], 0.0
     for _ in range(rounds):
+        time.sleep(2)
         without.append(blast("rate", seconds))
         s = start([*OURS, "--interval", "1"])
+        time.sleep(2)
         with_.append(blast("rate", seconds))
         rss = max(rss, vm_hwm_mb(s.proc.pid))
         stop(s)
@@ -246,9 +273,9 @@ def bench_workload(rounds: int, seconds: float) -> tuple[list[float], list[float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--drops", type=int, default=200_000, help="datagrams for the cost run")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating workload rounds")
+    ap.add_argument("--rounds", type=int, default=7, help="alternating workload rounds")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds per workload run")
-    ap.add_argument("--startups", type=int, default=5, help="start-up measurements per tool")
+    ap.add_argument("--startups", type=int, default=7, help="start-up measurements per tool")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_drops needs root")
@@ -258,7 +285,7 @@ def main() -> None:
           f"Python {platform.python_version()}")  # fmt: skip
     inode = setup()
     try:
-        ours_up, bt_up = bench_startup(args.startups)
+        ours_up, ours_nopyc, bt_up = bench_startup(args.startups)
         cost = bench_cost_and_counts(args.drops, inode)
         without, with_, rss = bench_workload(args.rounds, args.seconds)
     finally:
@@ -279,14 +306,20 @@ def main() -> None:
     print("counts of UDP-to-closed-port drops (__udp4_lib_rcv, NO_SOCKET)")
     print(f"  caused {cost['caused']}, ours in T's netns {cost['ours_target_netns']}, "
           f"ours all netns {cost['ours_all_netns']}, bpftrace {cost['bpftrace']}")  # fmt: skip
-    print(f"workload: blaster send rate, {args.rounds} alternating rounds of {args.seconds:g} s")
+    print(f"workload: blaster send rate, {args.rounds} alternating rounds of {args.seconds:g} s "
+          f"(load average before: {os.getloadavg()[0]:.2f})")  # fmt: skip
     print(f"  without  median {rate_wo:9.0f}/s  {[round(x) for x in without]}")
     print(f"  with     median {rate_w:9.0f}/s  {[round(x) for x in with_]}")
-    print(f"  ratio    {rate_w / rate_wo:.3f}   (target >= 0.95)")
+    pairs = sorted(w / wo for w, wo in zip(with_, without, strict=True))
+    print(f"  ratio    {rate_w / rate_wo:.3f}   (target >= 0.95); per round: "
+          f"{[round(x, 3) for x in pairs]}")  # fmt: skip
     print(f"start-up, command start to attached (median of {args.startups})")
+    mn = statistics.median(ours_nopyc)
     print(f"  nettracer drops {mo * 1000:6.0f} ms  {[round(x * 1000) for x in ours_up]}")
     print(f"  bpftrace        {mb * 1000:6.0f} ms  {[round(x * 1000) for x in bt_up]}")
     print(f"  ratio           {mo / mb:.3f}   (target <= 0.5)")
+    print(f"  without byte-code cache (PYTHONDONTWRITEBYTECODE=1, as this checkout runs): "
+          f"{mn * 1000:.0f} ms, ratio {mn / mb:.3f}  {[round(x * 1000) for x in ours_nopyc]}")  # fmt: skip
     print(f"peak RSS of nettracer drops (VmHWM): {rss:.1f} MB   (target <= 60)")
 
 

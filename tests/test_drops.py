@@ -530,13 +530,11 @@ def test_drops_duration_and_empty_intervals(topo: Topo) -> None:
 @pytest.mark.kernel
 def test_drops_without_reason_argument(topo: Topo) -> None:
     """A program for kernels before 5.17 (kfree_skb(skb, location)) still counts, reason None."""
-    from nettracer.kernel.btf import Btf
     from nettracer.tracers import drops
     from nettracer.tracers.drops_program import Filters, KfreeSkbArgs, ProgramSpec
 
-    btf = Btf.vmlinux()
     spec = ProgramSpec(
-        drops.layout_for(drops.load_offsets("btf", btf), False),
+        drops.layout_for(drops.load_offsets("btf"), False),
         KfreeSkbArgs(("skb", "location")),
         Filters(netns=topo.inode),
     )

@@ -321,7 +321,7 @@ def kernel_spec_parts() -> tuple[DropLayout, KfreeSkbArgs, dict[int, str] | None
 
     btf = Btf.vmlinux()
     args = drops.kfree_skb_args(btf)
-    layout = drops.layout_for(drops.load_offsets("btf", btf), events=True)
+    layout = drops.layout_for(drops.load_offsets("btf"), events=True)
     return layout, args, drops.reason_names(btf) if args.has_reason else None
 
 
@@ -375,7 +375,7 @@ def test_device_filter_matches_after_a_rename() -> None:
         from nettracer.kernel.btf import Btf
 
         btf = Btf.vmlinux()
-        layout = drops.layout_for(drops.load_offsets("btf", btf), events=False)
+        layout = drops.layout_for(drops.load_offsets("btf"), events=False)
         spec = ProgramSpec(
             layout, drops.kfree_skb_args(btf), Filters(device=short.encode(), netns=inode)
         )

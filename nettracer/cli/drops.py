@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from nettracer.errors import UsageError
@@ -41,8 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--offsets",
         choices=OFFSET_MODES,
-        default="auto",
-        help="where struct offsets come from: BTF, guessed at run time, or auto (BTF if present)",
+        help="where struct offsets come from: BTF, guessed at run time, or auto (BTF if "
+        "present; offsets.source)",
     )
     p.add_argument(
         "--by",
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         "drops.interval_s": (args.interval, "--interval"),
         "drops.group_by": (args.by.split(",") if args.by else None, "--by"),
         "output.format": ("json" if args.json else None, "--json"),
+        "offsets.source": (args.offsets, "--offsets"),
     }
     config = load_config(args.config, overrides)
     for notice in config.notices:
@@ -120,7 +122,13 @@ def run(args: argparse.Namespace) -> int:
     by = drops.parse_by(config["drops.group_by"])  # type: ignore[arg-type]
     netns = parse_netns(args.netns)
     drops.require_root()
-    return _Session(args, interval, by, fmt == "json", netns).run()
+    session = _Session(args, interval, by, fmt == "json", netns)
+    session.offsets = (
+        str(config["offsets.source"]),
+        str(config["offsets.cache_dir"]),
+        int(config["offsets.guess_timeout_ms"]),  # type: ignore[call-overload]
+    )
+    return session.run()
 
 
 class _Session:
@@ -141,22 +149,48 @@ class _Session:
         self.netns = netns
         self.out = sys.stdout
         self.events_seen = 0
+        self.offsets: tuple[str, str, int] = ("auto", "", 0)
 
-    def _prepare(self) -> tuple[ProgramSpec, dict[int, str] | None, str]:
-        """(program spec, reason names, offsets source); BTF is dropped afterwards."""
+    def _prepare(
+        self,
+    ) -> tuple[ProgramSpec, dict[int, str] | Callable[[], dict[int, str]] | None, str]:
+        """(program spec, reason names or their loader, offsets source).
+
+        Only what the program needs is read before attaching: the offsets, whether
+        ``kfree_skb`` has a reason (from the tracefs format when tracefs is mounted,
+        a few ms, else BTF) and, for ``--reason``, the reason names.  The names are
+        otherwise read from BTF when first printed.
+        """
+        from nettracer.kernel.tracefs import find_tracefs
         from nettracer.tracers import drops
         from nettracer.tracers.drops_program import ProgramSpec
 
         args = self.args
-        btf = None
-        if os.path.exists("/sys/kernel/btf/vmlinux"):
+        has_btf = os.path.exists("/sys/kernel/btf/vmlinux")
+
+        def vmlinux():  # -> Btf | None
+            if not has_btf:
+                return None
             from nettracer.kernel.btf import Btf
 
-            btf = Btf.vmlinux()
-        offsets = drops.load_offsets(args.offsets, btf)
-        kargs = drops.kfree_skb_args(btf)
-        reasons = drops.reason_names(btf) if kargs.has_reason else None
-        filters = drops.make_filters(args.device, self.netns, args.reason, args.protocol, reasons)
+            return Btf.vmlinux()
+
+        source, cache_dir, timeout_ms = self.offsets
+        offsets = drops.load_offsets(source, cache_dir, timeout_ms)
+        kargs = drops.kfree_skb_args(None if find_tracefs() or not has_btf else vmlinux())
+        reasons: dict[int, str] | Callable[[], dict[int, str]] | None = None
+        if kargs.has_reason:
+            if args.reason is not None:
+                reasons = drops.reason_names(vmlinux())
+            else:
+                reasons = lambda: drops.reason_names(vmlinux())  # noqa: E731
+        filters = drops.make_filters(
+            args.device,
+            self.netns,
+            args.reason,
+            args.protocol,
+            reasons if isinstance(reasons, dict) else None,
+        )
         spec = ProgramSpec(
             drops.layout_for(offsets, args.events),
             kargs,

@@ -80,7 +80,8 @@ def kfree_skb_args(btf: object | None = None) -> KfreeSkbArgs:
 
     From BTF's ``btf_trace_kfree_skb`` prototype when ``btf`` (a
     :class:`nettracer.kernel.btf.Btf`) is given, else from the tracefs format: a
-    ``reason`` field in the record means the third argument is the reason (5.17+).
+    ``reason`` field in the record means the third argument is the reason (both came
+    with ``kfree_skb_reason()`` in 5.17, include/trace/events/skb.h).
     """
     if btf is not None:
         from nettracer.kernel.btf import Btf
@@ -145,27 +146,19 @@ def parse_reason(name: str, names: dict[int, str]) -> int:
         ) from None
 
 
-def load_offsets(mode: str, btf: object | None = None) -> Offsets:
+def load_offsets(mode: str, cache_dir: str | None = None, timeout_ms: int | None = None) -> Offsets:
     """The offsets the program needs: ``btf``, ``guess``, or ``auto`` (BTF when the
-    kernel has it, else guessed)."""
-    try:
-        from nettracer.layout.source import offsets_for  # type: ignore[import-not-found]
-    except ModuleNotFoundError as exc:
-        if exc.name != "nettracer.layout.source":
-            raise
-        offsets_for = None
-    if offsets_for is not None:
-        return offsets_for(mode)
-    if mode == "auto":
-        mode = "btf" if os.path.exists("/sys/kernel/btf/vmlinux") else "guess"
-    if mode == "guess":
-        raise NettracerError(
-            "--offsets guess: the offset guesser is not in this build; use --offsets btf"
-        )
-    from nettracer.kernel.btf import Btf
-    from nettracer.layout.btf_offsets import btf_offsets
+    kernel has it, else this kernel's cached profile, else guessed), from
+    :func:`nettracer.layout.source.offsets_for`; ``cache_dir``/``timeout_ms`` default
+    to its defaults."""
+    from nettracer.layout.source import offsets_for
 
-    return btf_offsets(btf if isinstance(btf, Btf) else None)
+    kw: dict[str, object] = {}
+    if cache_dir is not None:
+        kw["cache_dir"] = cache_dir
+    if timeout_ms is not None:
+        kw["timeout_ms"] = timeout_ms
+    return offsets_for(mode, **kw)  # type: ignore[arg-type]
 
 
 # -- the monitor -------------------------------------------------------------------
@@ -394,17 +387,20 @@ class Location:
 class Names:
     """Names for what the kernel gives as numbers: locations, reasons, protocols, devices.
 
-    ``kallsyms`` is anything with ``lookup(addr) -> Symbol | None`` (and optionally
-    ``prefetch(addrs)``); by default a :class:`nettracer.tracers.symbols.SymbolCache`.
+    ``reasons`` is the value -> name table, ``None`` on kernels whose ``kfree_skb`` has
+    no reason, or a function that reads the table when it is first needed (so that
+    reading BTF's enum need not delay attaching).  ``kallsyms`` is anything with
+    ``lookup(addr) -> Symbol | None`` (and optionally ``prefetch(addrs)``); by default
+    a :class:`nettracer.tracers.symbols.SymbolCache`.
     """
 
     def __init__(
         self,
-        reasons: dict[int, str] | None,
+        reasons: dict[int, str] | Callable[[], dict[int, str]] | None,
         device_name: Callable[[int, int], str | None],
         kallsyms: object | None = None,
     ) -> None:
-        self.reasons = reasons
+        self._reasons = reasons
         self.device_name = device_name
         self._kallsyms = kallsyms
 
@@ -429,10 +425,17 @@ class Names:
             return Location(addr, f"{addr:#x}", None, None, None)
         return Location(addr, sym.format(), sym.name, sym.offset, sym.module)
 
+    @property
+    def reasons(self) -> dict[int, str] | None:
+        if callable(self._reasons):
+            self._reasons = self._reasons()
+        return self._reasons
+
     def reason(self, value: int) -> str | None:
-        if self.reasons is None:
+        reasons = self.reasons
+        if reasons is None:
             return None
-        return self.reasons.get(value, f"{value:#x}")
+        return reasons.get(value, f"{value:#x}")
 
     @staticmethod
     def protocol(ethertype: int) -> str | None:

@@ -23,7 +23,6 @@ pseudo protocols, not ethertypes.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -176,6 +175,8 @@ def decode(ethertype: int, data: bytes) -> Packet:
 
 
 def _ipv4(data: bytes) -> Packet:
+    import ipaddress
+
     if len(data) < 20 or data[0] >> 4 != 4:
         return Packet(family="IPv4")
     ihl = (data[0] & 0x0F) * 4
@@ -188,6 +189,8 @@ def _ipv4(data: bytes) -> Packet:
 
 
 def _ipv6(data: bytes) -> Packet:
+    import ipaddress
+
     if len(data) < 40 or data[0] >> 4 != 6:
         return Packet(family="IPv6")
     nxt = data[6]
@@ -229,6 +232,8 @@ def _l4(base: Packet, proto: int, l4: bytes, icmp: int) -> Packet:
 
 
 def _arp(data: bytes) -> Packet:
+    import ipaddress
+
     # struct arphdr: hrd, pro, hln, pln, op; then sha, spa, tha, tpa
     if len(data) < 8:
         return Packet(family="ARP")
