@@ -566,3 +566,44 @@ def test_drops_user_errors() -> None:
         _out, err = proc.communicate(timeout=60)
         assert proc.returncode == 2, (args, err)
         assert err.count("\n") == 1 and err.startswith("nettracer: ") and words in err, err
+
+
+def _monitor(topo: Topo, **kw: int):  # -> DropMonitor
+    from nettracer.tracers import drops
+    from nettracer.tracers.drops_program import Filters, ProgramSpec
+
+    spec = ProgramSpec(
+        drops.layout_for(drops.load_offsets("btf"), False),
+        drops.kfree_skb_args(None),
+        Filters(netns=topo.inode, protocol=0x0800),
+    )
+    return drops.DropMonitor(spec, **kw)
+
+
+# without the server every IPv4 datagram and SYN the client sends to S is dropped
+IPV4_DROPS = U4 + T4 + F4_UDP + F4_ICMP + PASS4 + BURST  # in 3 keys: udp4, tcp4, nft
+
+
+@pytest.mark.kernel
+def test_full_map_counts_what_does_not_fit_as_lost(topo: Topo) -> None:
+    with _monitor(topo, max_keys=2) as mon:
+        run([sys.executable, "-c", CLIENT], ns=topo.client)
+        time.sleep(0.3)
+        sample = mon.collect()
+    assert len(sample.counts) == 2
+    assert sample.lost > 0 and sample.total + sample.lost == IPV4_DROPS
+
+
+@pytest.mark.kernel
+def test_idle_keys_are_evicted_without_losing_counts(topo: Topo) -> None:
+    with _monitor(topo, max_keys=4, evict_after=1) as mon:
+        assert mon.counts is not None
+        totals = []
+        for traffic in (True, False, True, False):
+            if traffic:
+                run([sys.executable, "-c", CLIENT], ns=topo.client)
+                time.sleep(0.3)
+            sample = mon.collect()
+            totals.append((sample.total, sample.lost, len(list(mon.counts.keys()))))
+    # 3 keys > max_keys / 2: once idle for an interval they are removed, and come back
+    assert totals == [(IPV4_DROPS, 0, 3), (0, 0, 0), (IPV4_DROPS, 0, 3), (0, 0, 0)]
