@@ -162,6 +162,8 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
         ps = ProbeSet()
         probes.append(ps)
         _attach(ps, sync, force_fallback)
+        if remaining() <= 0:  # attaching can wait for RCU grace periods
+            raise _timeout(timeout_ms, "loading and attaching the programs")
         verdicts: dict[str, Verdict] = {}
         notes: list[str] = []
         rounds = 0
