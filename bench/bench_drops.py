@@ -178,8 +178,16 @@ def start(cmd: list[str], timeout: float = 60, pyc: bool = True) -> Started:
 
 
 def stop(s: Started) -> str:
-    s.proc.send_signal(signal.SIGINT)
-    out, _ = s.proc.communicate(timeout=60)
+    """SIGINT, repeated: bpftrace 0.17 loses one that arrives just after it attached."""
+    for _ in range(30):
+        s.proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = s.proc.communicate(timeout=2)
+            return out
+        except subprocess.TimeoutExpired:
+            continue
+    s.proc.kill()
+    out, _ = s.proc.communicate()
     return out
 
 
