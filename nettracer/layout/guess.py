@@ -183,6 +183,8 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
             for key, v in got.items():
                 if not (key in verdicts and verdicts[key].ok):
                     verdicts[key] = v
+                    if not v.ok:
+                        notes.append(f"round {rounds}: {key} unresolved: {v.why}")
             if all(v.ok for v in verdicts.values()) or rounds >= MAX_ROUNDS:
                 break
             if remaining() < 0.25 * timeout_ms / 1000:

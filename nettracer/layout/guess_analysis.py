@@ -229,23 +229,8 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
     """Verdicts for every catalogue field from one round."""
     ev = collect(log, records)
     verdicts: dict[str, Verdict] = {}
-    sock_obs = [s.obs for s in ev.socks]
-    for key in SOCK_FIELDS:
-        if key not in POINTER_FIELDS:
-            verdicts[key] = resolve(key, sock_obs)
-    verdicts.update(_sock_pointer_fields(ev, log.netns_inode))
 
-    # struct net * of each namespace, as skc_net holds it
-    net_ptr: dict[str, int] = {}
-    net_v = verdicts["sock_common.skc_net"]
-    if net_v.ok:
-        seen: dict[str, set[int]] = defaultdict(set)
-        for s in ev.socks:
-            snap = s.obs.buf
-            seen[s.ns].add(struct.unpack_from("<Q", snap, net_v.offset)[0])
-        net_ptr = {ns: next(iter(v)) for ns, v in seen.items() if len(v) == 1}
-
-    # struct sk_buff
+    # struct sk_buff (first: skb->sk then shows the start of each sender's struct sock)
     skb_obs: list[Observation] = []
     dev_identity: dict[int, set[str]] = defaultdict(set)
     for r, m in ev.tx:
@@ -271,6 +256,33 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
         verdicts[key] = resolve(key, skb_obs)
     for name, v in _skb_pointer_fields(ev).items():
         verdicts[f"sk_buff.{name}"] = v
+
+    # struct sock: the recv() snapshots, and the first bytes of each marked datagram's
+    # sender as the kernel copied them from behind skb->sk (sock_common only: the copy
+    # is 256 bytes, and struct sock_common, the first member of struct sock, is 136 on
+    # Linux 6.18; this is what tells skc_v6_rcv_saddr from ipv6_pinfo.saddr before 6.3)
+    sock_obs = [s.obs for s in ev.socks]
+    sk_v = verdicts["sk_buff.sk"]
+    if sk_v.ok:
+        for r, m in ev.tx:
+            if m is None or not m.expect or not _marker_hits(r, m):
+                continue
+            block = r.derefs().get(sk_v.offset)  # type: ignore[arg-type]
+            if block is not None:
+                sock_obs.append(Observation(block, m.expect, f"{m.sender.name} skb->sk"))
+    for key in SOCK_FIELDS:
+        if key not in POINTER_FIELDS:
+            verdicts[key] = resolve(key, sock_obs)
+    verdicts.update(_sock_pointer_fields(ev, log.netns_inode))
+
+    # struct net * of each namespace, as skc_net holds it
+    net_ptr: dict[str, int] = {}
+    net_v = verdicts["sock_common.skc_net"]
+    if net_v.ok:
+        seen: dict[str, set[int]] = defaultdict(set)
+        for s in ev.socks:
+            seen[s.ns].add(struct.unpack_from("<Q", s.obs.buf, net_v.offset)[0])
+        net_ptr = {ns: next(iter(v)) for ns, v in seen.items() if len(v) == 1}
 
     # struct net_device
     dev_obs: list[Observation] = []

@@ -181,6 +181,9 @@ class MarkerSend:
     dst: bytes
     sport: int
     dport: int
+    #: the sender's struct sock_common as the sender sees it (for the snapshot that
+    #: the kernel copies from behind skb->sk)
+    expect: dict[str, Matcher] = field(default_factory=dict)
 
 
 @dataclass
@@ -369,9 +372,10 @@ class Traffic:
             self.u6.connect(self.u7.getsockname()[:2])
             self.u8 = self.udp("udp6-mapped", v6, ("::ffff:127.0.0.8", 0))
             self.u8.connect(("::ffff:" + self.u2.getsockname()[0], self.u2.getsockname()[1]))
-            if not self.fallback:  # an address nobody sends to: snapshot by recv() only
-                group = f"ff0e::{self.rnd.getrandbits(16):x}:{self.rnd.getrandbits(16):x}"
-                self.udp("udp6-mcast", v6, (group, 0))
+            # bound to a multicast group: sk_v6_rcv_saddr is the group, while
+            # ipv6_pinfo.saddr (np->saddr, in the same allocation) stays ::
+            group = f"ff0e::{self.rnd.getrandbits(16):x}:{self.rnd.getrandbits(16):x}"
+            self.u9 = self.udp("udp6-mcast", v6, (group, 0))
         self.r2 = self.add("raw-rx", socket.socket(v4, socket.SOCK_RAW, RAW_PROTO))
         self.r2.bind(("127.0.0.10", 0))
         self.r1 = self.add("raw-tx", socket.socket(v4, socket.SOCK_RAW, RAW_PROTO))
@@ -526,29 +530,44 @@ class Traffic:
     # -- the recorded steps ----------------------------------------------------
     def markers(self) -> None:
         """One marked UDP datagram through each device, in both namespaces."""
-        sends: list[tuple[socket.socket, str, str]] = [(self.u1, "udp-tx", "lo/A")]
+        sends: list[tuple[socket.socket, str, str, tuple | None]] = [
+            (self.u1, "udp-tx", "lo/A", None)
+        ]
         if self.ub1 is not None:
-            sends += [(self.u4, "udp-veth", "veth/A"), (self.ub1, "udp-b-veth", "veth/B")]
-        sends.append((self.ub2, "udp-b-lo-tx", "lo/B"))
+            sends.append((self.u4, "udp-veth", "veth/A", None))
+            sends.append((self.ub1, "udp-b-veth", "veth/B", None))
+        sends.append((self.ub2, "udp-b-lo-tx", "lo/B", None))
         if self.has_v6:
-            sends += [(self.u6, "udp6-tx", "lo/A"), (self.u8, "udp6-mapped", "lo/A")]
-        for i, (sock, name, dev) in enumerate(sends):
+            sends.append((self.u6, "udp6-tx", "lo/A", None))
+            sends.append((self.u8, "udp6-mapped", "lo/A", None))
+            # bound to a multicast group, it sends from ::1 (np->saddr stays ::)
+            sends.append((self.u9, "udp6-mcast", "lo/A", ("::1", self.u7.getsockname()[1])))
+        for i, (sock, name, dev, to) in enumerate(sends):
             marker = os.urandom(16)
             payload = marker + b"\xa5" * (5 + 11 * i + self.rnd.randrange(7))
-            local, peer = sock.getsockname(), sock.getpeername()
+            local, peer = sock.getsockname(), to or sock.getpeername()
             src4, dst4 = _v4(local[0]), _v4(peer[0])
             if src4 is not None and dst4 is not None:
                 fam, src, dst, iphl = socket.AF_INET, src4, dst4, 20
             else:
                 fam, iphl = socket.AF_INET6, 40
-                src = socket.inet_pton(fam, local[0])
                 dst = socket.inet_pton(fam, peer[0])
+                src = dst if to else socket.inet_pton(fam, local[0])  # lo: from ::1 to ::1
+            sender = self._sock(name)
+            expect = {
+                k: m
+                for k, m in sock_expectations(sock, sender.peer).items()
+                if k.startswith("sock_common.")
+            }
             step = self.next_step()
-            sock.send(payload)
+            if to:
+                sock.sendto(payload, to)
+            else:
+                sock.send(payload)
             self.log.markers.append(
                 MarkerSend(
                     step,
-                    self._sock(name),
+                    sender,
                     self.net.devices[dev],
                     marker,
                     iphl + 8 + len(payload),
@@ -557,6 +576,7 @@ class Traffic:
                     dst,
                     local[1],
                     peer[1],
+                    expect,
                 )
             )
         self.arm(0)
@@ -593,6 +613,8 @@ class Traffic:
         """(fallback, before 6.3) Snapshot a datagram socket by overfilling its receive
         queue (SO_RCVBUF is minimal): udp_fail_queue_rcv_skb / sock_rcvqueue_full."""
         s = sk.sock
+        if s.family == socket.AF_INET6 and s.getsockname()[0].startswith("ff"):
+            return  # a multicast group on lo: shown behind skb->sk of its marker instead
         try:
             peer = s.getpeername()
         except OSError:
