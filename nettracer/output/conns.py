@@ -23,6 +23,7 @@ The text tables use rich (imported when the first table is printed).
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, TextIO
 
@@ -32,7 +33,8 @@ from nettracer.tracers.conns_table import Interval
 
 
 def conn_json(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False) -> dict[str, Any]:
-    """One connection as JSON (``now_ns`` on the monotonic clock, for open durations)."""
+    """One connection as a JSON-ready dict (``now_ns`` on the monotonic clock, for the
+    duration of open connections)."""
     out: dict[str, Any] = {
         "pid": c.pid,
         "comm": c.comm,
@@ -53,9 +55,9 @@ def conn_json(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False)
         "rtt_us": c.rtt_us,
         "rtt_var_us": c.rtt_var_us,
         "duration_ms": round(c.duration_ms(now_ns), 3),
-        "gateway": c.gateway,
-        "start_time": iso_time((c.start_ns + mono_to_epoch_ns) / 1e9, "microseconds"),
-        "states": c.states,
+        "gateway": None if c.gateway is None else c.gateway.as_json(),
+        "start_time": _start_time(c.start_ns + mono_to_epoch_ns),
+        "states": list(c.states),
         "opened": c.opened,
         "partial": c.partial,
         "delta": c.delta(),
@@ -73,6 +75,7 @@ def interval_json(
     mono_to_epoch_ns: int,
     stats: dict[str, object] | None = None,
 ) -> dict[str, Any]:
+    """The interval as a JSON-ready dict (see :func:`interval_line` for the fast path)."""
     out: dict[str, Any] = {
         "time": iso_time(end_epoch_s),
         "interval_s": round(seconds, 3),
@@ -84,6 +87,106 @@ def interval_json(
     if stats is not None:
         out["stats"] = stats
     return out
+
+
+# -- the fast path: the same JSON, written with one format string per connection --------
+# (a busy host closes tens of thousands of connections a second; json.dumps of a dict
+# per connection costs several times more than this)
+
+_CONN = (
+    '{"pid":%s,"comm":%s,"proto":"%s","family":%d,"saddr":"%s","sport":%d,"daddr":"%s",'
+    '"dport":%d,"netns":%d,"direction":"%s","state":"%s","bytes_sent":%d,'
+    '"bytes_received":%d,"segs_in":%d,"segs_out":%d,"retransmits":%d,"rtt_us":%s,'
+    '"rtt_var_us":%s,"duration_ms":%r,"gateway":%s,"start_time":"%s","states":%s,'
+    '"opened":"%s","partial":%s,"delta":{"bytes_sent":%d,"bytes_received":%d,"segs_in":%d,'
+    '"segs_out":%d,"retransmits":%d}%s}'
+)
+_END = {None: ',"end":null', "closed": ',"end":"closed"', "reused": ',"end":"reused"'}
+_json_strings: dict[object, str] = {}
+_seconds: dict[int, tuple[str, str]] = {}
+
+
+def _cached_json(value: object, key: object = None) -> str:
+    """``json.dumps(value)`` remembered by ``key`` (default: the value itself)."""
+    k = value if key is None else key
+    text = _json_strings.get(k)
+    if text is None:
+        if len(_json_strings) >= 8192:
+            _json_strings.clear()
+        text = _json_strings[k] = json.dumps(value, ensure_ascii=False)
+    return text
+
+
+def _start_time(epoch_ns: int) -> str:
+    """ISO-8601 local time with microseconds, as ``iso_time(..., "microseconds")`` gives,
+    with the second's text computed once per second."""
+    sec, ns = divmod(epoch_ns, 1_000_000_000)
+    parts = _seconds.get(sec)
+    if parts is None:
+        if len(_seconds) >= 4096:
+            _seconds.clear()
+        text = iso_time(float(sec), "seconds")
+        parts = _seconds[sec] = (text[:19], text[19:])
+    return f"{parts[0]}.{ns // 1000:06d}{parts[1]}"
+
+
+def conn_line(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False) -> str:
+    """:func:`conn_json` as compact JSON text, without building the dict."""
+    p = c.prev
+    gw = c.gateway
+    end = ""
+    if closed:
+        end = _END.get(c.end) or f',"end":{json.dumps(c.end)}'
+    return _CONN % (
+        "null" if c.pid is None else c.pid,
+        _cached_json(c.comm),
+        c.proto,
+        c.family,
+        c.saddr,
+        c.sport,
+        c.daddr,
+        c.dport,
+        c.netns,
+        c.direction,
+        c.state,
+        c.bytes_sent,
+        c.bytes_received,
+        c.segs_in,
+        c.segs_out,
+        c.retransmits,
+        "null" if c.rtt_us is None else c.rtt_us,
+        "null" if c.rtt_var_us is None else c.rtt_var_us,
+        round(max(0, (c.end_ns or now_ns) - c.start_ns) / 1e6, 3),
+        "null" if gw is None else _cached_json(gw.as_json(), gw),
+        _start_time(c.start_ns + mono_to_epoch_ns),
+        _cached_json(list(c.states), c.states),
+        c.opened,
+        "true" if c.partial else "false",
+        c.bytes_sent - p[0],
+        c.bytes_received - p[1],
+        c.segs_in - p[2],
+        c.segs_out - p[3],
+        c.retransmits - p[4],
+        end,
+    )
+
+
+def interval_line(
+    iv: Interval,
+    end_epoch_s: float,
+    seconds: float,
+    now_ns: int,
+    mono_to_epoch_ns: int,
+    stats: dict[str, object] | None = None,
+) -> str:
+    """:func:`interval_json` as one line of compact JSON (no trailing newline)."""
+    conns = ",".join([conn_line(c, now_ns, mono_to_epoch_ns) for c in iv.conns])
+    closed = ",".join([conn_line(c, now_ns, mono_to_epoch_ns, True) for c in iv.closed])
+    tail = "" if stats is None else ',"stats":' + json.dumps(stats, separators=(",", ":"))
+    return (
+        f'{{"time":{json.dumps(iso_time(end_epoch_s))},"interval_s":{round(seconds, 3)!r},'
+        f'"conns":[{conns}],"closed":[{closed}],"evicted":{iv.evicted},"lost":{iv.lost}{tail}}}'
+    )
 
 
 def human_bytes(n: int) -> str:
@@ -102,11 +205,10 @@ def _endpoint(addr: str, port: int, family: int) -> str:
     return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
 
 
-def _gateway_text(gw: dict[str, object] | None) -> str:
+def _gateway_text(gw: Any) -> str:
     if gw is None:
         return ""
-    via = gw.get("via")
-    return f"{via} {gw['dev']}" if via else f"on-link {gw['dev']}"
+    return f"{gw.via} {gw.dev}" if gw.via else f"on-link {gw.dev}"
 
 
 def _activity(c: Conn) -> int:

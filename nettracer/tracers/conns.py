@@ -402,9 +402,7 @@ class ConnMonitor:
             if len(self._route_keys) >= 4096:
                 self._route_keys.clear()
             key = self._route_keys[k] = RouteKey.of(c.netns, c.daddr, c.saddr)
-        gw = self.resolver.request(key)
-        if gw is not None:
-            c.gateway = gw.as_json()
+        c.gateway = self.resolver.request(key)
 
     def refresh_gateways(self, iv: Interval, wait_s: float = 0.0) -> None:
         """Fill in gateways that were still being looked up (waiting at most ``wait_s``)."""

@@ -6,6 +6,9 @@ whose first datagram was sent, ``incoming`` for an accepted TCP connection / a U
 that started with a received datagram, ``unknown`` for a connection that was already
 open when the tracer started.  ``opened`` keeps who opened it even for local ones.
 
+A UDP "connection" is a socket: its state is ESTABLISHED once ``connect()``ed
+(``sk_state`` is TCP_ESTABLISHED) and UNCONN otherwise, like ``ss`` shows it.
+
 Byte counts come from ``sock:sock_send_length``/``sock_recv_length`` (exact application
 bytes, Linux 6.3+).  On older kernels TCP bytes come from ``tcp_sock.bytes_acked`` /
 ``bytes_received``, which count the SYN (``bytes_acked`` of the side that connected)
@@ -19,6 +22,7 @@ from __future__ import annotations
 import itertools
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 from nettracer.tracers.conns_record import (
     AF_INET6,
@@ -58,7 +62,7 @@ class Conn:
     direction: str
     opened: str
     state: str
-    states: list[str]
+    states: tuple[str, ...]
     bytes_sent: int
     bytes_received: int
     segs_in: int
@@ -76,7 +80,8 @@ class Conn:
     daddr_raw: bytes = b""
     #: counters at the previous report, for deltas
     prev: tuple[int, ...] = field(default=(0, 0, 0, 0, 0))
-    gateway: dict[str, object] | None = None
+    #: the route to a non-local peer (a :class:`nettracer.net.gateway.Gateway`)
+    gateway: Any = None
 
     def counters(self) -> tuple[int, int, int, int, int]:
         return (self.bytes_sent, self.bytes_received, self.segs_in, self.segs_out, self.retransmits)
@@ -97,13 +102,6 @@ def is_local(family: int, saddr: bytes, daddr: bytes) -> bool:
     if family == 4:
         return daddr[0] == 127 or (daddr == saddr and daddr != b"\0\0\0\0")
     return daddr == _V6_LOOPBACK or (daddr == saddr and daddr != b"\0" * 16)
-
-
-def _state_name(proto: int, state: int) -> str:
-    if proto != IPPROTO_TCP:
-        # UDP sockets use TCP_ESTABLISHED once connect()ed, TCP_CLOSE otherwise (ss: UNCONN)
-        return "ESTABLISHED" if state == TcpState.ESTABLISHED else "UNCONN"
-    return STATE_NAMES.get(state, str(state))
 
 
 def tcp_data_bytes(acked: int, received: int, opened: int, states: list[int]) -> tuple[int, int]:
@@ -130,66 +128,125 @@ def tcp_data_bytes(acked: int, received: int, opened: int, states: list[int]) ->
     return max(0, sent), max(0, got)
 
 
+# record field positions, resolved once
+(_SK, _ID, _START, _LAST, _END, _SENT, _RECV, _ACKED, _TCPRECV, _HIST, _SEGS_IN, _SEGS_OUT,
+ _RETRANS, _SRTT, _MDEV, _PID, _NETNS, _SADDR4, _DADDR4, _SPORT, _DPORT, _FAMILY, _PROTO,
+ _STATE, _OPENED, _FLAGS, _END_REASON, _SADDR6, _DADDR6, _COMM) = (
+    _I[n] for n in (
+        "sk", "id", "start_ns", "last_ns", "end_ns", "bytes_sent", "bytes_received",
+        "tcp_bytes_acked", "tcp_bytes_received", "history", "segs_in", "segs_out",
+        "total_retrans", "srtt_us", "mdev_us", "pid", "netns", "saddr4", "daddr4", "sport",
+        "dport", "family", "proto", "state", "opened", "flags", "end_reason", "saddr6",
+        "daddr6", "comm",
+    )
+)  # fmt: skip
+
+_OPENED_NAMES = ("unknown", "active", "passive")
+_DIRECTIONS = ("unknown", "outgoing", "incoming")
+_ZERO16 = b"\0" * 16
+
+
+class _Cache(dict):  # type: ignore[type-arg]
+    """A dict that empties itself when it reaches ``limit`` entries (decoding caches)."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key: object, value: object) -> None:
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = value
+
+
+_addrs = _Cache()
+_comms = _Cache(4096)
+_histories = _Cache(4096)
+
+
+def _ntop(raw: bytes) -> str:
+    text = _addrs.get(raw)
+    if text is None:
+        text = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+        _addrs.put(raw, text)
+    return text
+
+
+def _comm(raw: bytes) -> str:
+    text = _comms.get(raw)
+    if text is None:
+        text = raw.split(b"\0", 1)[0].decode(errors="replace")
+        _comms.put(raw, text)
+    return text
+
+
+def _history(history: int) -> tuple[list[int], tuple[str, ...]]:
+    got = _histories.get(history)
+    if got is None:
+        states = history_states(history)
+        got = (states, tuple(STATE_NAMES.get(s, str(s)) for s in states))
+        _histories.put(history, got)
+    return got
+
+
 def decode(rec: tuple, bytes_from_tcp_sock: bool = False) -> Conn:
     """A :class:`Conn` from an unpacked record (:data:`~conns_record.RECORD`)."""
-    proto = rec[_I["proto"]]
-    fam = rec[_I["family"]]
-    if fam == AF_INET6:
-        s_raw, d_raw = rec[_I["saddr6"]], rec[_I["daddr6"]]
-        if d_raw.startswith(_V4_MAPPED) and (
-            s_raw.startswith(_V4_MAPPED) or s_raw == b"\0" * 16
-        ):  # an IPv4 peer of a dual-stack socket: IPv4 on the wire
+    proto = rec[_PROTO]
+    if rec[_FAMILY] == AF_INET6:
+        s_raw, d_raw = rec[_SADDR6], rec[_DADDR6]
+        if d_raw.startswith(_V4_MAPPED) and (s_raw.startswith(_V4_MAPPED) or s_raw == _ZERO16):
+            # an IPv4 peer of a dual-stack socket: IPv4 on the wire
             family, s_raw, d_raw = 4, s_raw[12:], d_raw[12:]
         else:
             family = 6
     else:
-        family, s_raw, d_raw = 4, rec[_I["saddr4"]], rec[_I["daddr4"]]
-    af = socket.AF_INET if family == 4 else socket.AF_INET6
-    opened = rec[_I["opened"]]
-    flags = rec[_I["flags"]]
-    hist = history_states(rec[_I["history"]])
+        family, s_raw, d_raw = 4, rec[_SADDR4], rec[_DADDR4]
+    opened = rec[_OPENED]
+    if opened > 2:
+        opened = 0
+    flags = rec[_FLAGS]
     tcp = proto == IPPROTO_TCP
-    if tcp and bytes_from_tcp_sock:
-        sent, got = tcp_data_bytes(
-            rec[_I["tcp_bytes_acked"]], rec[_I["tcp_bytes_received"]], opened, hist
-        )
+    if tcp:
+        hist, states = _history(rec[_HIST])
+        if bytes_from_tcp_sock:
+            sent, got = tcp_data_bytes(rec[_ACKED], rec[_TCPRECV], opened, hist)
+        else:
+            sent, got = rec[_SENT], rec[_RECV]
+        state = STATE_NAMES.get(rec[_STATE], str(rec[_STATE]))
     else:
-        sent, got = rec[_I["bytes_sent"]], rec[_I["bytes_received"]]
-    if is_local(family, s_raw, d_raw):
-        direction = "local"
-    else:
-        direction = ("unknown", "outgoing", "incoming")[opened if opened < 3 else 0]
-    dport = rec[_I["dport"]]
+        states = ()
+        sent, got = rec[_SENT], rec[_RECV]
+        state = "ESTABLISHED" if rec[_STATE] == TcpState.ESTABLISHED else "UNCONN"
+    known = flags & Flag.PID_KNOWN
+    dport = rec[_DPORT]
     return Conn(
-        id=rec[_I["id"]],
-        sk=rec[_I["sk"]],
-        pid=rec[_I["pid"]] if flags & Flag.PID_KNOWN else None,
-        comm=rec[_I["comm"]].split(b"\0", 1)[0].decode(errors="replace")
-        if flags & Flag.PID_KNOWN
-        else "",
-        proto="tcp" if tcp else "udp",
-        family=family,
-        saddr=socket.inet_ntop(af, s_raw),
-        sport=rec[_I["sport"]],
-        daddr=socket.inet_ntop(af, d_raw),
-        dport=((dport & 0xFF) << 8) | (dport >> 8),
-        netns=rec[_I["netns"]],
-        direction=direction,
-        opened=("unknown", "active", "passive")[opened if opened < 3 else 0],
-        state=_state_name(proto, rec[_I["state"]]),
-        states=[STATE_NAMES.get(s, str(s)) for s in hist] if tcp else [],
-        bytes_sent=sent,
-        bytes_received=got,
-        segs_in=rec[_I["segs_in"]],
-        segs_out=rec[_I["segs_out"]],
-        retransmits=rec[_I["total_retrans"]] if tcp else 0,
-        rtt_us=rec[_I["srtt_us"]] >> 3 if tcp else None,
-        rtt_var_us=rec[_I["mdev_us"]] >> 2 if tcp else None,
-        start_ns=rec[_I["start_ns"]],
-        last_ns=rec[_I["last_ns"]],
-        end_ns=rec[_I["end_ns"]],
-        partial=bool(flags & Flag.PARTIAL),
-        end=END_NAMES.get(rec[_I["end_reason"]]),
-        saddr_raw=bytes(s_raw),
-        daddr_raw=bytes(d_raw),
+        rec[_ID],
+        rec[_SK],
+        rec[_PID] if known else None,
+        _comm(rec[_COMM]) if known else "",
+        "tcp" if tcp else "udp",
+        family,
+        _ntop(s_raw),
+        rec[_SPORT],
+        _ntop(d_raw),
+        ((dport & 0xFF) << 8) | (dport >> 8),
+        rec[_NETNS],
+        "local" if is_local(family, s_raw, d_raw) else _DIRECTIONS[opened],
+        _OPENED_NAMES[opened],
+        state,
+        states,
+        sent,
+        got,
+        rec[_SEGS_IN],
+        rec[_SEGS_OUT],
+        rec[_RETRANS] if tcp else 0,
+        rec[_SRTT] >> 3 if tcp else None,
+        rec[_MDEV] >> 2 if tcp else None,
+        rec[_START],
+        rec[_LAST],
+        rec[_END],
+        bool(flags & Flag.PARTIAL),
+        END_NAMES.get(rec[_END_REASON]),
+        s_raw,
+        d_raw,
     )

@@ -202,6 +202,8 @@ def jset(dst: Reg, imm: int, target: str) -> Insn:
 KEY = -8  #: u64 key: the struct sock pointer
 TMP = -16  #: u64 scratch (old state)
 TMP2 = -24  #: u32 scratch (array index, netns inode)
+#: stack bytes below TMP2 for tcp_sock reads in programs without a tuple buffer
+STATS_BUF = 480
 
 
 @dataclass
@@ -324,25 +326,41 @@ class _Builder:
         self.p.label(done)
         self.p += mov64(R0, 0)
 
-    def snapshot_tcp(self, value: Reg, sk: Reg) -> None:
-        """Copy the ``struct tcp_sock`` stats of ``sk`` into ``value``."""
+    def snapshot_tcp(self, value: Reg, sk: Reg, buf_bytes: int = 0) -> None:
+        """Copy the ``struct tcp_sock`` stats of ``sk`` into ``value``: through a stack
+        buffer of up to ``buf_bytes`` below TMP2 with few reads when the fields lie close
+        enough together to fit, else one read per field."""
+        plan = plan_reads(self.offsets, TCP_STATS, max_span=384)
+        if plan.size > buf_bytes or len(plan.reads) >= len(TCP_STATS):
+            for key, name in TCP_STATS.items():
+                f = self.offsets[key]
+                self.probe_read(value, off(name), min(f.size, size(name)), sk, f.offset)
+            return
+        buf = TMP2 - plan.size
+        self.read_plan(plan, buf, sk)
         for key, name in TCP_STATS.items():
-            f = self.offsets[key]
-            self.probe_read(value, off(name), min(f.size, size(name)), sk, f.offset)
+            n = min(self.offsets[key].size, size(name))
+            self.copy(value, off(name), FP, buf + plan.where[key], n)
 
-    def emit_closed(self, value: Reg, reason: EndReason) -> None:
-        """Send ``*value`` (a map value) to the ring buffer as ended, and delete it."""
+    def emit_closed(self, value: Reg, reason: EndReason, attempts: int = 3) -> None:
+        """Send ``*value`` (a map value) to the ring buffer as ended, and delete it.
+
+        ``bpf_ringbuf_output`` can fail with -EAGAIN without the ring being full (the
+        ring's lock is a resilient spinlock since Linux 6.15 and gives up under
+        contention), so it is tried ``attempts`` times before the record is counted lost.
+        """
         ok = self.label("emitted")
         self.p += st(1, value, off("end_reason"), int(reason))
         self.now(value, "end_ns")
-        self.p += [
-            ld_map_fd(R1, MAP_EVENTS),
-            mov64(R2, value),
-            mov64(R3, VALUE_SIZE),
-            mov64(R4, BPF_RB_NO_WAKEUP),
-            call(Helper.ringbuf_output),
-            jeq(R0, 0, ok),
-        ]
+        for _ in range(attempts):
+            self.p += [
+                ld_map_fd(R1, MAP_EVENTS),
+                mov64(R2, value),
+                mov64(R3, VALUE_SIZE),
+                mov64(R4, BPF_RB_NO_WAKEUP),
+                call(Helper.ringbuf_output),
+                jeq(R0, 0, ok),
+            ]
         self.bump(MAP_LOST)
         self.p.label(ok)
         self.p += [ld_map_fd(R1, MAP_CONNS), mov64(R2, FP), add64(R2, KEY)]
@@ -395,23 +413,30 @@ def build_state(offsets: Offsets, opts: Options) -> Program:
         jne(R9, TcpState.SYN_RECV, "out"),  # a listener closing
     ]
     p.label("not_listener")
+    b.lookup(MAP_CONNS, KEY)
+    p += [jeq(R0, 0, "new"), mov64(R7, R0)]
+    # CLOSE -> SYN_SENT on a tracked socket: connect() again on the same socket
+    p += [ldx(8, R1, FP, TMP), jne(R1, TcpState.CLOSE, "known")]
+    p += jne(R9, TcpState.SYN_SENT, "known")
+    b.snapshot_tcp(R7, R6)
+    b.emit_closed(R7, EndReason.REUSED)
+    p += ja("new")
+    # a tracked socket: the tuple is re-read only when it becomes ESTABLISHED (a
+    # connecting socket gets its port after entering SYN_SENT); nothing else changes it
+    p.label("known")
+    p += jne(R9, TcpState.ESTABLISHED, "known_no_tuple")
+    b.read_plan(plan, buf, R6)
+    _apply_transition(b, buf, plan)
+    p += ja("out")
+    p.label("known_no_tuple")
+    _apply_transition(b, buf, None)
+    p += ja("out")
+
+    p.label("new")
     b.read_plan(plan, buf, R6)
     p += [ldx(2, R1, FP, buf + w["sock.sk_protocol"]), jne(R1, IPPROTO_TCP, "out")]
     p += ldx(2, R1, FP, buf + w["sock_common.skc_family"])
-    b.family_ok(R1, "family_ok", "out")
-    p.label("family_ok")
-    b.lookup(MAP_CONNS, KEY)
-    p += [jeq(R0, 0, "create"), mov64(R7, R0)]
-    # CLOSE -> SYN_SENT on a tracked socket: connect() again on the same socket
-    p += [ldx(8, R1, FP, TMP), jne(R1, TcpState.CLOSE, "apply_map")]
-    p += jne(R9, TcpState.SYN_SENT, "apply_map")
-    b.snapshot_tcp(R7, R6)
-    b.emit_closed(R7, EndReason.REUSED)
-    p += ja("create")
-    p.label("apply_map")
-    _apply_transition(b, buf, plan)
-    p += ja("out")
-
+    b.family_ok(R1, "create", "out")
     p.label("create")
     p += jeq(R9, TcpState.CLOSE, "out")
     b.netns(buf, plan, R8, "out")
@@ -451,10 +476,10 @@ def build_state(offsets: Offsets, opts: Options) -> Program:
     return p
 
 
-def _apply_transition(b: _Builder, buf: int, plan: ReadPlan) -> None:
+def _apply_transition(b: _Builder, buf: int, plan: ReadPlan | None) -> None:
     """R7 = value (stack or map), R9 = new state, FP+TMP = old state: record the
-    transition, the time and the tuple; take the owner from a close()/shutdown() in
-    process context when it is not known yet."""
+    transition, the time and (with ``plan``) the tuple from the buffer; take the owner
+    from a close()/shutdown() in process context when it is not known yet."""
     p = b.p
     skip = b.label("pid_done")
     take = b.label("pid_take")
@@ -469,7 +494,8 @@ def _apply_transition(b: _Builder, buf: int, plan: ReadPlan) -> None:
         stx(8, R7, off("history"), R1),
     ]
     b.now(R7, "last_ns")
-    b.tuple_to_value(R7, buf, plan)
+    if plan is not None:
+        b.tuple_to_value(R7, buf, plan)
     p += [
         ldx(1, R1, R7, off("flags")),
         jset(R1, Flag.PID_KNOWN, skip),
@@ -619,7 +645,7 @@ def build_destroy(offsets: Offsets, opts: Options) -> Program:
     p += [ldx(8, R6, R1, 0), stx(8, FP, KEY, R6)]
     b.lookup(MAP_CONNS, KEY)
     p += [jeq(R0, 0, "out"), mov64(R7, R0)]
-    b.snapshot_tcp(R7, R6)
+    b.snapshot_tcp(R7, R6, STATS_BUF)
     b.emit_closed(R7, EndReason.DESTROYED)
     b.out()
     return p
@@ -640,7 +666,7 @@ def build_refresh(offsets: Offsets, opts: Options) -> Program:
         ldx(4, R1, R7, off("segs_out")),
         add64(R8, R1),
     ]
-    b.snapshot_tcp(R7, R6)
+    b.snapshot_tcp(R7, R6, STATS_BUF)
     p += [
         ldx(4, R1, R7, off("segs_in")),
         ldx(4, R2, R7, off("segs_out")),
