@@ -27,6 +27,7 @@ Only the standard library is used; run it as ``tests/vm/run [options] [pytest ar
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import re
 import select
@@ -504,8 +505,10 @@ def _main(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise VMError(f"cannot create the cache {cache}: {exc.strerror}") from None
     t0 = time.monotonic()
-    busybox = ensure_busybox(cache)
-    kernel = ensure_kernel(cache, args.kernel_package, busybox)
+    with (cache / ".lock").open("w") as lock:  # one download at a time; others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        busybox = ensure_busybox(cache)
+        kernel = ensure_kernel(cache, args.kernel_package, busybox)
     prepared = time.monotonic() - t0
     log(f"kernel {kernel.release} from {kernel.root} (ready in {prepared:.1f} s)")
     if args.prepare_only:
