@@ -139,7 +139,11 @@ class _Session:
 
         cfg = self.config
         args = self.args
-        offsets = conns.load_offsets(str(cfg["offsets.source"]))  # type: ignore[index]
+        offsets = conns.load_offsets(
+            str(cfg["offsets.source"]),  # type: ignore[index]
+            cache_dir=str(cfg["offsets.cache_dir"]),  # type: ignore[index]
+            timeout_ms=int(cfg["offsets.guess_timeout_ms"]),  # type: ignore[index]
+        )
         opts = conns_prog.Options(
             collect_tcp=bool(cfg["network.collect_tcp"]),  # type: ignore[index]
             collect_udp=bool(cfg["network.collect_udp"]),  # type: ignore[index]

@@ -12,10 +12,11 @@ The JSON object has the shape the command promises::
             "bytes_sent", "bytes_received", "segs_in", "segs_out", "retransmits",
             "rtt_us", "rtt_var_us", "duration_ms",
             "gateway": {"via", "dev", "ifindex", "subnet"} | null,
-            "start_time", "states": [TCP states, oldest first], "opened", "partial",
+            "start_time", "states": [TCP states, oldest first], "opened", "partial", "id",
             "delta": {"bytes_sent", "bytes_received", "segs_in", "segs_out", "retransmits"}}
             (+ "end": "closed"|"reused"|"expired" in "closed")
 
+``id`` is the tracer's number for the connection (the same in every interval);
 ``pid``/``comm`` are null/"" until the owner was seen in process context; ``rtt_*`` are
 null for UDP; ``partial`` means the connection was open before the tracer saw it.
 The text tables use rich (imported when the first table is printed).
@@ -60,6 +61,7 @@ def conn_json(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False)
         "states": list(c.states),
         "opened": c.opened,
         "partial": c.partial,
+        "id": c.id,
         "delta": c.delta(),
     }
     if closed:
@@ -98,7 +100,7 @@ _CONN = (
     '"dport":%d,"netns":%d,"direction":"%s","state":"%s","bytes_sent":%d,'
     '"bytes_received":%d,"segs_in":%d,"segs_out":%d,"retransmits":%d,"rtt_us":%s,'
     '"rtt_var_us":%s,"duration_ms":%r,"gateway":%s,"start_time":"%s","states":%s,'
-    '"opened":"%s","partial":%s,"delta":{"bytes_sent":%d,"bytes_received":%d,"segs_in":%d,'
+    '"opened":"%s","partial":%s,"id":%d,"delta":{"bytes_sent":%d,"bytes_received":%d,"segs_in":%d,'
     '"segs_out":%d,"retransmits":%d}%s}'
 )
 _END = {None: ',"end":null', "closed": ',"end":"closed"', "reused": ',"end":"reused"'}
@@ -162,6 +164,7 @@ def conn_line(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False)
         _cached_json(list(c.states), c.states),
         c.opened,
         "true" if c.partial else "false",
+        c.id,
         c.bytes_sent - p[0],
         c.bytes_received - p[1],
         c.segs_in - p[2],

@@ -56,29 +56,20 @@ _PROTO = IDX["proto"]
 _LAST = IDX["last_ns"]
 
 
-def load_offsets(mode: str) -> Offsets:
-    """Struct offsets for ``--offsets auto|btf|guess``.
+def load_offsets(
+    mode: str, cache_dir: str | None = None, timeout_ms: int | None = None
+) -> Offsets:
+    """Struct offsets for ``--offsets auto|btf|guess`` through
+    :func:`nettracer.layout.source.offsets_for` (``cache_dir``/``timeout_ms`` from the
+    ``offsets.*`` configuration keys; None keeps that function's defaults)."""
+    from nettracer.layout.source import offsets_for
 
-    Uses :func:`nettracer.layout.source.offsets_for` when the build has it; until then
-    BTF only (``guess`` raises NotSupported).
-    """
-    try:
-        from nettracer.layout.source import offsets_for  # type: ignore[import-not-found]
-    except ModuleNotFoundError as exc:
-        if exc.name != "nettracer.layout.source":
-            raise
-        offsets_for = None
-    if offsets_for is not None:
-        return offsets_for(mode)  # type: ignore[no-any-return]
-    if mode == "auto":
-        mode = "btf" if os.path.exists("/sys/kernel/btf/vmlinux") else "guess"
-    if mode == "guess":
-        raise NotSupported(
-            "guessed offsets", detail="the offset guesser is not in this build; use --offsets btf"
-        )
-    from nettracer.layout.btf_offsets import btf_offsets
-
-    return btf_offsets()
+    kw: dict[str, object] = {}
+    if cache_dir is not None:
+        kw["cache_dir"] = cache_dir
+    if timeout_ms is not None:
+        kw["timeout_ms"] = timeout_ms
+    return offsets_for(mode, **kw)  # type: ignore[arg-type]
 
 
 def require_root() -> None:

@@ -1,0 +1,294 @@
+"""Connection tracer parts that need no kernel: read planning, the generated programs'
+dependence on offsets, record decoding, TCP byte corrections, the connection table's
+accounting, and the JSON writers."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import socket
+
+import pytest
+
+from nettracer.bpf.insn import resolve
+from nettracer.layout.catalogue import CATALOGUE
+from nettracer.layout.offsets import Field, Offsets
+from nettracer.output import conns as out
+from nettracer.tracers import conns_prog as cp
+from nettracer.tracers.conns_model import Conn, decode, tcp_data_bytes
+from nettracer.tracers.conns_record import (
+    RECORD,
+    ConnValue,
+    EndReason,
+    Flag,
+    Opened,
+    TcpState,
+    history_states,
+)
+from nettracer.tracers.conns_table import ConnTable
+
+S = TcpState
+
+
+def fake_offsets(shift: int = 0) -> Offsets:
+    """Every catalogue field at a made-up offset (sizes from the catalogue)."""
+    fields = {}
+    pos = 0
+    for spec in CATALOGUE:
+        fields[spec.key] = Field(pos + shift, spec.size)
+        pos += (spec.size + 7) & ~7
+    return Offsets(source="test", fields=fields)
+
+
+def test_record_layout_is_shared() -> None:
+    assert RECORD.size == ctypes.sizeof(ConnValue) == 176
+    v = ConnValue(id=7, sk=0x1234, bytes_sent=99, sport=4242, family=2, proto=6)
+    rec = RECORD.unpack(bytes(v))
+    c = decode(rec)
+    assert (c.id, c.sk, c.bytes_sent, c.sport, c.proto) == (7, 0x1234, 99, 4242, "tcp")
+
+
+def test_plan_reads_groups_near_fields() -> None:
+    o = Offsets(
+        "test",
+        {
+            "a.x": Field(0, 4),
+            "a.y": Field(12, 2),
+            "a.z": Field(56, 16),
+            "a.far": Field(532, 2),
+        },
+    )
+    plan = cp.plan_reads(o, ["a.far", "a.x", "a.z", "a.y"], max_span=128)
+    assert plan.reads == ((0, 72, 0), (528, 6, 72))
+    assert plan.where == {"a.x": 0, "a.y": 12, "a.z": 56, "a.far": 76}
+    assert plan.size == 80
+    # every field keeps its alignment in the buffer
+    for k, pos in plan.where.items():
+        assert pos % 8 == o[k].offset % 8
+
+
+def test_plan_reads_splits_wide_spans() -> None:
+    o = Offsets("test", {"a.x": Field(0, 8), "a.y": Field(200, 8)})
+    plan = cp.plan_reads(o, ["a.x", "a.y"], max_span=128)
+    assert len(plan.reads) == 2
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda o: cp.build_state(o, cp.Options()),
+        lambda o: cp.build_length(o, cp.Options(), True),
+        lambda o: cp.build_length(o, cp.Options(), False),
+        lambda o: cp.build_destroy(o, cp.Options()),
+        lambda o: cp.build_refresh(o, cp.Options()),
+    ],
+)
+def test_programs_follow_the_offsets(build: object) -> None:
+    """No offset is hard-coded: moving every field moves the generated reads."""
+    maps = {cp.MAP_CONNS: 3, cp.MAP_EVENTS: 4, cp.MAP_LOST: 5, cp.MAP_IDS: 6}
+    a = resolve(build(fake_offsets(0)).insns, maps)  # type: ignore[operator]
+    b = resolve(build(fake_offsets(8)).insns, maps)  # type: ignore[operator]
+    assert a != b
+
+
+def test_program_without_field_says_which() -> None:
+    o = fake_offsets()
+    del o.fields["tcp_sock.srtt_us"]
+    with pytest.raises(Exception, match=r"tcp_sock\.srtt_us"):
+        cp.build_destroy(o, cp.Options())
+
+
+def test_history_nibbles() -> None:
+    h = 0
+    for s in (S.SYN_SENT, S.ESTABLISHED, S.FIN_WAIT1, S.FIN_WAIT2, S.CLOSE):
+        h = (h << 4) | s
+    assert history_states(h) == [2, 1, 4, 5, 7]
+
+
+@pytest.mark.parametrize(
+    ("acked", "received", "opened", "states", "expected"),
+    [
+        # the side that connected and closed first: SYN + FIN acked, peer FIN received
+        (1002, 2001, Opened.ACTIVE, [S.SYN_SENT, S.ESTABLISHED, S.FIN_WAIT1, S.FIN_WAIT2,
+                                      S.CLOSE], (1000, 2000)),
+        # the accepting side that closed second
+        (2001, 1001, Opened.PASSIVE, [S.SYN_RECV, S.ESTABLISHED, S.CLOSE_WAIT, S.LAST_ACK,
+                                       S.CLOSE], (2000, 1000)),
+        # still open
+        (1001, 2000, Opened.ACTIVE, [S.SYN_SENT, S.ESTABLISHED], (1000, 2000)),
+        (2000, 1000, Opened.PASSIVE, [S.SYN_RECV, S.ESTABLISHED], (2000, 1000)),
+    ],
+)  # fmt: skip
+def test_tcp_data_bytes(
+    acked: int, received: int, opened: int, states: list[int], expected: tuple[int, int]
+) -> None:
+    """The corrections match what TCP_INFO shows on loopback (tcpi_bytes_acked counts
+    the SYN of the connecting side and each acked FIN, tcpi_bytes_received the FIN)."""
+    assert tcp_data_bytes(acked, received, opened, states) == expected
+
+
+def _rec(**kw: object) -> tuple:
+    v = ConnValue()
+    for k, val in kw.items():
+        if k in ("saddr4", "daddr4", "saddr6", "daddr6"):
+            getattr(v, k)[:] = list(val)  # type: ignore[call-overload]
+        else:
+            setattr(v, k, val)
+    return RECORD.unpack(bytes(v))
+
+
+def test_decode_ipv4_tcp_outgoing() -> None:
+    rec = _rec(
+        id=1,
+        family=socket.AF_INET,
+        proto=6,
+        saddr4=socket.inet_aton("10.0.0.2"),
+        daddr4=socket.inet_aton("192.0.2.1"),
+        sport=40000,
+        dport=socket.htons(443),
+        opened=Opened.ACTIVE,
+        flags=Flag.PID_KNOWN,
+        pid=42,
+        comm=b"curl",
+        state=S.ESTABLISHED,
+        history=(S.SYN_SENT << 4) | S.ESTABLISHED,
+        srtt_us=800,
+        mdev_us=400,
+        netns=4026531840,
+    )
+    c = decode(rec)
+    assert (c.family, c.saddr, c.sport, c.daddr, c.dport) == (
+        4,
+        "10.0.0.2",
+        40000,
+        "192.0.2.1",
+        443,
+    )
+    assert (c.pid, c.comm, c.direction, c.state, c.states) == (
+        42,
+        "curl",
+        "outgoing",
+        "ESTABLISHED",
+        ("SYN_SENT", "ESTABLISHED"),
+    )
+    assert (c.rtt_us, c.rtt_var_us) == (100, 100)  # srtt_us >> 3, mdev_us >> 2 as TCP_INFO
+
+
+def test_decode_ipv6_and_v4_mapped() -> None:
+    v6 = _rec(
+        family=socket.AF_INET6,
+        proto=6,
+        saddr6=socket.inet_pton(socket.AF_INET6, "fd00::1"),
+        daddr6=socket.inet_pton(socket.AF_INET6, "fd00::2"),
+        opened=Opened.PASSIVE,
+    )
+    c = decode(v6)
+    assert (c.family, c.saddr, c.daddr, c.direction, c.pid) == (
+        6,
+        "fd00::1",
+        "fd00::2",
+        "incoming",
+        None,
+    )
+    mapped = _rec(
+        family=socket.AF_INET6,
+        proto=17,
+        saddr6=socket.inet_pton(socket.AF_INET6, "::ffff:10.1.1.1"),
+        daddr6=socket.inet_pton(socket.AF_INET6, "::ffff:10.1.1.2"),
+        state=S.ESTABLISHED,
+    )
+    c = decode(mapped)
+    assert (c.family, c.saddr, c.daddr, c.proto, c.state) == (
+        4,
+        "10.1.1.1",
+        "10.1.1.2",
+        "udp",
+        "ESTABLISHED",
+    )
+    assert (c.rtt_us, c.states) == (None, ())
+
+
+def test_decode_local_direction() -> None:
+    lo = _rec(family=2, proto=6, saddr4=b"\x7f\0\0\x01", daddr4=b"\x7f\0\0\x01", opened=1)
+    assert decode(lo).direction == "local"
+    own = _rec(family=2, proto=6, saddr4=b"\x0a\0\0\x05", daddr4=b"\x0a\0\0\x05", opened=2)
+    assert decode(own).direction == "local"
+    assert decode(own).opened == "passive"
+
+
+def _conn(cid: int, sent: int = 0, end: int = 0) -> Conn:
+    return decode(
+        _rec(id=cid, family=2, proto=6, bytes_sent=sent, end_reason=end, start_ns=1, last_ns=2)
+    )
+
+
+def test_table_reports_closed_once_with_deltas() -> None:
+    t = ConnTable(max_conns=100)
+    iv = t.update(3, [_conn(0, 10), _conn(1, 5)], [_conn(2, 7, EndReason.DESTROYED)], 0)
+    assert [c.id for c in iv.conns] == [0, 1]
+    assert [c.id for c in iv.closed] == [2]
+    assert iv.closed[0].delta()["bytes_sent"] == 7
+    assert (iv.evicted, iv.lost) == (0, 0)
+    # 0 grows, 1 closes (its record also still seen by the walk: closed after it)
+    iv = t.update(3, [_conn(0, 25), _conn(1, 6)], [_conn(1, 9, EndReason.DESTROYED)], 0)
+    assert [c.id for c in iv.conns] == [0]
+    assert iv.conns[0].delta()["bytes_sent"] == 15
+    assert [(c.id, c.delta()["bytes_sent"]) for c in iv.closed] == [(1, 4)]
+    assert iv.evicted == 0
+
+
+def test_table_counts_evictions_exactly() -> None:
+    t = ConnTable(max_conns=100)
+    t.update(2, [_conn(0), _conn(1)], [], 0)
+    # 1 vanished without a record; ids 2..5 were created, 3 was seen, 2/4/5 never
+    iv = t.update(6, [_conn(0), _conn(3)], [], 0)
+    assert iv.evicted == 1 + 3
+    # an id created after the counter was read and seen early is not a gap later
+    iv = t.update(6, [_conn(0), _conn(3), _conn(6)], [], 0)
+    assert iv.evicted == 0
+    iv = t.update(8, [_conn(0), _conn(3), _conn(6), _conn(7)], [], 0)
+    assert iv.evicted == 0
+    # a lost ring buffer record is not an eviction
+    iv = t.update(8, [_conn(3), _conn(6), _conn(7)], [], 1)
+    assert (iv.evicted, iv.lost) == (0, 1)
+    assert t.evicted_total == 4
+
+
+def test_table_user_space_bound() -> None:
+    t = ConnTable(max_conns=2)
+    iv = t.update(3, [_conn(0), _conn(1), _conn(2)], [], 0)
+    assert len(iv.conns) == 2
+    assert iv.evicted == 1
+
+
+def test_json_line_equals_dict() -> None:
+    conns = [
+        decode(_rec(id=1, family=2, proto=6, comm=b'a"b\\c', flags=1, pid=3, start_ns=10**9)),
+        decode(_rec(id=2, family=10, proto=17, saddr6=b"\0" * 15 + b"\1", start_ns=2 * 10**9)),
+    ]
+    conns[0].prev = (1, 0, 0, 0, 0)
+    closed = [decode(_rec(id=3, family=2, proto=6, end_reason=EndReason.REUSED, end_ns=5))]
+    t = ConnTable(10)
+    iv = t.update(4, conns, closed, 0)
+
+    class Gw:
+        def as_json(self) -> dict[str, object]:
+            return {"via": "10.0.0.1", "dev": "eth0", "ifindex": 2, "subnet": "10.0.0.0/24"}
+
+    iv.conns[0].gateway = Gw()
+    line = out.interval_line(iv, 1700000000.5, 1.25, 3 * 10**9, 10**15, {"x": 1})
+    d = out.interval_json(iv, 1700000000.5, 1.25, 3 * 10**9, 10**15, {"x": 1})
+    assert json.loads(line) == d
+    assert d["closed"][0]["end"] == "reused"
+    assert d["conns"][0]["comm"] == 'a"b\\c'
+    assert d["conns"][0]["delta"]["bytes_sent"] == -1
+
+
+def test_human_bytes() -> None:
+    assert [out.human_bytes(n) for n in (0, 1023, 1536, 20 * 1024, 5 << 30)] == [
+        "0",
+        "1023",
+        "1.5K",
+        "20K",
+        "5.0G",
+    ]
