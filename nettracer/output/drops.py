@@ -62,6 +62,8 @@ def _columns(by: Sequence[str]) -> list[tuple[Column, str]]:
 def _cell(g: DropGroup, attr: str) -> object:
     if attr == "location":
         return g.location.text if g.location else None
+    if attr == "device" and g.device is None and g.ifindex:
+        return f"if{g.ifindex}"  # a device whose name did not fit in the side map
     return getattr(g, attr)
 
 
