@@ -1,9 +1,10 @@
 """``nettracer drops``: where, why and on which interface the kernel drops packets.
 
 Every interval (5 s by default) one table of the drops counted in the kernel, most
-frequent first; ``--json`` one object per interval; ``--events`` one line per
-dropped packet.  Runs until Ctrl-C/SIGTERM or ``--duration``, prints the last
-(partial) interval, detaches and exits 0.
+frequent first; ``--json`` one object per interval; ``--events`` one line (object) per
+dropped packet, a ``# N events shown, L lost`` line (``{"time", "events", "lost"}``)
+whenever the lost count grows and at the end.  Runs until Ctrl-C/SIGTERM or
+``--duration``, prints the last (partial) interval, detaches and exits 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 from nettracer.errors import UsageError
 
 if TYPE_CHECKING:
-    from nettracer.tracers.drops_program import ProgramSpec
+    from nettracer.tracers.drops_program import DropEvent, ProgramSpec
 
 OFFSET_MODES = ("auto", "btf", "guess")
 
@@ -150,6 +151,8 @@ class _Session:
         self.out = sys.stdout
         self.events_seen = 0
         self.offsets: tuple[str, str, int] = ("auto", "", 0)
+        self._lost_shown = 0
+        self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
 
     def _prepare(
         self,
@@ -276,12 +279,12 @@ class _Session:
             self.out.flush()
 
     # -- events -------------------------------------------------------------------------
-    def _on_event(self, ev: object) -> None:
+    def _on_event(self, ev: DropEvent) -> None:
         from nettracer.output import drops as out
         from nettracer.output.jsonlines import write
 
-        stack = self.monitor.stack(ev.stack_id) if self.args.stack else None  # type: ignore[attr-defined]
-        view = out.view_event(ev, self.names, self.mono_to_epoch, stack)  # type: ignore[arg-type]
+        stack = self.monitor.stack(ev.stack_id) if self.args.stack else None
+        view = out.view_event(ev, self.names, self.mono_to_epoch, stack)
         self.events_seen += 1
         if self.json:
             write(out.event_json(view), self.out)
@@ -297,7 +300,7 @@ class _Session:
             while self.monitor.poll_events(0, self._on_event):
                 pass
         lost = self.monitor.lost()
-        if not final and lost == getattr(self, "_lost_shown", 0):
+        if not final and lost == self._lost_shown:
             return
         self._lost_shown = lost
         if self.json:
