@@ -38,6 +38,7 @@ import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from nettracer.bpf import maps as bpf_maps
 from nettracer.bpf.fd import FdObject
@@ -60,6 +61,12 @@ from nettracer.tracers.drops_program import (
     build,
 )
 from nettracer.tracers.packet import ethertype_from_skb, ethertype_name
+
+if TYPE_CHECKING:
+    from nettracer.kernel.kallsyms import Symbol
+    from nettracer.kernel.tracefs import TracepointFormat
+
+_Obj = TypeVar("_Obj", bound=FdObject)
 
 TRACEPOINT = "kfree_skb"
 #: ``TP_PROTO`` of ``kfree_skb`` through the kernel's history (include/trace/events/skb.h):
@@ -97,7 +104,7 @@ def kfree_skb_args(btf: object | None = None) -> KfreeSkbArgs:
     return KfreeSkbArgs(KFREE_SKB_PROTO[:n])
 
 
-def _tracefs_format():  # -> nettracer.kernel.tracefs.TracepointFormat
+def _tracefs_format() -> TracepointFormat:
     from nettracer.kernel.tracefs import open_tracefs
 
     return open_tracefs().tracepoint_format("skb", TRACEPOINT)
@@ -153,12 +160,12 @@ def load_offsets(mode: str, cache_dir: str | None = None, timeout_ms: int | None
     to its defaults."""
     from nettracer.layout.source import offsets_for
 
-    kw: dict[str, object] = {}
+    kw: dict[str, Any] = {}
     if cache_dir is not None:
         kw["cache_dir"] = cache_dir
     if timeout_ms is not None:
         kw["timeout_ms"] = timeout_ms
-    return offsets_for(mode, **kw)  # type: ignore[arg-type]
+    return offsets_for(mode, **kw)
 
 
 # -- the monitor -------------------------------------------------------------------
@@ -267,7 +274,7 @@ class DropMonitor:
             raise
         return self
 
-    def _keep(self, obj):  # type: ignore[no-untyped-def]
+    def _keep(self, obj: _Obj) -> _Obj:
         self._objs.append(obj)
         return obj
 
@@ -384,6 +391,12 @@ class Location:
     module: str | None
 
 
+class SymbolSource(Protocol):
+    """What :class:`Names` needs of a symbol table (``SymbolCache``, ``Kallsyms``)."""
+
+    def lookup(self, addr: int) -> Symbol | None: ...
+
+
 class Names:
     """Names for what the kernel gives as numbers: locations, reasons, protocols, devices.
 
@@ -398,14 +411,14 @@ class Names:
         self,
         reasons: dict[int, str] | Callable[[], dict[int, str]] | None,
         device_name: Callable[[int, int], str | None],
-        kallsyms: object | None = None,
+        kallsyms: SymbolSource | None = None,
     ) -> None:
         self._reasons = reasons
         self.device_name = device_name
         self._kallsyms = kallsyms
 
     @functools.cached_property
-    def kallsyms(self):  # -> nettracer.tracers.symbols.SymbolCache (or a stand-in)
+    def kallsyms(self) -> SymbolSource:
         if self._kallsyms is None:
             from nettracer.tracers.symbols import SymbolCache
 
@@ -533,7 +546,8 @@ def group_counts(
                 stack_frames[c.stack_id] = stacks(c.stack_id)
                 wanted.update(stack_frames[c.stack_id])
     names.prefetch(wanted)
-    acc: dict[tuple[object, ...], list[object]] = {}
+    sums: dict[tuple[object, ...], int] = {}
+    first: dict[tuple[object, ...], tuple[DropCount, Location | None]] = {}
     for c in counts:
         loc = names.location(c.location) if byset & {"location", "module"} else None
         k: list[object] = []
@@ -552,14 +566,11 @@ def group_counts(
         if stacks is not None:
             k.append(c.stack_id)
         key = tuple(k)
-        if key in acc:
-            acc[key][0] = int(acc[key][0]) + c.count  # type: ignore[call-overload]
-        else:
-            acc[key] = [c.count, c, loc]
+        sums[key] = sums.get(key, 0) + c.count
+        first.setdefault(key, (c, loc))
     groups: list[DropGroup] = []
-    for n, c, loc in acc.values():
-        assert isinstance(c, DropCount) and isinstance(n, int)
-        assert loc is None or isinstance(loc, Location)
+    for key, n in sums.items():
+        c, loc = first[key]
         has_dev = "device" in byset
         groups.append(
             DropGroup(
