@@ -232,6 +232,17 @@ def test_matches_kfree_skb_location_in_trace(kallsyms: Kallsyms) -> None:
     assert locations
     checked = 0
     for text in locations:
+        if re.fullmatch(r"[0-9a-f]{16}", text):
+            # print fmt "location=%p" (before Linux 6.2): a raw address, readable only
+            # with no_hash_pointers. A UDP datagram to a closed port is dropped in
+            # __udp4_lib_rcv (net/ipv4/udp.c), so that is where it must resolve.
+            addr = int(text, 16)
+            if addr < 1 << 63 or text.startswith("00000000"):
+                kernel_skip("kfree_skb prints a hashed %p location (boot with no_hash_pointers)")
+            sym = kallsyms.lookup(addr)
+            assert sym is not None and sym.name == "__udp4_lib_rcv", (text, sym)
+            checked += 1
+            continue
         m = re.fullmatch(r"(\S+)\+(0x[0-9a-f]+)/0x[0-9a-f]+", text)
         assert m, text
         addrs = kallsyms.addresses(m.group(1))
