@@ -145,7 +145,10 @@ def _assert_cleaned_up(result) -> None:  # type: ignore[no-untyped-def]
     assert not [o for o in live_objects() if o.kind in ("link", "program")]
     assert not [t for t in threading.enumerate() if t.name == "nettracer-guess"]
     # our threads are all back in the host namespace; the private ones are unreachable
-    ours = {os.stat(p).st_ino for p in glob.glob(f"/proc/{os.getpid()}/task/*/ns/net")}
+    ours = set()
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/ns/net"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            ours.add(os.stat(path).st_ino)
     assert not ours & set(result.netns_inodes)
     host = set(socket.if_nameindex())
     assert not [n for _, n in host if n in result.devices]

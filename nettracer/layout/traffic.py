@@ -303,7 +303,9 @@ class Traffic:
         self.arm = arm  # arm(step): record this thread's events tagged step (0: stop)
         self.fallback = fallback
         self.socks: list[Sock] = []
-        self.log = RoundLog(netns_inode=dict(net.inode), devices=dict(net.devices))
+        self.log = RoundLog(
+            netns_inode=dict(net.inode), devices=dict(net.devices), notes=list(net.notes)
+        )
         self.step = 0
         self.rnd = random.Random()
         self.has_v6 = True
