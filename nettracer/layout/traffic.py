@@ -40,6 +40,7 @@ SO_NO_CHECK, SO_ATTACH_FILTER, SO_DETACH_FILTER = 11, 26, 27
 TCP_DEFER_ACCEPT = 9
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 ETH_HLEN = 14
+SOCKET_TIMEOUT_S = 1.0
 
 #: ``struct tcp_info`` (include/uapi/linux/tcp.h): field -> (offset, struct format)
 TCP_INFO_FIELDS: dict[str, tuple[int, str]] = {
@@ -317,6 +318,11 @@ class Traffic:
         return self.step
 
     def add(self, name: str, sock: socket.socket, ns: str = "A") -> socket.socket:
+        # nothing may block the thread for good; kernel-side timeouts, because Python's
+        # own (settimeout) would wait for readability even with MSG_DONTWAIT
+        tv = struct.pack("@ll", int(SOCKET_TIMEOUT_S), int(SOCKET_TIMEOUT_S % 1 * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self.socks.append(Sock(name, sock, ns))
         return sock
 
@@ -392,9 +398,8 @@ class Traffic:
             r6.bind(("::1", 0))
 
     def _listener(self, name: str, fam: int, addr: tuple, defer: bool = False) -> Sock:
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        sk = Sock(name, s, "A")
-        self.socks.append(sk)
+        s = self.add(name, socket.socket(fam, socket.SOCK_STREAM))
+        sk = self.socks[-1]
         s.bind(addr)
         if defer:
             s.setsockopt(socket.IPPROTO_TCP, TCP_DEFER_ACCEPT, 1)
