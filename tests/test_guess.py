@@ -266,6 +266,24 @@ def test_unknown_required_tracepoint_is_not_supported(monkeypatch: pytest.Monkey
         assert ps.add(optional) is False and ps.missing == [tp.name]
 
 
+@pytest.mark.kernel
+def test_namespace_failure_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from nettracer.bpf.fd import live_objects
+    from nettracer.layout import guess, traffic
+
+    def refuse(flags: int) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(traffic, "unshare", refuse)
+    with pytest.raises(traffic.NamespaceError, match="cannot create a network namespace") as exc:
+        guess.guess(timeout_ms=5000)
+    assert "\n" not in str(exc.value)
+    assert not [o for o in live_objects() if o.kind in ("link", "program")]
+    assert not [t for t in threading.enumerate() if t.name == "nettracer-guess"]
+
+
 def test_not_root_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from nettracer.errors import PermissionError_
     from nettracer.layout import guess

@@ -135,3 +135,12 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_replaced(tmp_path) -> None:
     assert again.source == "profile" and again.to_json() == btf.to_json()
     with open(path) as f:
         assert set(json.load(f)["fields"]) == set(BY_KEY)
+
+
+def test_profile_and_btf_source_exclude_each_other(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nettracer.errors import UsageError
+
+    with pytest.raises(UsageError, match="exclude each other"):
+        offsets_for("btf", profile=str(tmp_path / "p.json"))
+    with pytest.raises(UsageError, match="unknown offsets source"):
+        offsets_for("kprobe")
