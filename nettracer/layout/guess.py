@@ -63,6 +63,10 @@ class GuessTimeout(NettracerError):
     """The guess did not finish within ``offsets.guess_timeout_ms``."""
 
 
+class RoundFailed(NettracerError):
+    """A round of traffic could not be made (a socket call failed)."""
+
+
 @dataclass
 class GuessResult:
     """What :func:`guess` found, with how it went."""
@@ -124,6 +128,8 @@ def _round(net: PrivateNet, arm: Callable[[int], None], sync: _Sync) -> RoundLog
         t.markers()
         t.probes()
         return t.log
+    except OSError as exc:
+        raise RoundFailed(f"the guessing traffic failed: {exc}") from None
     finally:
         arm(0)
         t.close()
@@ -174,6 +180,13 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
                 log = worker.result(remaining())
             except TimeoutError:
                 raise _timeout(timeout_ms, f"round {rounds} of traffic") from None
+            except RoundFailed as exc:
+                notes.append(f"round {rounds}: {exc}")
+                if rounds >= MAX_ROUNDS or remaining() < 0.25 * timeout_ms / 1000:
+                    raise
+                ps.drain(lambda r: None)
+                worker.submit(_round, arm, sync)
+                continue
             records: list[Record] = []
             ps.drain(records.append)
             got, round_notes = analyse(log, records)

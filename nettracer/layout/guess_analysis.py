@@ -190,7 +190,7 @@ def _skb_pointer_fields(ev: RoundEvidence) -> dict[str, Verdict]:
             tvals.add(th)
         rn.append(pn)
         rt.append(pt)
-        hvals.add(r.arg("skb"))
+        hvals.update(struct.unpack_from("<Q", skb, slot)[0] for slot, _, _ in hits)
     if not rn:
         why = "no marked datagram seen in a followed pointer of struct sk_buff"
         return {k: Verdict(None, why, 0) for k in ("head", "network_header", "transport_header")}
