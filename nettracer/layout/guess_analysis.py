@@ -27,7 +27,19 @@ from dataclasses import dataclass, field
 from nettracer.layout.catalogue import CATALOGUE
 from nettracer.layout.match import Exact, Observation, Verdict, decide, resolve, u32, u64
 from nettracer.layout.probes import Record
-from nettracer.layout.traffic import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MarkerSend, RoundLog
+from nettracer.layout.traffic import (
+    ETH_HLEN,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    VETH_A,
+    VETH_NOBODY,
+    MarkerSend,
+    RoundLog,
+)
+
+ETH_P_ARP = 0x0806
+#: struct arphdr for Ethernet/IPv4 (RFC 826): htype 1, ptype 0x0800, hlen 6, plen 4, request
+ARP_REQUEST = bytes.fromhex("0001080006040001")
 
 SOCK_TRACEPOINTS = {
     "sock_recv_length",
@@ -36,6 +48,9 @@ SOCK_TRACEPOINTS = {
     "sock_rcvqueue_full",
 }
 SOCK_FIELDS = tuple(f.key for f in CATALOGUE if f.struct in ("sock_common", "sock", "tcp_sock"))
+V6_FIELDS = ("sock_common.skc_v6_daddr", "sock_common.skc_v6_rcv_saddr")
+#: need a device whose name and ifindex differ from lo's
+VETH_FIELDS = ("net_device.name", "net_device.ifindex")
 #: fields found through a pointer, not by value: resolved by the special cases below
 POINTER_FIELDS = {"sock_common.skc_net", "net.ns.inum"}
 
@@ -58,6 +73,7 @@ class RoundEvidence:
     sk_ptr: dict[str, int] = field(default_factory=dict)  # socket name -> struct sock *
     tx: list[tuple[Record, MarkerSend | None]] = field(default_factory=list)
     rx: list[tuple[Record, MarkerSend]] = field(default_factory=list)
+    arp: list[Record] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -92,6 +108,12 @@ def collect(log: RoundLog, records: list[Record]) -> RoundEvidence:
             ev.socks.append(
                 SockSnap(Observation(r.snapshot(0), st.expect[old], sk.name), r, sk.name, sk.ns)
             )
+    for step in log.arp_steps:
+        ev.arp += [
+            r
+            for r in by_step.get(step, ())
+            if r.spec.tracepoint == "net_dev_start_xmit" and _is_our_arp(r)
+        ]
     markers = {m.step: m for m in log.markers}
     for step, recs in by_step.items():
         m = markers.get(step)
@@ -107,6 +129,23 @@ def collect(log: RoundLog, records: list[Record]) -> RoundEvidence:
             if r.spec.tracepoint == "netif_rx" and r.arg("skb") in ours:
                 ev.rx.append((r, m))
     return ev
+
+
+def _is_our_arp(r: Record) -> bool:
+    """Whether a followed pointer of ``r`` shows our ARP request (who has VETH_NOBODY,
+    tell VETH_A)."""
+    a, b = _inet(VETH_A), _inet(VETH_NOBODY)
+    for block in r.derefs().values():
+        i = block.find(ARP_REQUEST)
+        while i >= 0:
+            if block[i + 14 : i + 18] == a and block[i + 24 : i + 28] == b:
+                return True
+            i = block.find(ARP_REQUEST, i + 1)
+    return False
+
+
+def _inet(addr: str) -> bytes:
+    return socket.inet_aton(addr)
 
 
 def _sock_pointer_fields(ev: RoundEvidence, inode: dict[str, int]) -> dict[str, Verdict]:
@@ -244,6 +283,8 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
             ptr = ev.sk_ptr.get(m.sender.name)
             if ptr:
                 expect["sk_buff.sk"] = u64(ptr)
+        if any(r is a for a in ev.arp):
+            expect["sk_buff.protocol"] = Exact(struct.pack(">H", ETH_P_ARP), 2)
         skb_obs.append(Observation(r.snapshot(0), expect, m.sender.name if m else "tx"))
     for r, m in ev.rx:
         eth = ETH_P_IP if m.family == socket.AF_INET else ETH_P_IPV6
@@ -302,4 +343,10 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
         verdicts[key] = resolve(key, dev_obs)
     if not net_v.ok:
         verdicts["net_device.nd_net"] = Verdict(None, f"needs sock_common.skc_net ({net_v.why})", 0)
+    for note in ev.notes:  # say why nothing was observed where the kernel lacks a feature
+        for prefix, keys in (("no IPv6", V6_FIELDS), ("no veth pair", VETH_FIELDS)):
+            if note.startswith(prefix):
+                for key in keys:
+                    if not verdicts[key].ok and verdicts[key].n < 2:
+                        verdicts[key] = Verdict(None, f"{verdicts[key].why}: {note}", 0)
     return verdicts, ev.notes

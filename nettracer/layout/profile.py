@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import tempfile
+import time
 from typing import Any
 
 from nettracer.errors import NettracerError
@@ -130,6 +131,7 @@ def load_profile(path: str, identity: KernelIdentity, force: bool = False) -> Of
     :class:`ProfileError` when it cannot be read or is not a profile;
     :class:`ForeignProfile` when it was made on another kernel and ``force`` is False.
     """
+    start = time.perf_counter()
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -151,6 +153,7 @@ def load_profile(path: str, identity: KernelIdentity, force: bool = False) -> Of
             f"{made_on.version!r}); this is {identity} ({identity.version!r}): its offsets "
             f"would be wrong here; guess again, or use --force if you know they match"
         )
+    offsets.elapsed_ms = (time.perf_counter() - start) * 1e3
     return offsets
 
 

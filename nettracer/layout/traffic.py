@@ -35,6 +35,8 @@ from nettracer.layout.rtnl import Rtnl
 
 LOOPBACK_IFINDEX = 1  # include/net/flow.h: lo is ifindex 1 in every namespace
 VETH_A, VETH_B = "192.0.2.1", "192.0.2.2"  # TEST-NET-1, only ever inside our namespaces
+VETH_NOBODY = "192.0.2.5"  # on the veth subnet (/29), but no host: ARP asks for it
+VETH_PREFIX = 29
 RAW_PROTO = 253  # IANA "use for experimentation and testing"
 SO_NO_CHECK, SO_ATTACH_FILTER, SO_DETACH_FILTER = 11, 26, 27
 TCP_DEFER_ACCEPT = 9
@@ -204,6 +206,8 @@ class RoundLog:
     probes: list[SockProbe] = field(default_factory=list)
     markers: list[MarkerSend] = field(default_factory=list)
     states: list[StateStep] = field(default_factory=list)
+    #: steps that made an ARP request for VETH_NOBODY go out of veth/A
+    arp_steps: list[int] = field(default_factory=list)
     netns_inode: dict[str, int] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -257,8 +261,8 @@ class PrivateNet:
         na, nb = f"ntg{tag}a", f"ntg{tag}b"
         try:
             self.rtnl["A"].add_veth(na, ia, nb, ib, self.fds["B"])
-            self.rtnl["A"].add_ipv4(ia, VETH_A, 30)
-            self.rtnl["B"].add_ipv4(ib, VETH_B, 30)
+            self.rtnl["A"].add_ipv4(ia, VETH_A, VETH_PREFIX)
+            self.rtnl["B"].add_ipv4(ib, VETH_B, VETH_PREFIX)
             self.rtnl["A"].link_up(ia)
             self.rtnl["B"].link_up(ib)
         except OSError as exc:
@@ -370,6 +374,7 @@ class Traffic:
             # resolve the neighbours now so that the marker sends below go out at once
             self.u4.send(b"warm-up")
             self.ub1.send(b"warm-up")
+            self.u5 = self.udp("udp-arp", v4, (VETH_A, 0))
         try:
             self.u7 = self.udp("udp6-rx", v6, ("::1", 0))
         except OSError as exc:
@@ -549,6 +554,12 @@ class Traffic:
             sends.append((self.u8, "udp6-mapped", "lo/A", None))
             # bound to a multicast group, it sends from ::1 (np->saddr stays ::)
             sends.append((self.u9, "udp6-mcast", "lo/A", ("::1", self.u7.getsockname()[1])))
+        if self.ub1 is not None:
+            # an ARP request (skb->protocol ETH_P_ARP) for an address nobody has; the
+            # datagram waits in the neighbour queue and goes away with the namespace
+            step = self.next_step()
+            self.u5.sendto(b"arp", (VETH_NOBODY, 9))
+            self.log.arp_steps.append(step)
         for i, (sock, name, dev, to) in enumerate(sends):
             marker = os.urandom(16)
             payload = marker + b"\xa5" * (5 + 11 * i + self.rnd.randrange(7))
