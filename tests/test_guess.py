@@ -238,6 +238,58 @@ def test_pre_6_3_tracepoints_give_the_same_offsets() -> None:
     assert not failures, failures
 
 
+def _never_wrong(r, btf: dict) -> None:  # type: ignore[no-untyped-def]
+    """Every resolved field equals BTF (unresolved ones are allowed, with a reason)."""
+    got = r.offsets.to_json()
+    assert {k: v for k, v in got.items() if v != btf[k]} == {}
+    assert all(r.offsets.unresolved.values())
+
+
+@pytest.mark.kernel
+def test_without_veth_name_and_ifindex_are_unresolved_not_wrong(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    from nettracer.layout import guess, rtnl
+
+    def no_veth(self, *args) -> None:  # type: ignore[no-untyped-def]
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    btf = _btf()
+    monkeypatch.setattr(rtnl.Rtnl, "add_veth", no_veth)
+    for _ in range(3):
+        r = guess.guess(timeout_ms=10000)
+        _never_wrong(r, btf)
+        assert set(r.offsets.unresolved) == {"net_device.name", "net_device.ifindex"}
+        assert "no veth pair" in r.offsets.unresolved["net_device.ifindex"]
+
+
+@pytest.mark.kernel
+def test_without_ipv6_nothing_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nettracer.layout import guess, traffic
+
+    real = traffic.Traffic.udp
+
+    def v4_only(self, name, fam, bind, ns="A"):  # type: ignore[no-untyped-def]
+        if fam == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(self, name, fam, bind, ns)
+
+    btf = _btf()
+    monkeypatch.setattr(traffic.Traffic, "udp", v4_only)
+    for _ in range(3):
+        r = guess.guess(timeout_ms=10000)
+        _never_wrong(r, btf)
+        v6 = {"sock_common.skc_v6_daddr", "sock_common.skc_v6_rcv_saddr"}
+        # IPv4 and ARP tell sk_buff.protocol, UDP and TCP headroom network_header,
+        # AF_UNIX skc_family (AF_UNIX needs sock_recv_length, Linux 6.3)
+        assert v6 <= set(r.offsets.unresolved) <= v6 | {"sock_common.skc_family"}
+        if not r.fallback:
+            assert set(r.offsets.unresolved) == v6
+        assert "no IPv6" in r.offsets.unresolved["sock_common.skc_v6_daddr"]
+
+
 @pytest.mark.kernel
 def test_timeout_leaves_nothing_behind() -> None:
     from nettracer.layout.guess import GuessTimeout, guess

@@ -72,7 +72,7 @@ class RoundEvidence:
     socks: list[SockSnap] = field(default_factory=list)
     sk_ptr: dict[str, int] = field(default_factory=dict)  # socket name -> struct sock *
     tx: list[tuple[Record, MarkerSend | None]] = field(default_factory=list)
-    rx: list[tuple[Record, MarkerSend]] = field(default_factory=list)
+    rx: list[tuple[Record, MarkerSend, int]] = field(default_factory=list)
     arp: list[Record] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -117,17 +117,18 @@ def collect(log: RoundLog, records: list[Record]) -> RoundEvidence:
     markers = {m.step: m for m in log.markers}
     for step, recs in by_step.items():
         m = markers.get(step)
-        ours = set()
+        ours: dict[int, int] = {}  # sk_buff * -> IP length, of our packets
         for r in recs:
             if r.spec.tracepoint == "net_dev_start_xmit":
                 ev.tx.append((r, m))
-                if m is not None and _marker_hits(r, m):
-                    ours.add(r.arg("skb"))
+                hits = _packet_hits(r, m) if m is not None else []
+                if len({h.ip_len for h in hits}) == 1:
+                    ours[r.arg("skb")] = hits[0].ip_len
         if m is None:
             continue
         for r in recs:  # the same sk_buff on the receiving side (lo and veth keep it)
             if r.spec.tracepoint == "netif_rx" and r.arg("skb") in ours:
-                ev.rx.append((r, m))
+                ev.rx.append((r, m, ours[r.arg("skb")]))
     return ev
 
 
@@ -175,31 +176,46 @@ def _sock_pointer_fields(ev: RoundEvidence, inode: dict[str, int]) -> dict[str, 
     }
 
 
-def _ip_signature(m: MarkerSend) -> list[tuple[int, bytes]]:
-    """Bytes of the IP header we know for sure (not id, TTL-dependent checksum...)."""
-    if m.family == socket.AF_INET:
-        return [(0, b"\x45"), (9, b"\x11"), (12, m.src + m.dst)]
-    return [(0, b"\x60"), (6, b"\x11"), (8, m.src + m.dst)]
+@dataclass(frozen=True)
+class Hit:
+    """Where a packet of ours sits behind one followed pointer of an ``sk_buff``:
+    ``slot`` is the pointer's offset in the ``sk_buff``, ``nh``/``th`` the offsets of its
+    IP and transport headers from that pointer, ``ip_len`` its IP total length."""
+
+    slot: int
+    nh: int
+    th: int
+    ip_len: int
 
 
-def _marker_hits(r: Record, m: MarkerSend) -> list[tuple[int, int, int]]:
-    """(slot, network header position, transport header position) in the followed
-    blocks of ``r`` where the datagram ``m`` is found, headers checked."""
-    iphl = 20 if m.family == socket.AF_INET else 40
-    udp = struct.pack(">HHH", m.sport, m.dport, m.ip_len - iphl)
+def _packet_hits(r: Record, m: MarkerSend) -> list[Hit]:
+    """Every place in the followed blocks of ``r`` where the packet ``m`` is: its
+    addresses, IP version/header length and protocol, and its ports; for UDP also
+    its length and the random marker after the UDP header."""
+    v4 = m.family == socket.AF_INET
+    iphl = 20 if v4 else 40
+    addrs = m.src + m.dst
+    at = 12 if v4 else 8  # where the addresses start in the IP header
+    ports = struct.pack(">HH", m.sport, m.dport)
     hits = []
     for slot, block in r.derefs().items():
-        q = block.find(m.marker)
-        while q >= 0:
-            th = q - 8
-            nh = th - iphl
-            if (
-                nh >= 0
-                and block[th : th + 6] == udp
-                and all(block[nh + o : nh + o + len(b)] == b for o, b in _ip_signature(m))
-            ):
-                hits.append((slot, nh, th))
-            q = block.find(m.marker, q + 1)
+        p = block.find(addrs)
+        while p >= 0:
+            nh, th = p - at, p - at + iphl
+            ok = nh >= 0 and block[th : th + 4] == ports
+            if ok and v4:
+                ok = block[nh] == 0x45 and block[nh + 9] == m.proto
+            elif ok:
+                ok = block[nh] >> 4 == 6 and block[nh + 6] == m.proto
+            if ok:
+                # IPv4 total length at 2; IPv6 payload length at 4
+                (length,) = struct.unpack_from(">H", block, nh + (2 if v4 else 4))
+                ip_len = length if v4 else length + 40
+                if m.proto == socket.IPPROTO_UDP:
+                    ok = ip_len == m.ip_len and block[th + 8 : th + 8 + len(m.marker)] == m.marker
+            if ok:
+                hits.append(Hit(slot, nh, th, ip_len))
+            p = block.find(addrs, p + 1)
     return hits
 
 
@@ -208,60 +224,55 @@ def _u16_offsets(buf: bytes, value: int) -> set[int]:
 
 
 def _skb_pointer_fields(ev: RoundEvidence) -> dict[str, Verdict]:
-    """``head``, ``network_header`` and ``transport_header`` from marked datagrams."""
+    """``head``, ``network_header`` and ``transport_header`` from our packets: the
+    pointer, and the two u16 fields, such that the IP and transport headers are at
+    pointer + field in every packet."""
+    obs: list[tuple[bytes, list[Hit]]] = []
+    for r, m in ev.tx:
+        if m is not None:
+            hits = _packet_hits(r, m)
+            if hits:
+                obs.append((r.snapshot(0), hits))
+    names = ("head", "network_header", "transport_header")
+    if not obs:
+        why = "none of our packets seen behind a pointer of struct sk_buff"
+        return {k: Verdict(None, why, 0) for k in names}
     rn: list[set[tuple[int, int]]] = []
     rt: list[set[tuple[int, int]]] = []
-    nvals: set[object] = set()
-    tvals: set[object] = set()
-    hvals: set[object] = set()
-    for r, m in ev.tx:
-        if m is None:
-            continue
-        hits = _marker_hits(r, m)
-        if not hits:
-            continue
-        skb = r.snapshot(0)
-        pn, pt = set(), set()
-        for slot, nh, th in hits:
-            pn |= {(slot, o) for o in _u16_offsets(skb, nh)}
-            pt |= {(slot, o) for o in _u16_offsets(skb, th)}
-            nvals.add(nh)
-            tvals.add(th)
-        rn.append(pn)
-        rt.append(pt)
-        hvals.update(struct.unpack_from("<Q", skb, slot)[0] for slot, _, _ in hits)
-    if not rn:
-        why = "no marked datagram seen in a followed pointer of struct sk_buff"
-        return {k: Verdict(None, why, 0) for k in ("head", "network_header", "transport_header")}
-    cn = set.intersection(*rn)
-    ct = set.intersection(*rt)
+    for skb, hits in obs:
+        rn.append({(h.slot, o) for h in hits for o in _u16_offsets(skb, h.nh)})
+        rt.append({(h.slot, o) for h in hits for o in _u16_offsets(skb, h.th)})
+    cn, ct = set.intersection(*rn), set.intersection(*rt)
     heads = {a for a, _ in cn} & {a for a, _ in ct}
-    n = len(rn)
-    out = {"head": decide("sk_buff.head", [heads] * n, hvals)}
-    if out["head"].ok:
-        h = out["head"].offset
-        out["network_header"] = decide(
-            "sk_buff.network_header", [{b for a, b in cn if a == h}] * n, nvals
-        )
-        out["transport_header"] = decide(
-            "sk_buff.transport_header", [{b for a, b in ct if a == h}] * n, tvals
-        )
-    else:
-        why = f"needs sk_buff.head ({out['head'].why})"
+    n = len(obs)
+    if len(heads) != 1:
+        v = decide("sk_buff.head", [heads] * n, {0, 1})
+        out = {"head": v}
+        why = f"needs sk_buff.head ({v.why})"
         out["network_header"] = Verdict(None, why, n)
         out["transport_header"] = Verdict(None, why, n)
-    return out
+        return out
+    (h,) = heads
+    # the values the answer rests on: those seen behind the head pointer itself
+    mine = [x for _, hits in obs for x in hits if x.slot == h]
+    hvals = {struct.unpack_from("<Q", skb, h)[0] for skb, _ in obs}
+    return {
+        "head": decide("sk_buff.head", [heads] * n, hvals),
+        "network_header": decide(
+            "sk_buff.network_header", [{b for a, b in cn if a == h}] * n, {x.nh for x in mine}
+        ),
+        "transport_header": decide(
+            "sk_buff.transport_header", [{b for a, b in ct if a == h}] * n, {x.th for x in mine}
+        ),
+    }
 
 
-def _eth_framed(r: Record, m: MarkerSend) -> bool:
+def _eth_framed(r: Record, hits: list[Hit], family: int) -> bool:
     """The two bytes before our IP header are its EtherType: the frame that
     ``skb->len`` counts starts ``ETH_HLEN`` bytes before the IP header (lo, veth)."""
-    ethertype = struct.pack(">H", ETH_P_IP if m.family == socket.AF_INET else ETH_P_IPV6)
+    ethertype = struct.pack(">H", ETH_P_IP if family == socket.AF_INET else ETH_P_IPV6)
     blocks = r.derefs()
-    return any(
-        nh >= ETH_HLEN and blocks[slot][nh - 2 : nh] == ethertype
-        for slot, nh, _ in _marker_hits(r, m)
-    )
+    return any(h.nh >= ETH_HLEN and blocks[h.slot][h.nh - 2 : h.nh] == ethertype for h in hits)
 
 
 def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], list[str]]:
@@ -274,22 +285,23 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
     dev_identity: dict[int, set[str]] = defaultdict(set)
     for r, m in ev.tx:
         expect = {"sk_buff.dev": u64(r.arg("dev"))}
-        if m is not None and _marker_hits(r, m):
+        hits = _packet_hits(r, m) if m is not None else []
+        if m is not None and hits:
             dev_identity[r.arg("dev")].add(m.device.key)
             eth = ETH_P_IP if m.family == socket.AF_INET else ETH_P_IPV6
             expect["sk_buff.protocol"] = Exact(struct.pack(">H", eth), 2)
-            if _eth_framed(r, m):
-                expect["sk_buff.len"] = u32(ETH_HLEN + m.ip_len)
+            if _eth_framed(r, hits, m.family) and len({h.ip_len for h in hits}) == 1:
+                expect["sk_buff.len"] = u32(ETH_HLEN + hits[0].ip_len)
             ptr = ev.sk_ptr.get(m.sender.name)
             if ptr:
                 expect["sk_buff.sk"] = u64(ptr)
         if any(r is a for a in ev.arp):
             expect["sk_buff.protocol"] = Exact(struct.pack(">H", ETH_P_ARP), 2)
         skb_obs.append(Observation(r.snapshot(0), expect, m.sender.name if m else "tx"))
-    for r, m in ev.rx:
+    for r, m, ip_len in ev.rx:
         eth = ETH_P_IP if m.family == socket.AF_INET else ETH_P_IPV6
         expect = {
-            "sk_buff.len": u32(m.ip_len),  # after eth_type_trans(): the IP packet only
+            "sk_buff.len": u32(ip_len),  # after eth_type_trans(): the IP packet only
             "sk_buff.protocol": Exact(struct.pack(">H", eth), 2),
         }
         skb_obs.append(Observation(r.snapshot(0), expect, f"{m.sender.name} rx"))
@@ -306,7 +318,7 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
     sk_v = verdicts["sk_buff.sk"]
     if sk_v.ok:
         for r, m in ev.tx:
-            if m is None or not m.expect or not _marker_hits(r, m):
+            if m is None or not m.expect or not _packet_hits(r, m):
                 continue
             block = r.derefs().get(sk_v.offset)  # type: ignore[arg-type]
             if block is not None:
@@ -347,6 +359,6 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
         for prefix, keys in (("no IPv6", V6_FIELDS), ("no veth pair", VETH_FIELDS)):
             if note.startswith(prefix):
                 for key in keys:
-                    if not verdicts[key].ok and verdicts[key].n < 2:
+                    if not verdicts[key].ok:
                         verdicts[key] = Verdict(None, f"{verdicts[key].why}: {note}", 0)
     return verdicts, ev.notes

@@ -115,6 +115,8 @@ def sock_expectations(sock: socket.socket, peer_hint: tuple | None = None) -> di
         "sock.sk_type": u16(typ),
         "sock.sk_protocol": u16(proto),
     }
+    if fam not in (socket.AF_INET, socket.AF_INET6):
+        return exp  # AF_UNIX: a third family; addresses and ports do not apply
     local = sock.getsockname()
     try:
         peer = sock.getpeername()
@@ -172,7 +174,8 @@ class SockProbe:
 
 @dataclass
 class MarkerSend:
-    """Step ``step`` sent one UDP datagram carrying ``marker`` through ``device``."""
+    """Step ``step`` sent one UDP datagram carrying ``marker`` through ``device`` (or
+    one TCP segment, known by its addresses and ports: its headroom differs)."""
 
     step: int
     sender: Sock
@@ -184,6 +187,8 @@ class MarkerSend:
     dst: bytes
     sport: int
     dport: int
+    #: IPPROTO_UDP (found by ``marker``) or IPPROTO_TCP (by addresses and ports)
+    proto: int = socket.IPPROTO_UDP
     #: the sender's struct sock_common as the sender sees it (for the snapshot that
     #: the kernel copies from behind skb->sk)
     expect: dict[str, Matcher] = field(default_factory=dict)
@@ -401,6 +406,10 @@ class Traffic:
         if self.has_v6 and not self.fallback:
             r6 = self.add("raw6", socket.socket(v6, socket.SOCK_RAW, RAW_PROTO - 1))
             r6.bind(("::1", 0))
+        if not self.fallback:  # AF_UNIX: skc_family takes a value no inet socket has
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.add("unix-a", a)
+            self.add("unix-b", b)
 
     def _listener(self, name: str, fam: int, addr: tuple, defer: bool = False) -> Sock:
         s = self.add(name, socket.socket(fam, socket.SOCK_STREAM))
@@ -517,8 +526,9 @@ class Traffic:
         # first, so that its timer runs while everything else is built
         self._tail_loss(*self._connect("tcp-tlp", l1, v4, ("127.0.0.11", 0), cc="reno"))
         l2 = self._listener("tcp-listen-defer", v4, ("127.0.0.4", 0), defer=True)
+        self.tcp1 = self._connect("tcp1", l1, v4, ("127.0.0.1", 0))
         conns = [
-            (self._connect("tcp1", l1, v4, ("127.0.0.1", 0)), 0),
+            (self.tcp1, 0),
             (self._connect("tcp2", l2, v4, ("127.0.0.3", 0), defer=True), 1),
             (self._connect("tcp3", l1, v4, ("127.0.0.5", 0), cc="reno"), 2),
         ]
@@ -594,9 +604,32 @@ class Traffic:
                     dst,
                     local[1],
                     peer[1],
-                    expect,
+                    expect=expect,
                 )
             )
+        # a TCP segment: MAX_TCP_HEADER of headroom, so network_header and
+        # transport_header take values no UDP datagram gives them (IPv4 only included)
+        c, _ = self.tcp1
+        local, peer = c.getsockname(), c.getpeername()
+        expect = {k: m for k, m in sock_expectations(c).items() if k.startswith("sock_common.")}
+        step = self.next_step()
+        c.send(b"m")
+        self.log.markers.append(
+            MarkerSend(
+                step,
+                self._sock("tcp1-client"),
+                self.net.devices["lo/A"],
+                b"",
+                0,
+                socket.AF_INET,
+                socket.inet_aton(local[0]),
+                socket.inet_aton(peer[0]),
+                local[1],
+                peer[1],
+                proto=socket.IPPROTO_TCP,
+                expect=expect,
+            )
+        )
         self.arm(0)
 
     def probes(self) -> None:
