@@ -56,9 +56,7 @@ _PROTO = IDX["proto"]
 _LAST = IDX["last_ns"]
 
 
-def load_offsets(
-    mode: str, cache_dir: str | None = None, timeout_ms: int | None = None
-) -> Offsets:
+def load_offsets(mode: str, cache_dir: str | None = None, timeout_ms: int | None = None) -> Offsets:
     """Struct offsets for ``--offsets auto|btf|guess`` through
     :func:`nettracer.layout.source.offsets_for` (``cache_dir``/``timeout_ms`` from the
     ``offsets.*`` configuration keys; None keeps that function's defaults)."""

@@ -298,7 +298,9 @@ class _Builder:
         self.probe_read(FP, TMP2, 4, R3, net)
         self.p += ldx(4, dst, FP, TMP2)
         if self.opts.netns:
-            self.p += jne(dst, self.opts.netns, fail)
+            # a 32-bit compare: a 64-bit one would sign-extend the immediate (inodes of
+            # namespaces are above 2**31)
+            self.p += jmp32(JmpOp.JNE, dst, self.opts.netns, fail)
 
     def zero(self, base: int, n: int) -> None:
         self.p += [st(8, FP, base + i, 0) for i in range(0, n, 8)]
