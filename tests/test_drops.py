@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -279,12 +280,18 @@ def cause_drops(t: Topo, *args: str, stop: int = signal.SIGINT) -> Run:
             time.sleep(0.3)  # let softirq work queued by the last sends finish
             text = trace.text()
         kernel_locations = set()
+        from nettracer.kernel.kallsyms import Kallsyms
         from nettracer.kernel.tracefs import parse_trace_line
 
+        ksyms = Kallsyms()
         for line in text.splitlines():
             tl = parse_trace_line(line)
             if tl and tl.event == "kfree_skb":
                 loc = tl.values().get("location", "").split("/")[0]
+                if re.fullmatch(r"[0-9a-f]{16}", loc):
+                    # before Linux 6.2 the print fmt is "location=%p": the kernel's raw
+                    # address (the VM boots with no_hash_pointers), named here
+                    loc = ksyms.format(int(loc, 16))
                 reason = tl.body.rsplit("reason: ", 1)[-1].strip()
                 kernel_locations.add((loc, reason))
         server.stdin.write("drain\n")
