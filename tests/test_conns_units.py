@@ -9,8 +9,10 @@ import json
 import socket
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from nettracer.bpf.insn import resolve
+from nettracer.bpf.insn import JMP32, resolve
 from nettracer.layout.catalogue import CATALOGUE
 from nettracer.layout.offsets import Field, Offsets
 from nettracer.output import conns as out
@@ -292,3 +294,63 @@ def test_human_bytes() -> None:
         "20K",
         "5.0G",
     ]
+
+
+_ADDRS4 = [b"\x7f\0\0\x01", b"\x0a\0\0\x01", b"\x0a\0\0\x02", b"\0\0\0\0"]
+_ADDRS6 = [
+    b"\0" * 15 + b"\1",
+    socket.inet_pton(socket.AF_INET6, "fd00::1"),
+    socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.1"),
+    b"\0" * 16,
+]
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            "id": st.integers(0, 2**40),
+            "start_ns": st.integers(1, 2**50),
+            "end_ns": st.integers(0, 2**50),
+            "bytes_sent": st.integers(0, 2**40),
+            "bytes_received": st.integers(0, 2**40),
+            "tcp_bytes_acked": st.integers(0, 2**40),
+            "tcp_bytes_received": st.integers(0, 2**40),
+            "history": st.integers(0, 2**64 - 1),
+            "segs_in": st.integers(0, 2**32 - 1),
+            "segs_out": st.integers(0, 2**32 - 1),
+            "total_retrans": st.integers(0, 2**32 - 1),
+            "srtt_us": st.integers(0, 2**32 - 1),
+            "mdev_us": st.integers(0, 2**32 - 1),
+            "pid": st.integers(0, 2**22),
+            "netns": st.integers(0, 2**32 - 1),
+            "saddr4": st.sampled_from(_ADDRS4),
+            "daddr4": st.sampled_from(_ADDRS4),
+            "saddr6": st.sampled_from(_ADDRS6),
+            "daddr6": st.sampled_from(_ADDRS6),
+            "sport": st.integers(0, 65535),
+            "dport": st.integers(0, 65535),
+            "family": st.sampled_from([2, 10]),
+            "proto": st.sampled_from([6, 17]),
+            "state": st.integers(0, 15),
+            "opened": st.integers(0, 4),
+            "flags": st.integers(0, 3),
+            "end_reason": st.integers(0, 4),
+            "comm": st.binary(max_size=16),
+        }
+    ),
+    st.booleans(),
+)
+def test_record_line_equals_decoded(fields: dict[str, object], tcp_sock: bool) -> None:
+    """The hot-path writer says exactly what decoding and conn_json say."""
+    rec = _rec(**fields)
+    fast = json.loads(out.record_line(rec, tcp_sock, 10**18))
+    slow = out.conn_json(decode(rec, tcp_sock), 0, 10**18, closed=True)
+    assert fast == slow
+
+
+def test_netns_filter_is_a_32_bit_compare() -> None:
+    """Namespace inodes are above 2**31: a 64-bit compare would sign-extend them."""
+    inode = 4026532178
+    prog = cp.build_state(fake_offsets(), cp.Options(netns=inode))
+    [cmp] = [i for i in prog.insns if i.imm == inode]
+    assert cmp.cls == JMP32

@@ -173,6 +173,17 @@ class _Session:
             monitor.start()
             for notice in monitor.notices:
                 sys.stderr.write(f"nettracer: notice: {notice}\n")
+            self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
+            if self.json:
+                import functools
+
+                from nettracer.output.conns import record_line
+
+                monitor.render_closed = functools.partial(
+                    record_line,
+                    bytes_from_tcp_sock=not tracer.use_length,
+                    mono_to_epoch_ns=self.mono_to_epoch,
+                )
             sys.stderr.write(
                 f"nettracer: tracing connections (offsets: {offsets.source}, bytes from "
                 f"{'sock_*_length' if tracer.use_length else 'tcp_sock'}); printing every "
@@ -180,7 +191,6 @@ class _Session:
             )
             sys.stderr.flush()
             self.monitor = monitor
-            self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
             start = time.monotonic()
             self.last = start
             try:

@@ -29,7 +29,15 @@ import sys
 from typing import Any, TextIO
 
 from nettracer.output.jsonlines import clock_time, iso_time
-from nettracer.tracers.conns_model import Conn
+from nettracer.tracers.conns_model import (
+    Conn,
+    addr_text,
+    comm_text,
+    history,
+    is_local,
+    tcp_data_bytes,
+)
+from nettracer.tracers.conns_record import AF_INET6, END_NAMES, IDX, IPPROTO_TCP, STATE_NAMES, Flag
 from nettracer.tracers.conns_table import Interval
 
 
@@ -82,7 +90,8 @@ def interval_json(
         "time": iso_time(end_epoch_s),
         "interval_s": round(seconds, 3),
         "conns": [conn_json(c, now_ns, mono_to_epoch_ns) for c in iv.conns],
-        "closed": [conn_json(c, now_ns, mono_to_epoch_ns, closed=True) for c in iv.closed],
+        "closed": [json.loads(t) for t in iv.closed_text]
+        + [conn_json(c, now_ns, mono_to_epoch_ns, closed=True) for c in iv.closed],
         "evicted": iv.evicted,
         "lost": iv.lost,
     }
@@ -103,7 +112,12 @@ _CONN = (
     '"opened":"%s","partial":%s,"id":%d,"delta":{"bytes_sent":%d,"bytes_received":%d,"segs_in":%d,'
     '"segs_out":%d,"retransmits":%d}%s}'
 )
-_END = {None: ',"end":null', "closed": ',"end":"closed"', "reused": ',"end":"reused"'}
+_END = {
+    None: ',"end":null',
+    "closed": ',"end":"closed"',
+    "reused": ',"end":"reused"',
+    "expired": ',"end":"expired"',
+}
 _json_strings: dict[object, str] = {}
 _seconds: dict[int, tuple[str, str]] = {}
 
@@ -174,6 +188,97 @@ def conn_line(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False)
     )
 
 
+# record positions for record_line
+_R = IDX
+(_R_ID, _R_START, _R_END, _R_SENT, _R_RECV, _R_ACKED, _R_TCPRECV, _R_HIST, _R_SEGS_IN,
+ _R_SEGS_OUT, _R_RETRANS, _R_SRTT, _R_MDEV, _R_PID, _R_NETNS, _R_SADDR4, _R_DADDR4, _R_SPORT,
+ _R_DPORT, _R_FAMILY, _R_PROTO, _R_STATE, _R_OPENED, _R_FLAGS, _R_END_REASON, _R_SADDR6,
+ _R_DADDR6, _R_COMM) = (
+    _R[n] for n in (
+        "id", "start_ns", "end_ns", "bytes_sent", "bytes_received", "tcp_bytes_acked",
+        "tcp_bytes_received", "history", "segs_in", "segs_out", "total_retrans", "srtt_us",
+        "mdev_us", "pid", "netns", "saddr4", "daddr4", "sport", "dport", "family", "proto",
+        "state", "opened", "flags", "end_reason", "saddr6", "daddr6", "comm",
+    )
+)  # fmt: skip
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+_ZERO16 = b"\0" * 16
+_OPENED = ("unknown", "active", "passive")
+_DIRECTION = ("unknown", "outgoing", "incoming")
+
+
+def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_ns: int) -> str:
+    """``conn_line(decode(rec), closed=True)`` for the record of a connection that was
+    never reported open (so its delta is its totals) and has no gateway to show, without
+    building a :class:`Conn`: the hot path of a host closing thousands of connections a
+    second.  The tests check it against :func:`conn_json` for every kind of record."""
+    if rec[_R_FAMILY] == AF_INET6:
+        s_raw, d_raw = rec[_R_SADDR6], rec[_R_DADDR6]
+        if d_raw.startswith(_V4_MAPPED) and (s_raw.startswith(_V4_MAPPED) or s_raw == _ZERO16):
+            family, s_raw, d_raw = 4, s_raw[12:], d_raw[12:]
+        else:
+            family = 6
+    else:
+        family, s_raw, d_raw = 4, rec[_R_SADDR4], rec[_R_DADDR4]
+    opened = rec[_R_OPENED]
+    if opened > 2:
+        opened = 0
+    flags = rec[_R_FLAGS]
+    if rec[_R_PROTO] == IPPROTO_TCP:
+        hist, states = history(rec[_R_HIST])
+        if bytes_from_tcp_sock:
+            sent, got = tcp_data_bytes(rec[_R_ACKED], rec[_R_TCPRECV], opened, hist)
+        else:
+            sent, got = rec[_R_SENT], rec[_R_RECV]
+        proto, state = "tcp", STATE_NAMES.get(rec[_R_STATE]) or str(rec[_R_STATE])
+        retrans = rec[_R_RETRANS]
+        rtt, rtt_var = rec[_R_SRTT] >> 3, rec[_R_MDEV] >> 2
+    else:
+        states = ()
+        sent, got = rec[_R_SENT], rec[_R_RECV]
+        proto = "udp"
+        state = "ESTABLISHED" if rec[_R_STATE] == 1 else "UNCONN"
+        retrans, rtt, rtt_var = 0, "null", "null"
+    known = flags & Flag.PID_KNOWN
+    dport = rec[_R_DPORT]
+    segs_in, segs_out = rec[_R_SEGS_IN], rec[_R_SEGS_OUT]
+    start = rec[_R_START]
+    end = END_NAMES.get(rec[_R_END_REASON])
+    return _CONN % (
+        rec[_R_PID] if known else "null",
+        _cached_json(comm_text(rec[_R_COMM])) if known else '""',
+        proto,
+        family,
+        addr_text(s_raw),
+        rec[_R_SPORT],
+        addr_text(d_raw),
+        ((dport & 0xFF) << 8) | (dport >> 8),
+        rec[_R_NETNS],
+        "local" if is_local(family, s_raw, d_raw) else _DIRECTION[opened],
+        state,
+        sent,
+        got,
+        segs_in,
+        segs_out,
+        retrans,
+        rtt,
+        rtt_var,
+        round(max(0, (rec[_R_END] or start) - start) / 1e6, 3),
+        "null",
+        _start_time(start + mono_to_epoch_ns),
+        _cached_json(list(states), states),
+        _OPENED[opened],
+        "true" if flags & Flag.PARTIAL else "false",
+        rec[_R_ID],
+        sent,
+        got,
+        segs_in,
+        segs_out,
+        retrans,
+        _END.get(end) or f',"end":{json.dumps(end)}',
+    )
+
+
 def interval_line(
     iv: Interval,
     end_epoch_s: float,
@@ -184,7 +289,9 @@ def interval_line(
 ) -> str:
     """:func:`interval_json` as one line of compact JSON (no trailing newline)."""
     conns = ",".join([conn_line(c, now_ns, mono_to_epoch_ns) for c in iv.conns])
-    closed = ",".join([conn_line(c, now_ns, mono_to_epoch_ns, True) for c in iv.closed])
+    closed = ",".join(
+        iv.closed_text + [conn_line(c, now_ns, mono_to_epoch_ns, True) for c in iv.closed]
+    )
     tail = "" if stats is None else ',"stats":' + json.dumps(stats, separators=(",", ":"))
     return (
         f'{{"time":{json.dumps(iso_time(end_epoch_s))},"interval_s":{round(seconds, 3)!r},'
@@ -235,7 +342,8 @@ def print_interval(
     stream = stream or sys.stdout
     console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False)
     head = (
-        f"{clock_time(end_epoch_s)}  {len(iv.conns)} open, {len(iv.closed)} closed, "
+        f"{clock_time(end_epoch_s)}  {len(iv.conns)} open, "
+        f"{len(iv.closed) + len(iv.closed_text)} closed, "
         f"evicted {iv.evicted}, lost {iv.lost}"
     )
     console.print(head, style="bold")

@@ -23,8 +23,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +35,8 @@ from nettracer.bpf.syscall import BpfSyscallError, Cmd
 from nettracer.errors import NettracerError, NotSupported
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers import conns_prog as cp
-from nettracer.tracers.conns_model import Conn, decode
-from nettracer.tracers.conns_record import IDX, RECORD, RECORD_SIZE, EndReason
+from nettracer.tracers.conns_model import Conn, decode, record_is_local
+from nettracer.tracers.conns_record import IDX, RECORD, RECORD_SIZE, EndReason, Flag
 from nettracer.tracers.conns_table import ConnTable, Interval
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ TP_RECV = ("sock_recv_length", "6.3")
 BYTES_SOURCES = ("auto", "length", "tcp_sock")
 
 _PID = IDX["pid"]
+_ID = IDX["id"]
+_FLAGS = IDX["flags"]
 _SK = IDX["sk"]
 _PROTO = IDX["proto"]
 _LAST = IDX["last_ns"]
@@ -79,12 +82,63 @@ def require_root() -> None:
 
 @dataclass
 class Collected:
-    """One read of the kernel side: the id counter, the map, and the ring buffer."""
+    """One read of the kernel side: the id counter read first, then the map's entries
+    (the ring buffer is drained last, into :meth:`ConnTracer.take_closed`)."""
 
     created: int
     live: list[tuple[Any, ...]]
-    closed: list[tuple[Any, ...]]
     lost: int
+
+
+class RecordReader(ringbuf.RingBufReader):
+    """A ring buffer reader for records that all have :class:`ConnValue`'s size.
+
+    Every record then takes the same ``8 + 176`` bytes, so everything committed is read
+    with one copy and unpacked with ``struct.iter_unpack`` instead of one Python call per
+    record; the length words are checked in bulk (a record still being written, BUSY,
+    ends the batch).  Anything unexpected falls back to the generic reader.
+    """
+
+    STEP = (ringbuf.HDR + RECORD_SIZE + 7) & ~7
+    _UNPACK = struct.Struct("<" + "8x" + RECORD.format.lstrip("<@=!>"))
+
+    def consume_records(self) -> list[tuple[Any, ...]]:
+        cons = struct.unpack_from("<Q", self._cons, 0)[0]
+        prod = struct.unpack_from("<Q", self._prod, 0)[0]
+        avail = prod - cons
+        if avail <= 0:
+            return []
+        step = self.STEP
+        n = avail // step
+        if avail % step:
+            return self._generic()
+        off = self._data_off + (cons & self.mask)
+        data = self._prod[off : off + n * step]
+        lens = memoryview(data).cast("I")[:: step // 4].tolist()
+        if lens.count(RECORD_SIZE) != n:
+            for k, word in enumerate(lens):
+                if word != RECORD_SIZE:
+                    if word & ~ringbuf.BUSY != RECORD_SIZE:
+                        return self._generic()  # not one of ours (or discarded): go slowly
+                    n = k
+                    break
+        if n == 0:
+            return []
+        out = list(self._UNPACK.iter_unpack(data[: n * step]))
+        struct.pack_into("<Q", self._cons, 0, cons + n * step)
+        self.records += n
+        return out
+
+    def _generic(self) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        unpack = RECORD.unpack_from
+
+        def take(view: memoryview) -> None:
+            if len(view) == RECORD_SIZE:
+                out.append(unpack(view))
+
+        self.consume(take)
+        return out
 
 
 class ConnTracer:
@@ -116,7 +170,7 @@ class ConnTracer:
         self.links: list[Link] = []
         self.progs: dict[str, prog.Prog] = {}
         self._pending: list[tuple[Any, ...]] = []
-        self._reader: ringbuf.RingBufReader | None = None
+        self._reader: RecordReader | None = None
         self.records = 0
         self.refreshes = 0
         self._walk_bufs: tuple[Any, ...] | None = None
@@ -182,21 +236,16 @@ class ConnTracer:
             except UnknownTracepoint:
                 self.close()
                 raise NotSupported(f"raw tracepoint {tp[0]}", since=tp[1]) from None
-        self._reader = ringbuf.RingBufReader(self.events, self.lost)
+        self._reader = RecordReader(self.events, self.lost)
 
     # -- reading --------------------------------------------------------------------------
     def drain(self) -> int:
         """Move committed ring buffer records to the pending list; returns how many."""
         assert self._reader is not None
-        pending = self._pending
-        unpack = RECORD.unpack_from
-
-        def take(view: memoryview) -> None:
-            pending.append(unpack(view))
-
-        n = self._reader.consume(take)
-        self.records += n
-        return n
+        got = self._reader.consume_records()
+        self._pending.extend(got)
+        self.records += len(got)
+        return len(got)
 
     def take_closed(self) -> list[tuple[Any, ...]]:
         out, self._pending = self._pending, []
@@ -219,8 +268,8 @@ class ConnTracer:
         self.refreshes += len(tcp)
         if tcp:
             live = self.walk()
-        self.drain()
-        return Collected(created, live, self.take_closed(), self.lost_total())
+        self.drain()  # records of connections that ended during the walk: take_closed()
+        return Collected(created, live, self.lost_total())
 
     def walk(self) -> list[tuple[Any, ...]]:
         """Every entry of the connection map, unpacked (batched, 4096 at a time)."""
@@ -301,6 +350,13 @@ class ConnMonitor:
     """User space of the tracer: decoding, the connection table, expiry, gateways.
 
     ``pid`` restricts what is reported (accounting covers everything the kernel saw).
+
+    ``render_closed`` (e.g. :func:`nettracer.output.conns.record_line` bound to its
+    arguments) turns the record of a connection that closed before any interval saw it
+    open, and that needs no gateway, into its final output as soon as it is read; the
+    interval then carries that output in ``closed_text`` instead of a :class:`Conn`.
+    A host that closes thousands of connections a second is reported this way at a
+    fraction of the cost (and memory).
     """
 
     tracer: ConnTracer
@@ -308,8 +364,11 @@ class ConnMonitor:
     udp_timeout_s: float = 30.0
     resolver: GatewayResolver | None = None
     pid: int | None = None
+    render_closed: Callable[[tuple[Any, ...]], str] | None = None
     table: ConnTable = field(init=False)
     closed: list[Conn] = field(default_factory=list)
+    rendered: list[str] = field(default_factory=list)
+    rendered_ids: list[int] = field(default_factory=list)
     _route_keys: dict[tuple[int, bytes, bytes], Any] = field(default_factory=dict)
     last_collect_ms: float = 0.0
 
@@ -331,29 +390,44 @@ class ConnMonitor:
         wake-ups; draining every ~50 ms keeps up with hundreds of thousands a second)."""
         n = self.tracer.drain()
         if n:
-            self._decode_pending()
+            self._take_pending(fast=True)
         if timeout_s > 0:
             time.sleep(timeout_s)
         return n
 
-    def _decode_pending(self) -> None:
+    def _take_pending(self, fast: bool) -> list[Conn]:
+        """Decode (or render) the records drained so far; the decoded ones are returned
+        (and kept for the interval).  ``fast`` allows rendering: only before the map walk,
+        as a record drained after it may belong to a connection the walk saw open."""
         tcp_sock = not self.tracer.use_length
+        render = self.render_closed if fast else None
+        open_ids = self.table.open
+        need_gateway = self.resolver is not None
+        pid = self.pid
         for rec in self.tracer.take_closed():
+            cid = rec[_ID]
+            if (
+                render is not None
+                and cid not in open_ids
+                and not (need_gateway and not record_is_local(rec))
+            ):
+                self.rendered_ids.append(cid)
+                if pid is None or (rec[_FLAGS] & Flag.PID_KNOWN and rec[_PID] == pid):
+                    self.rendered.append(render(rec))
+                continue
             c = decode(rec, tcp_sock)
             self._gateway(c)
             self.closed.append(c)
+        return self.closed
 
     def interval(self) -> Interval:
         """Everything since the last call: open connections (with deltas), closed ones."""
         t0 = time.perf_counter()
+        self._take_pending(fast=True)
         got = self.tracer.collect()
-        tcp_sock = not self.tracer.use_length
-        closed = self.closed
+        closed = self._take_pending(fast=False)  # drained after the walk: never rendered
         self.closed = []
-        for rec in got.closed:
-            c = decode(rec, tcp_sock)
-            self._gateway(c)
-            closed.append(c)
+        tcp_sock = not self.tracer.use_length
         now = time.monotonic_ns()
         tcp_idle = int(self.tcp_timeout_s * 1e9)
         udp_idle = int(self.udp_timeout_s * 1e9)
@@ -370,7 +444,15 @@ class ConnMonitor:
         conns = [decode(rec, tcp_sock) for rec in live]
         for c in conns:
             self._gateway(c)
-        iv = self.table.update(got.created, conns, closed, got.lost)
+        rendered, self.rendered = self.rendered, []
+        ids, self.rendered_ids = self.rendered_ids, []
+        iv = self.table.update(got.created, conns, closed, got.lost, seen=ids)
+        room = max(0, self.table.max_conns - len(iv.closed))
+        if len(rendered) > room:
+            iv.evicted += len(rendered) - room
+            self.table.evicted_total += len(rendered) - room
+            del rendered[room:]
+        iv.closed_text = rendered
         if self.pid is not None:
             iv.conns = [c for c in iv.conns if c.pid == self.pid]
             iv.closed = [c for c in iv.closed if c.pid == self.pid]

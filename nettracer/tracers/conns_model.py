@@ -104,6 +104,16 @@ def is_local(family: int, saddr: bytes, daddr: bytes) -> bool:
     return daddr == _V6_LOOPBACK or (daddr == saddr and daddr != b"\0" * 16)
 
 
+def record_is_local(rec: tuple) -> bool:
+    """:func:`is_local` of a raw record (IPv4-mapped IPv6 peers as IPv4)."""
+    if rec[_I["family"]] == AF_INET6:
+        s, d = rec[_I["saddr6"]], rec[_I["daddr6"]]
+        if d.startswith(_V4_MAPPED):
+            return is_local(4, s[12:], d[12:])
+        return is_local(6, s, d)
+    return is_local(4, rec[_I["saddr4"]], rec[_I["daddr4"]])
+
+
 def tcp_data_bytes(acked: int, received: int, opened: int, states: list[int]) -> tuple[int, int]:
     """Application bytes from ``tcp_sock.bytes_acked``/``bytes_received``.
 
@@ -164,7 +174,8 @@ _comms = _Cache(4096)
 _histories = _Cache(4096)
 
 
-def _ntop(raw: bytes) -> str:
+def addr_text(raw: bytes) -> str:
+    """``inet_ntop`` of 4 or 16 network-order bytes (cached)."""
     text = _addrs.get(raw)
     if text is None:
         text = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
@@ -172,7 +183,8 @@ def _ntop(raw: bytes) -> str:
     return text
 
 
-def _comm(raw: bytes) -> str:
+def comm_text(raw: bytes) -> str:
+    """``task->comm`` bytes as text (cached)."""
     text = _comms.get(raw)
     if text is None:
         text = raw.split(b"\0", 1)[0].decode(errors="replace")
@@ -180,12 +192,13 @@ def _comm(raw: bytes) -> str:
     return text
 
 
-def _history(history: int) -> tuple[list[int], tuple[str, ...]]:
-    got = _histories.get(history)
+def history(value: int) -> tuple[list[int], tuple[str, ...]]:
+    """``ConnValue.history`` as states and their names, oldest first (cached)."""
+    got = _histories.get(value)
     if got is None:
-        states = history_states(history)
+        states = history_states(value)
         got = (states, tuple(STATE_NAMES.get(s, str(s)) for s in states))
-        _histories.put(history, got)
+        _histories.put(value, got)
     return got
 
 
@@ -207,7 +220,7 @@ def decode(rec: tuple, bytes_from_tcp_sock: bool = False) -> Conn:
     flags = rec[_FLAGS]
     tcp = proto == IPPROTO_TCP
     if tcp:
-        hist, states = _history(rec[_HIST])
+        hist, states = history(rec[_HIST])
         if bytes_from_tcp_sock:
             sent, got = tcp_data_bytes(rec[_ACKED], rec[_TCPRECV], opened, hist)
         else:
@@ -223,12 +236,12 @@ def decode(rec: tuple, bytes_from_tcp_sock: bool = False) -> Conn:
         rec[_ID],
         rec[_SK],
         rec[_PID] if known else None,
-        _comm(rec[_COMM]) if known else "",
+        comm_text(rec[_COMM]) if known else "",
         "tcp" if tcp else "udp",
         family,
-        _ntop(s_raw),
+        addr_text(s_raw),
         rec[_SPORT],
-        _ntop(d_raw),
+        addr_text(d_raw),
         ((dport & 0xFF) << 8) | (dport >> 8),
         rec[_NETNS],
         "local" if is_local(family, s_raw, d_raw) else _DIRECTIONS[opened],

@@ -18,6 +18,7 @@ the same, so ``evicted`` is what is missing minus what was lost.  Nothing is sil
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from nettracer.tracers.conns_model import Conn
@@ -34,6 +35,8 @@ class Interval:
     evicted: int
     #: records lost because the ring buffer was full during this interval
     lost: int
+    #: closed connections already rendered for output (never seen open, no gateway)
+    closed_text: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -53,13 +56,21 @@ class ConnTable:
     _early: set[int] = field(default_factory=set)
 
     def update(
-        self, created: int, live: list[Conn], closed: list[Conn], lost_total: int
+        self,
+        created: int,
+        live: list[Conn],
+        closed: list[Conn],
+        lost_total: int,
+        seen: Iterable[int] = (),
     ) -> Interval:
         """Account one interval: ``created`` the id counter read before the walk,
         ``live`` the map's entries, ``closed`` the ring buffer's records since the last
-        update (including entries user space expired), ``lost_total`` the lost counter."""
+        update (including entries user space expired), ``lost_total`` the lost counter,
+        ``seen`` the ids of more closed connections (never seen open) reported elsewhere."""
         seen_new = {i for i in self._early if i < created}
         early = {i for i in self._early if i >= created}
+        for cid in seen:
+            self._see(cid, created, seen_new, early)
         closed_ids = set()
         reported_closed: list[Conn] = []
         for c in closed:
