@@ -169,7 +169,7 @@ class Traced:
     """``nettracer conns`` attached for one round; its output goes to a file."""
 
     def __init__(self, inode: int, extra: list[str]) -> None:
-        self.out = tempfile.NamedTemporaryFile("w+", prefix="bench_conns_", suffix=".json")
+        self.out = tempfile.NamedTemporaryFile("w+", prefix="bench_conns_", suffix=".json")  # noqa: SIM115
         self.cmd = [sys.executable, "-m", "nettracer", "conns", "--json", "--interval", "1",
                     "--netns", str(inode), "--no-gateway", "--stats", *extra]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=REPO)
