@@ -192,6 +192,9 @@ def _packet_hits(r: Record, m: MarkerSend) -> list[Hit]:
     """Every place in the followed blocks of ``r`` where the packet ``m`` is: its
     addresses, IP version/header length and protocol, and its ports; for UDP also
     its length and the random marker after the UDP header."""
+    memo = r.__dict__.setdefault("_hits", {})
+    if id(m) in memo:
+        return memo[id(m)]  # type: ignore[no-any-return]
     v4 = m.family == socket.AF_INET
     iphl = 20 if v4 else 40
     addrs = m.src + m.dst
@@ -216,6 +219,7 @@ def _packet_hits(r: Record, m: MarkerSend) -> list[Hit]:
             if ok:
                 hits.append(Hit(slot, nh, th, ip_len))
             p = block.find(addrs, p + 1)
+    memo[id(m)] = hits
     return hits
 
 
@@ -226,43 +230,65 @@ def _u16_offsets(buf: bytes, value: int) -> set[int]:
 def _skb_pointer_fields(ev: RoundEvidence) -> dict[str, Verdict]:
     """``head``, ``network_header`` and ``transport_header`` from our packets: the
     pointer, and the two u16 fields, such that the IP and transport headers are at
-    pointer + field in every packet."""
-    obs: list[tuple[bytes, list[Hit]]] = []
-    for r, m in ev.tx:
-        if m is not None:
-            hits = _packet_hits(r, m)
-            if hits:
-                obs.append((r.snapshot(0), hits))
+    pointer + field in every packet.
+
+    A packet seen behind one pointer is also where pointer arithmetic puts it for every
+    lower pointer of the snapshot, even when that pointer's 256 copied bytes stop
+    short of it (TCP leaves MAX_TCP_HEADER, up to 320 bytes, of headroom): those
+    (pointer, header offset) pairs are candidates too, so a short copy never rules
+    ``head`` out."""
     names = ("head", "network_header", "transport_header")
-    if not obs:
-        why = "none of our packets seen behind a pointer of struct sk_buff"
-        return {k: Verdict(None, why, 0) for k in names}
     rn: list[set[tuple[int, int]]] = []
     rt: list[set[tuple[int, int]]] = []
-    for skb, hits in obs:
-        rn.append({(h.slot, o) for h in hits for o in _u16_offsets(skb, h.nh)})
-        rt.append({(h.slot, o) for h in hits for o in _u16_offsets(skb, h.th)})
+    seen: list[dict[int, tuple[set[int], set[int], int]]] = []
+    for r, m in ev.tx:
+        hits = _packet_hits(r, m) if m is not None else []
+        if not hits:
+            continue
+        skb = r.snapshot(0)
+        ptr = {slot: struct.unpack_from("<Q", skb, slot)[0] for slot in r.derefs()}
+        pn: set[tuple[int, int]] = set()
+        pt: set[tuple[int, int]] = set()
+        at: dict[int, tuple[set[int], set[int], int]] = {}
+        for h in hits:
+            for t, vt in ptr.items():
+                d = ptr[h.slot] - vt
+                if d < 0 or h.th + d > 0xFFFF:
+                    continue
+                pn |= {(t, o) for o in _u16_offsets(skb, h.nh + d)}
+                pt |= {(t, o) for o in _u16_offsets(skb, h.th + d)}
+                nhs, ths, _ = at.setdefault(t, (set(), set(), vt))
+                nhs.add(h.nh + d)
+                ths.add(h.th + d)
+        rn.append(pn)
+        rt.append(pt)
+        seen.append(at)
+    if not rn:
+        why = "none of our packets seen behind a pointer of struct sk_buff"
+        return {k: Verdict(None, why, 0) for k in names}
     cn, ct = set.intersection(*rn), set.intersection(*rt)
     heads = {a for a, _ in cn} & {a for a, _ in ct}
-    n = len(obs)
+    n = len(rn)
     if len(heads) != 1:
         v = decide("sk_buff.head", [heads] * n, {0, 1})
-        out = {"head": v}
         why = f"needs sk_buff.head ({v.why})"
-        out["network_header"] = Verdict(None, why, n)
-        out["transport_header"] = Verdict(None, why, n)
-        return out
+        return {
+            "head": v,
+            "network_header": Verdict(None, why, n),
+            "transport_header": Verdict(None, why, n),
+        }
     (h,) = heads
-    # the values the answer rests on: those seen behind the head pointer itself
-    mine = [x for _, hits in obs for x in hits if x.slot == h]
-    hvals = {struct.unpack_from("<Q", skb, h)[0] for skb, _ in obs}
+    # the values the answer rests on: the header offsets from the head pointer itself
+    nvals = {x for at in seen for x in at[h][0]}
+    tvals = {x for at in seen for x in at[h][1]}
+    hvals = {at[h][2] for at in seen}
     return {
         "head": decide("sk_buff.head", [heads] * n, hvals),
         "network_header": decide(
-            "sk_buff.network_header", [{b for a, b in cn if a == h}] * n, {x.nh for x in mine}
+            "sk_buff.network_header", [{b for a, b in cn if a == h}] * n, nvals
         ),
         "transport_header": decide(
-            "sk_buff.transport_header", [{b for a, b in ct if a == h}] * n, {x.th for x in mine}
+            "sk_buff.transport_header", [{b for a, b in ct if a == h}] * n, tvals
         ),
     }
 

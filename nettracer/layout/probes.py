@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,7 +60,7 @@ from nettracer.bpf.insn import (
 )
 from nettracer.bpf.ringbuf import RingBuf, RingBufReader, lost_counter, reserve
 from nettracer.bpf.syscall import BpfSyscallError
-from nettracer.errors import NettracerError, NotSupported, PermissionError_
+from nettracer.errors import NotSupported, PermissionError_
 
 #: lowest value treated as a kernel address worth following (x86-64 and arm64 kernel
 #: halves, 4- and 5-level paging); ``bpf_probe_read_kernel`` rejects the rest itself
@@ -275,20 +276,20 @@ class Record:
     def derefs(self) -> dict[int, bytes]:
         """Slot offset (bytes from the start of the snapshot) -> the bytes it points to,
         for the slots that were followed."""
+        cached = self.__dict__.get("_derefs")
+        if cached is not None:
+            return cached
         d = self.spec.deref
+        out: dict[int, bytes] = {}
+        self.__dict__["_derefs"] = out
         if d is None:
-            return {}
-        out = {}
+            return out
         mask = self.header.followed
         for j in range(d.slots):
             if mask >> j & 1:
                 off = self.spec.deref_offset + d.size * j
                 out[8 * j] = self.data[off : off + d.size]
         return out
-
-
-class ProbeError(NettracerError):
-    """The guesser's programs could not be loaded or attached."""
 
 
 class ProbeSet:
@@ -378,8 +379,6 @@ class ProbeSet:
 
 def require_root() -> None:
     """:class:`PermissionError_` unless we can load programs and create namespaces."""
-    import os
-
     if os.geteuid() != 0:
         raise PermissionError_(
             "guessing offsets needs root (eBPF programs, raw tracepoints and a private "
