@@ -1,6 +1,6 @@
 """A minimal rtnetlink client (standard library only) for the guesser's private
 network namespaces: bring a link up, add an IPv4 address, create a veth pair whose
-far end lives in another namespace.
+far end lives in another namespace, add a permanent neighbour.
 
 Messages follow include/uapi/linux/rtnetlink.h, if_link.h, if_addr.h and veth.h:
 ``struct nlmsghdr`` (16 bytes), then ``struct ifinfomsg`` (16) or ``struct
@@ -23,6 +23,12 @@ NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 RTM_NEWLINK = 16
 RTM_NEWADDR = 20
+RTM_NEWNEIGH = 28
+NLM_F_REPLACE = 0x100
+# enum NDA_* and NUD_PERMANENT (include/uapi/linux/neighbour.h)
+NDA_DST = 1
+NDA_LLADDR = 2
+NUD_PERMANENT = 0x80
 NLA_F_NESTED = 0x8000
 # enum IFLA_*
 IFLA_ADDRESS = 1
@@ -95,16 +101,34 @@ class Rtnl:
         body += attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed)
         self.request(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL)
 
+    def add_neigh(self, index: int, address: str, lladdr: bytes) -> None:
+        """``ip neigh replace <address> lladdr <lladdr> dev <index> nud permanent``."""
+        body = struct.pack("<BxxxiHBB", socket.AF_INET, index, NUD_PERMANENT, 0, 0)
+        body += attr(NDA_DST, socket.inet_aton(address)) + attr(NDA_LLADDR, lladdr)
+        self.request(RTM_NEWNEIGH, body, NLM_F_CREATE | NLM_F_REPLACE)
+
     def add_veth(
-        self, name: str, index: int, peer_name: str, peer_index: int, peer_netns_fd: int
+        self,
+        name: str,
+        index: int,
+        peer_name: str,
+        peer_index: int,
+        peer_netns_fd: int,
+        mac: bytes | None = None,
+        peer_mac: bytes | None = None,
     ) -> None:
-        """``ip link add <name> index <index> type veth peer name <peer_name> index
-        <peer_index> netns <fd>`` (veth: Linux 2.6.24; chosen ifindex: 3.7)."""
+        """``ip link add <name> index <index> [address <mac>] type veth peer name
+        <peer_name> index <peer_index> [address <peer_mac>] netns <fd>`` (veth: Linux
+        2.6.24; chosen ifindex: 3.7)."""
         peer = ifinfomsg(peer_index) + attr(IFLA_IFNAME, peer_name.encode() + b"\0")
         peer += attr(IFLA_NET_NS_FD, struct.pack("<I", peer_netns_fd))
+        if peer_mac is not None:
+            peer += attr(IFLA_ADDRESS, peer_mac)
         info = attr(IFLA_INFO_KIND, b"veth\0")
         info += attr(IFLA_INFO_DATA | NLA_F_NESTED, attr(VETH_INFO_PEER | NLA_F_NESTED, peer))
         body = ifinfomsg(index) + attr(IFLA_IFNAME, name.encode() + b"\0")
+        if mac is not None:
+            body += attr(IFLA_ADDRESS, mac)
         body += attr(IFLA_LINKINFO | NLA_F_NESTED, info)
         try:
             self.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)

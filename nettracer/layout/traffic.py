@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import queue
 import random
@@ -264,17 +265,47 @@ class PrivateNet:
         tag = f"{rnd.getrandbits(24):06x}"
         ia, ib = rnd.sample(range(1000, 60000), 2)
         na, nb = f"ntg{tag}a", f"ntg{tag}b"
+        # locally administered unicast MACs, and permanent neighbours: no ARP to wait for
+        ma, mb = (bytes([0x02, *rnd.randbytes(5)]) for _ in range(2))
         try:
-            self.rtnl["A"].add_veth(na, ia, nb, ib, self.fds["B"])
+            self.rtnl["A"].add_veth(na, ia, nb, ib, self.fds["B"], ma, mb)
             self.rtnl["A"].add_ipv4(ia, VETH_A, VETH_PREFIX)
             self.rtnl["B"].add_ipv4(ib, VETH_B, VETH_PREFIX)
             self.rtnl["A"].link_up(ia)
             self.rtnl["B"].link_up(ib)
+            self.rtnl["A"].add_neigh(ia, VETH_B, mb)
+            self.rtnl["B"].add_neigh(ib, VETH_A, ma)
+            self._wait_veth()
         except OSError as exc:
             self.notes.append(f"no veth pair ({exc.strerror})")
             return
         self.devices["veth/A"] = Device("veth/A", na, ia, "A")
         self.devices["veth/B"] = Device("veth/B", nb, ib, "B")
+
+    def _wait_veth(self, limit_s: float = 1.0) -> None:
+        """Wait until datagrams cross the veth pair both ways. The end brought up first
+        gets its queue from the link watcher (a workqueue, net/core/link_watch.c), and
+        until then the noop qdisc drops what is sent through it."""
+        with self.inside("B"):
+            b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            b.bind((VETH_B, 0))
+            a.bind((VETH_A, 0))
+            a.connect(b.getsockname())
+            b.connect(a.getsockname())
+            end = time.perf_counter() + limit_s
+            for tx, rx in ((a, b), (b, a)):
+                while True:
+                    tx.send(b"ready?")
+                    got = _wait_readable(rx, 0.003)
+                    if got:
+                        break
+                    if time.perf_counter() > end:
+                        raise OSError(errno.ETIMEDOUT, "the veth pair does not pass traffic")
+        finally:
+            a.close()
+            b.close()
 
     @property
     def has_veth(self) -> bool:
@@ -376,9 +407,7 @@ class Traffic:
             self.u4 = self.udp("udp-veth", v4, (VETH_A, 0))
             self.u4.connect(self.ub1.getsockname())
             self.ub1.connect(self.u4.getsockname())
-            # resolve the neighbours now so that the marker sends below go out at once
-            self.u4.send(b"warm-up")
-            self.ub1.send(b"warm-up")
+
             self.u5 = self.udp("udp-arp", v4, (VETH_A, 0))
         try:
             self.u7 = self.udp("udp6-rx", v6, ("::1", 0))
@@ -713,6 +742,18 @@ def _recv_exactly(s: socket.socket, n: int) -> None:
         if not got:
             raise NamespaceError("a guessing connection closed early")
         n -= len(got)
+
+
+def _wait_readable(s: socket.socket, timeout_s: float) -> bool:
+    """Whether a datagram arrived on ``s`` within ``timeout_s`` (it is consumed)."""
+    end = time.perf_counter() + timeout_s
+    while True:
+        with contextlib.suppress(BlockingIOError):
+            s.recv(64, socket.MSG_DONTWAIT)
+            return True
+        if time.perf_counter() > end:
+            return False
+        time.sleep(0.0001)
 
 
 def _recv_peek(s: socket.socket) -> None:
