@@ -323,13 +323,13 @@ def test_namespace_failure_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) 
     import errno
 
     from nettracer.bpf.fd import live_objects
-    from nettracer.layout import guess, traffic
+    from nettracer.layout import guess, netns
 
     def refuse(flags: int) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(traffic, "unshare", refuse)
-    with pytest.raises(traffic.NamespaceError, match="cannot create a network namespace") as exc:
+    monkeypatch.setattr(netns, "unshare", refuse)
+    with pytest.raises(netns.NamespaceError, match="cannot create a network namespace") as exc:
         guess.guess(timeout_ms=5000)
     assert "\n" not in str(exc.value)
     assert not [o for o in live_objects() if o.kind in ("link", "program")]

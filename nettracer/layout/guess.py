@@ -31,9 +31,10 @@ from nettracer.errors import NettracerError
 from nettracer.layout.catalogue import CATALOGUE
 from nettracer.layout.guess_analysis import analyse
 from nettracer.layout.match import Verdict
+from nettracer.layout.netns import PrivateNet
 from nettracer.layout.offsets import Field, Offsets
 from nettracer.layout.probes import Deref, ProbeSet, ProbeSpec, Record, Snapshot, require_root
-from nettracer.layout.traffic import PrivateNet, RoundLog, Traffic, TrafficThread
+from nettracer.layout.traffic import RoundLog, Traffic, TrafficThread
 
 DEFAULT_TIMEOUT_MS = 2000
 MAX_ROUNDS = 4
@@ -140,7 +141,7 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
 
     Raises :class:`nettracer.errors.PermissionError_` when not root,
     :class:`nettracer.errors.NotSupported` without raw tracepoints,
-    :class:`nettracer.layout.traffic.NamespaceError` when the private namespaces
+    :class:`nettracer.layout.netns.NamespaceError` when the private namespaces
     cannot be made and :class:`GuessTimeout` after ``timeout_ms``; in every case nothing
     stays attached and the namespaces are gone. ``force_fallback`` uses the pre-6.3
     tracepoints even where ``sock_recv_length`` exists (to test that path).

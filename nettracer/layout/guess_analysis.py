@@ -26,16 +26,9 @@ from dataclasses import dataclass, field
 
 from nettracer.layout.catalogue import CATALOGUE
 from nettracer.layout.match import Exact, Observation, Verdict, decide, resolve, u32, u64
+from nettracer.layout.netns import VETH_A, VETH_NOBODY
 from nettracer.layout.probes import Record
-from nettracer.layout.traffic import (
-    ETH_HLEN,
-    ETH_P_IP,
-    ETH_P_IPV6,
-    VETH_A,
-    VETH_NOBODY,
-    MarkerSend,
-    RoundLog,
-)
+from nettracer.layout.traffic import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MarkerSend, RoundLog
 
 ETH_P_ARP = 0x0806
 #: struct arphdr for Ethernet/IPv4 (RFC 826): htype 1, ptype 0x0800, hlen 6, plen 4, request

@@ -1,24 +1,20 @@
-"""The traffic the guesser makes, in network namespaces of its own, and everything it
-knows about it.
+"""The traffic the guesser makes in its private namespaces
+(:mod:`nettracer.layout.netns`), step by step, and the log of what each step did.
 
-A dedicated thread calls ``unshare(CLONE_NEWNET)`` twice: namespace *A* (where most
-sockets live) and namespace *B* (for a second ``struct net``), joined by a veth pair
-with ifindexes and names we pick. Sockets keep the namespace they were created in,
-so the thread makes B's sockets while in B and returns to A. Nothing of the host is
-touched; when the thread ends and its sockets and namespace fds are closed, both
-namespaces (and the veth pair) go away with them.
-
-Ground truth comes from the sockets themselves: ``getsockname``/``getpeername``,
-``SO_TYPE``/``SO_PROTOCOL``, ``TCP_INFO`` (read before and after each kernel-side
-snapshot; an observation where a moving value changed is dropped), the namespace
-inode (``fstat`` of the namespace fd), and the veth names/ifindexes we chose.
+A round builds a few dozen sockets (TCP with data both ways, retransmissions by
+drop-and-SACK and by tail loss probe, UDP connected/unconnected/broadcast/corked/
+multicast-bound, raw, IPv6 and v4-mapped, AF_UNIX), then, each step tagged for the
+kernel side: one marked packet through each device, and one snapshot-making
+``recv(MSG_PEEK|MSG_DONTWAIT)`` per socket. Ground truth (:mod:`nettracer.layout.truth`)
+is read from each socket right before its step; ``TCP_INFO`` also right after, and a
+moving value that changed meanwhile is not used. A :class:`TrafficThread` runs it all
+in the thread that owns the namespaces.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 import queue
 import random
@@ -26,120 +22,19 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nettracer.bpf.syscall import CLONE_NEWNET, setns, unshare
-from nettracer.errors import NettracerError
-from nettracer.layout.match import Exact, Matcher, Shifted, be16, u16, u32, u64
-from nettracer.layout.rtnl import Rtnl
+from nettracer.layout.match import Exact, Matcher
+from nettracer.layout.netns import VETH_A, VETH_B, VETH_NOBODY, Device, NamespaceError, PrivateNet
+from nettracer.layout.truth import sock_expectations, tcp_expectations, tcp_info, v4_of
 
-LOOPBACK_IFINDEX = 1  # include/net/flow.h: lo is ifindex 1 in every namespace
-VETH_A, VETH_B = "192.0.2.1", "192.0.2.2"  # TEST-NET-1, only ever inside our namespaces
-VETH_NOBODY = "192.0.2.5"  # on the veth subnet (/29), but no host: ARP asks for it
-VETH_PREFIX = 29
 RAW_PROTO = 253  # IANA "use for experimentation and testing"
 SO_NO_CHECK, SO_ATTACH_FILTER, SO_DETACH_FILTER = 11, 26, 27
 TCP_DEFER_ACCEPT = 9
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 ETH_HLEN = 14
 SOCKET_TIMEOUT_S = 1.0
-
-#: ``struct tcp_info`` (include/uapi/linux/tcp.h): field -> (offset, struct format)
-TCP_INFO_FIELDS: dict[str, tuple[int, str]] = {
-    "state": (0, "B"),
-    "unacked": (24, "I"),
-    "rtt": (68, "I"),  # srtt_us >> 3
-    "rttvar": (72, "I"),  # mdev_us >> 2
-    "total_retrans": (100, "I"),
-    "bytes_acked": (120, "Q"),  # Linux 4.1
-    "bytes_received": (128, "Q"),  # Linux 4.1
-    "segs_out": (136, "I"),  # Linux 4.2
-    "segs_in": (140, "I"),  # Linux 4.2
-}
-
-
-class NamespaceError(NettracerError):
-    """A private network namespace (or its devices) could not be set up."""
-
-
-def tcp_info(sock: socket.socket) -> dict[str, int]:
-    """The :data:`TCP_INFO_FIELDS` this kernel reports for ``sock``."""
-    buf = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-    out = {}
-    for name, (off, fmt) in TCP_INFO_FIELDS.items():
-        if off + struct.calcsize(fmt) <= len(buf):
-            out[name] = struct.unpack_from("<" + fmt, buf, off)[0]
-    return out
-
-
-def tcp_expectations(info: dict[str, int]) -> dict[str, Matcher]:
-    """What ``TCP_INFO`` says about ``struct tcp_sock`` (tcp_get_info() in net/ipv4/tcp.c)."""
-    exp: dict[str, Matcher] = {}
-    if info.get("rtt"):
-        exp["tcp_sock.srtt_us"] = Shifted(info["rtt"], 3)
-        exp["tcp_sock.mdev_us"] = Shifted(info["rttvar"], 2)
-    for key, name in (
-        ("tcp_sock.bytes_received", "bytes_received"),
-        ("tcp_sock.bytes_acked", "bytes_acked"),
-    ):
-        if name in info:
-            exp[key] = u64(info[name])
-    for key, name in (
-        ("tcp_sock.total_retrans", "total_retrans"),
-        ("tcp_sock.segs_in", "segs_in"),
-        ("tcp_sock.segs_out", "segs_out"),
-    ):
-        if name in info:
-            exp[key] = u32(info[name])
-    return exp
-
-
-def _v4(addr: str) -> bytes | None:
-    """The IPv4 address of an AF_INET or v4-mapped AF_INET6 sockaddr host, else None."""
-    if ":" not in addr:
-        return socket.inet_aton(addr)
-    packed = socket.inet_pton(socket.AF_INET6, addr.split("%")[0])
-    if packed[:12] == b"\0" * 10 + b"\xff\xff":
-        return packed[12:]
-    return None
-
-
-def sock_expectations(sock: socket.socket, peer_hint: tuple | None = None) -> dict[str, Matcher]:
-    """What a socket's own view of itself says about ``struct sock`` (net/ipv4/af_inet.c
-    inet_getname(), net/ipv6/af_inet6.c inet6_getname())."""
-    fam = sock.family
-    typ = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-    proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-    exp: dict[str, Matcher] = {
-        "sock_common.skc_family": u16(fam),
-        "sock.sk_type": u16(typ),
-        "sock.sk_protocol": u16(proto),
-    }
-    if fam not in (socket.AF_INET, socket.AF_INET6):
-        return exp  # AF_UNIX: a third family; addresses and ports do not apply
-    local = sock.getsockname()
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        peer = peer_hint
-    # datagram sockets: TCP_ESTABLISHED after connect(), else TCP_CLOSE
-    state = tcp_info(sock)["state"] if typ == socket.SOCK_STREAM else (1 if peer else 7)
-    exp["sock_common.skc_state"] = Exact(bytes([state]))
-    if typ != socket.SOCK_RAW:  # raw sockets keep the protocol in inet_num/inet_sport
-        exp["sock_common.skc_num"] = u16(local[1])
-        exp["sock_common.skc_dport"] = be16(peer[1] if peer else 0)
-    loc4 = _v4(local[0])
-    peer4 = _v4(peer[0]) if peer else b"\0" * 4
-    if loc4 is not None and peer4 is not None:
-        exp["sock_common.skc_rcv_saddr"] = Exact(loc4, 4)
-        exp["sock_common.skc_daddr"] = Exact(peer4, 4)
-    if fam == socket.AF_INET6:
-        exp["sock_common.skc_v6_rcv_saddr"] = Exact(socket.inet_pton(fam, local[0]), 4)
-        exp["sock_common.skc_v6_daddr"] = Exact(
-            socket.inet_pton(fam, peer[0]) if peer else b"\0" * 16, 4
-        )
-    return exp
 
 
 @dataclass
@@ -150,16 +45,6 @@ class Sock:
     sock: socket.socket
     ns: str
     peer: tuple | None = None  # what connect() was given, for raw sockets (no getpeername)
-
-
-@dataclass(frozen=True)
-class Device:
-    """A device we send through: its name, ifindex and namespace."""
-
-    key: str
-    name: str
-    ifindex: int
-    ns: str
 
 
 @dataclass
@@ -224,116 +109,6 @@ def _drop_all_filter() -> tuple[bytes, ctypes.Array]:
     the returned buffer must outlive its use."""
     insns = ctypes.create_string_buffer(struct.pack("<HBBI", 0x06, 0, 0, 0))  # BPF_RET|BPF_K
     return struct.pack("@HxxxxxxP", 1, ctypes.addressof(insns)), insns
-
-
-def _ns_inode(fd: int) -> int:
-    return os.fstat(fd).st_ino
-
-
-class PrivateNet:
-    """Namespaces A and B of the calling thread, linked by a veth pair (when the kernel
-    has veth). Must be created and closed by the same thread."""
-
-    def __init__(self) -> None:
-        self.fds: dict[str, int] = {}
-        self.rtnl: dict[str, Rtnl] = {}
-        self.devices: dict[str, Device] = {}
-        self.notes: list[str] = []
-        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            for ns in ("A", "B"):
-                try:
-                    unshare(CLONE_NEWNET)
-                except OSError as exc:
-                    raise NamespaceError(
-                        f"cannot create a network namespace ({exc.strerror}); guessing "
-                        f"offsets needs CAP_SYS_ADMIN and CONFIG_NET_NS"
-                    ) from None
-                self.fds[ns] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-                self.rtnl[ns] = Rtnl()
-                self.rtnl[ns].link_up(LOOPBACK_IFINDEX)
-                self.devices[f"lo/{ns}"] = Device(f"lo/{ns}", "lo", LOOPBACK_IFINDEX, ns)
-            setns(self.fds["A"], CLONE_NEWNET)
-            self.inode = {ns: _ns_inode(fd) for ns, fd in self.fds.items()}
-            self._veth()
-        except BaseException:
-            self.close()
-            raise
-
-    def _veth(self) -> None:
-        rnd = random.Random()
-        tag = f"{rnd.getrandbits(24):06x}"
-        ia, ib = rnd.sample(range(1000, 60000), 2)
-        na, nb = f"ntg{tag}a", f"ntg{tag}b"
-        # locally administered unicast MACs, and permanent neighbours: no ARP to wait for
-        ma, mb = (bytes([0x02, *rnd.randbytes(5)]) for _ in range(2))
-        try:
-            self.rtnl["A"].add_veth(na, ia, nb, ib, self.fds["B"], ma, mb)
-            self.rtnl["A"].add_ipv4(ia, VETH_A, VETH_PREFIX)
-            self.rtnl["B"].add_ipv4(ib, VETH_B, VETH_PREFIX)
-            self.rtnl["A"].link_up(ia)
-            self.rtnl["B"].link_up(ib)
-            self.rtnl["A"].add_neigh(ia, VETH_B, mb)
-            self.rtnl["B"].add_neigh(ib, VETH_A, ma)
-            self._wait_veth()
-        except OSError as exc:
-            self.notes.append(f"no veth pair ({exc.strerror})")
-            return
-        self.devices["veth/A"] = Device("veth/A", na, ia, "A")
-        self.devices["veth/B"] = Device("veth/B", nb, ib, "B")
-
-    def _wait_veth(self, limit_s: float = 1.0) -> None:
-        """Wait until datagrams cross the veth pair both ways. The end brought up first
-        gets its queue from the link watcher (a workqueue, net/core/link_watch.c), and
-        until then the noop qdisc drops what is sent through it."""
-        with self.inside("B"):
-            b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            b.bind((VETH_B, 0))
-            a.bind((VETH_A, 0))
-            a.connect(b.getsockname())
-            b.connect(a.getsockname())
-            end = time.perf_counter() + limit_s
-            for tx, rx in ((a, b), (b, a)):
-                while True:
-                    tx.send(b"ready?")
-                    got = _wait_readable(rx, 0.003)
-                    if got:
-                        break
-                    if time.perf_counter() > end:
-                        raise OSError(errno.ETIMEDOUT, "the veth pair does not pass traffic")
-        finally:
-            a.close()
-            b.close()
-
-    @property
-    def has_veth(self) -> bool:
-        return "veth/A" in self.devices
-
-    @contextlib.contextmanager
-    def inside(self, ns: str) -> Iterator[None]:
-        """Run the block with the thread in namespace ``ns`` (sockets made there stay)."""
-        if ns == "A":
-            yield
-            return
-        setns(self.fds[ns], CLONE_NEWNET)
-        try:
-            yield
-        finally:
-            setns(self.fds["A"], CLONE_NEWNET)
-
-    def close(self) -> None:
-        for r in self.rtnl.values():
-            r.close()
-        self.rtnl.clear()
-        with contextlib.suppress(OSError):
-            setns(self._home, CLONE_NEWNET)
-        for fd in [*self.fds.values(), self._home]:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
-        self._home = -1
 
 
 class Traffic:
@@ -603,7 +378,7 @@ class Traffic:
             marker = os.urandom(16)
             payload = marker + b"\xa5" * (5 + 11 * i + self.rnd.randrange(7))
             local, peer = sock.getsockname(), to or sock.getpeername()
-            src4, dst4 = _v4(local[0]), _v4(peer[0])
+            src4, dst4 = v4_of(local[0]), v4_of(peer[0])
             if src4 is not None and dst4 is not None:
                 fam, src, dst, iphl = socket.AF_INET, src4, dst4, 20
             else:
@@ -742,18 +517,6 @@ def _recv_exactly(s: socket.socket, n: int) -> None:
         if not got:
             raise NamespaceError("a guessing connection closed early")
         n -= len(got)
-
-
-def _wait_readable(s: socket.socket, timeout_s: float) -> bool:
-    """Whether a datagram arrived on ``s`` within ``timeout_s`` (it is consumed)."""
-    end = time.perf_counter() + timeout_s
-    while True:
-        with contextlib.suppress(BlockingIOError):
-            s.recv(64, socket.MSG_DONTWAIT)
-            return True
-        if time.perf_counter() > end:
-            return False
-        time.sleep(0.0001)
 
 
 def _recv_peek(s: socket.socket) -> None:
