@@ -190,26 +190,67 @@ class Traced:
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(120) or self.p.poll() is not None:
             raise SystemExit(f"tracer did not start: {''.join(self.err)}")
+        self.rss_samples: list[int] = []
+        threading.Thread(target=self._sample, daemon=True).start()
 
-    def stop(self) -> tuple[list[dict[str, Any]], int, float]:
-        """SIGINT; (reports, peak RSS KiB, CPU seconds)."""
+    def _sample(self) -> None:
+        """The tracer's VmHWM (peak RSS, KiB) every 50 ms until it exits.
+
+        Not ``wait4``'s ``ru_maxrss``: after fork+exec it starts from the forking
+        process's peak (``signal->maxrss``), here this driver's."""
+        path = f"/proc/{self.p.pid}/status"
+        while self.p.returncode is None:
+            try:
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            self.rss_samples.append(int(line.split()[1]))
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    def stop(self, load: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
+        """SIGINT; (check() of its reports, peak RSS KiB, CPU seconds)."""
         self.p.send_signal(signal.SIGINT)
+        # the zombie keeps /proc/PID/status readable until it is reaped: last VmHWM first
+        os.waitid(os.P_PID, self.p.pid, os.WEXITED | os.WNOWAIT)
+        hwm = _vm_hwm(self.p.pid)
         _, status, usage = os.wait4(self.p.pid, 0)
         self.p.returncode = os.waitstatus_to_exitcode(status)
         if self.p.returncode != 0:
             raise SystemExit(f"tracer failed ({self.p.returncode}): {''.join(self.err)}")
         self.out.seek(0)
-        reports = [json.loads(line) for line in self.out if line.strip()]
+        ok = check(self.out, load)
         self.out.close()
-        return reports, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
+        peak = max([hwm, ok["peak_rss_kib"], *self.rss_samples])
+        return ok, peak, usage.ru_utime + usage.ru_stime
 
 
-def check(reports: list[dict[str, Any]], load: dict[str, Any]) -> dict[str, Any]:
-    """Every connection closed exactly once on each end with 1024 bytes each way."""
+def _vm_hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def check(lines: Any, load: dict[str, Any]) -> dict[str, Any]:
+    """Every connection closed exactly once on each end with 1024 bytes each way (the
+    reports are read one line at a time)."""
     ports = set(load["ports"])
     ends: dict[tuple[str, int, str, int], int] = {}
-    wrong = 0
-    for r in reports:
+    wrong = evicted = lost = records = peak = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        evicted += r["evicted"]
+        lost += r["lost"]
+        records = r["stats"]["records"]
+        peak = max(peak, r["stats"].get("peak_rss_kib", 0))
         for c in r["closed"]:
             if c["proto"] != "tcp" or not ({c["sport"], c["dport"]} & ports):
                 continue
@@ -223,9 +264,10 @@ def check(reports: list[dict[str, Any]], load: dict[str, Any]) -> dict[str, Any]
         "expected_ends": 2 * load["completed"],
         "reported_ends": reported,
         "wrong_bytes": wrong,
-        "evicted": sum(r["evicted"] for r in reports),
-        "lost": sum(r["lost"] for r in reports),
-        "records": reports[-1]["stats"]["records"] if reports else 0,
+        "evicted": evicted,
+        "lost": lost,
+        "records": records,
+        "peak_rss_kib": peak,
     }
 
 
@@ -265,10 +307,9 @@ def main() -> int:
             t = Traced(inode, args.tracer_arg)
             load = run_load(ns, args)
             time.sleep(1.5)  # let the last interval pass
-            reports, maxrss, cpu = t.stop()
+            ok, maxrss, cpu = t.stop(load)
             traced.append(load["rate"])
             rss.append(maxrss)
-            ok = check(reports, load)
             verdict = (
                 "all reported, exact bytes"
                 if ok["reported_ends"] == ok["expected_ends"] and ok["wrong_bytes"] == 0

@@ -815,3 +815,36 @@ def test_usage_errors(argv: list[str], env: dict[str, str], message: str) -> Non
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+
+
+def test_full_ring_buffer_loses_nothing(ns: Netns) -> None:
+    """A one-page ring buffer (22 records) and 40 connections closed between two reads:
+    what the ring refused comes through the overflow hash, nothing is lost or evicted."""
+    from nettracer.tracers import conns, conns_prog
+
+    tracer = conns.ConnTracer(
+        conns.load_offsets("btf"), conns_prog.Options(netns=ns.inode), ring_bytes=4096
+    )
+    monitor = conns.ConnMonitor(tracer)
+    script = None
+    try:
+        monitor.start()
+        script = Script(ns, mode="short", family=4, host="127.0.0.1", n=40)
+        truth = script.read()
+        iv = monitor.interval()
+        overflowed = tracer.overflowed
+    finally:
+        if script is not None:
+            script.close()
+        monitor.close()
+    assert overflowed > 0
+    assert (iv.lost, iv.evicted) == (0, 0)
+    for conn in truth["conns"]:
+        for side, sent in (("client", conn["send"]), ("server", conn["reply"])):
+            [c] = [
+                c
+                for c in iv.closed
+                if (c.saddr, c.sport, c.daddr, c.dport)
+                == tuple(conn[side][k] for k in ("saddr", "sport", "daddr", "dport"))
+            ]
+            assert c.bytes_sent == sent

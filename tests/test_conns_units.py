@@ -87,7 +87,7 @@ def test_plan_reads_splits_wide_spans() -> None:
 )
 def test_programs_follow_the_offsets(build: object) -> None:
     """No offset is hard-coded: moving every field moves the generated reads."""
-    maps = {cp.MAP_CONNS: 3, cp.MAP_EVENTS: 4, cp.MAP_LOST: 5, cp.MAP_IDS: 6}
+    maps = {cp.MAP_CONNS: 3, cp.MAP_EVENTS: 4, cp.MAP_LOST: 5, cp.MAP_IDS: 6, cp.MAP_ENDED: 7}
     a = resolve(build(fake_offsets(0)).insns, maps)  # type: ignore[operator]
     b = resolve(build(fake_offsets(8)).insns, maps)  # type: ignore[operator]
     assert a != b

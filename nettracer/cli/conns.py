@@ -234,8 +234,6 @@ class _Session:
         epoch = (now_ns + self.mono_to_epoch) / 1e9
         stats = self.monitor.stats() if self.args.stats else None
         if self.json:
-            line = out.interval_line(iv, epoch, seconds, now_ns, self.mono_to_epoch, stats)
-            self.out.write(line + "\n")
-            self.out.flush()
+            out.write_interval(self.out, iv, epoch, seconds, now_ns, self.mono_to_epoch, stats)
         else:
             out.print_interval(iv, epoch, now_ns, top=self.args.top, stats=stats, stream=self.out)

@@ -24,12 +24,14 @@ The text tables use rich (imported when the first table is printed).
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from typing import Any, TextIO
 
 from nettracer.output.jsonlines import clock_time, iso_time
 from nettracer.tracers.conns_model import (
+    ADDR_TEXT,
     Conn,
     addr_text,
     comm_text,
@@ -63,7 +65,7 @@ def conn_json(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False)
         "retransmits": c.retransmits,
         "rtt_us": c.rtt_us,
         "rtt_var_us": c.rtt_var_us,
-        "duration_ms": round(c.duration_ms(now_ns), 3),
+        "duration_ms": c.duration_ms(now_ns),
         "gateway": None if c.gateway is None else c.gateway.as_json(),
         "start_time": _start_time(c.start_ns + mono_to_epoch_ns),
         "states": list(c.states),
@@ -172,7 +174,7 @@ def conn_line(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False)
         c.retransmits,
         "null" if c.rtt_us is None else c.rtt_us,
         "null" if c.rtt_var_us is None else c.rtt_var_us,
-        round(max(0, (c.end_ns or now_ns) - c.start_ns) / 1e6, 3),
+        c.duration_ms(now_ns),
         "null" if gw is None else _cached_json(gw.as_json(), gw),
         _start_time(c.start_ns + mono_to_epoch_ns),
         _cached_json(list(c.states), c.states),
@@ -207,11 +209,19 @@ _OPENED = ("unknown", "active", "passive")
 _DIRECTION = ("unknown", "outgoing", "incoming")
 
 
+_END_BY_REASON = (',"end":null', ',"end":"closed"', ',"end":"reused"', ',"end":"expired"')
+_comm_json: dict[bytes, str] = {}
+_hist_json: dict[int, tuple[list[int], str]] = {}
+_STATE_TEXT = tuple(STATE_NAMES.get(i, str(i)) for i in range(256))
+_last_second: list[Any] = [None, "", ""]
+
+
 def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_ns: int) -> str:
     """``conn_line(decode(rec), closed=True)`` for the record of a connection that was
     never reported open (so its delta is its totals) and has no gateway to show, without
     building a :class:`Conn`: the hot path of a host closing thousands of connections a
-    second.  The tests check it against :func:`conn_json` for every kind of record."""
+    second (every lookup it can avoid, it avoids).  The tests check it against
+    :func:`conn_json` for every kind of record."""
     if rec[_R_FAMILY] == AF_INET6:
         s_raw, d_raw = rec[_R_SADDR6], rec[_R_DADDR6]
         if d_raw.startswith(_V4_MAPPED) and (s_raw.startswith(_V4_MAPPED) or s_raw == _ZERO16):
@@ -225,36 +235,65 @@ def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_n
         opened = 0
     flags = rec[_R_FLAGS]
     if rec[_R_PROTO] == IPPROTO_TCP:
-        hist, states = history(rec[_R_HIST])
+        h = rec[_R_HIST]
+        hj = _hist_json.get(h)
+        if hj is None:
+            if len(_hist_json) >= 4096:
+                _hist_json.clear()
+            hist, states = history(h)
+            hj = _hist_json[h] = (hist, json.dumps(list(states)))
         if bytes_from_tcp_sock:
-            sent, got = tcp_data_bytes(rec[_R_ACKED], rec[_R_TCPRECV], opened, hist)
+            sent, got = tcp_data_bytes(rec[_R_ACKED], rec[_R_TCPRECV], opened, hj[0])
         else:
             sent, got = rec[_R_SENT], rec[_R_RECV]
-        proto, state = "tcp", STATE_NAMES.get(rec[_R_STATE]) or str(rec[_R_STATE])
+        proto, state = "tcp", _STATE_TEXT[rec[_R_STATE]]
         retrans = rec[_R_RETRANS]
         rtt, rtt_var = rec[_R_SRTT] >> 3, rec[_R_MDEV] >> 2
+        states_json = hj[1]
     else:
-        states = ()
+        states_json = "[]"
         sent, got = rec[_R_SENT], rec[_R_RECV]
         proto = "udp"
         state = "ESTABLISHED" if rec[_R_STATE] == 1 else "UNCONN"
         retrans, rtt, rtt_var = 0, "null", "null"
-    known = flags & Flag.PID_KNOWN
+    if flags & Flag.PID_KNOWN:
+        pid = rec[_R_PID]
+        raw = rec[_R_COMM]
+        comm = _comm_json.get(raw)
+        if comm is None:
+            if len(_comm_json) >= 4096:
+                _comm_json.clear()
+            comm = _comm_json[raw] = json.dumps(comm_text(raw), ensure_ascii=False)
+    else:
+        pid, comm = "null", '""'
+    saddr = ADDR_TEXT.get(s_raw) or addr_text(s_raw)
+    daddr = ADDR_TEXT.get(d_raw) or addr_text(d_raw)
+    if family == 4:
+        local = d_raw[0] == 127 or (d_raw == s_raw and d_raw != b"\0\0\0\0")
+    else:
+        local = is_local(6, s_raw, d_raw)
     dport = rec[_R_DPORT]
     segs_in, segs_out = rec[_R_SEGS_IN], rec[_R_SEGS_OUT]
     start = rec[_R_START]
-    end = END_NAMES.get(rec[_R_END_REASON])
+    end_ns = rec[_R_END]
+    reason = rec[_R_END_REASON]
+    # the start time's text: the second's part is computed once per second
+    sec, ns = divmod(start + mono_to_epoch_ns, 1_000_000_000)
+    last = _last_second
+    if last[0] != sec:
+        text = iso_time(float(sec), "seconds")
+        last[0], last[1], last[2] = sec, text[:19], text[19:]
     return _CONN % (
-        rec[_R_PID] if known else "null",
-        _cached_json(comm_text(rec[_R_COMM])) if known else '""',
+        pid,
+        comm,
         proto,
         family,
-        addr_text(s_raw),
+        saddr,
         rec[_R_SPORT],
-        addr_text(d_raw),
+        daddr,
         ((dport & 0xFF) << 8) | (dport >> 8),
         rec[_R_NETNS],
-        "local" if is_local(family, s_raw, d_raw) else _DIRECTION[opened],
+        "local" if local else _DIRECTION[opened],
         state,
         sent,
         got,
@@ -263,10 +302,10 @@ def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_n
         retrans,
         rtt,
         rtt_var,
-        round(max(0, (rec[_R_END] or start) - start) / 1e6, 3),
+        ((end_ns - start + 500) // 1000 if end_ns > start else 0) / 1000,
         "null",
-        _start_time(start + mono_to_epoch_ns),
-        _cached_json(list(states), states),
+        f"{last[1]}.{ns // 1000:06d}{last[2]}",
+        states_json,
         _OPENED[opened],
         "true" if flags & Flag.PARTIAL else "false",
         rec[_R_ID],
@@ -275,7 +314,7 @@ def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_n
         segs_in,
         segs_out,
         retrans,
-        _END.get(end) or f',"end":{json.dumps(end)}',
+        _END_BY_REASON[reason] if reason < 4 else f',"end":{json.dumps(END_NAMES.get(reason))}',
     )
 
 
@@ -288,15 +327,40 @@ def interval_line(
     stats: dict[str, object] | None = None,
 ) -> str:
     """:func:`interval_json` as one line of compact JSON (no trailing newline)."""
-    conns = ",".join([conn_line(c, now_ns, mono_to_epoch_ns) for c in iv.conns])
-    closed = ",".join(
-        iv.closed_text + [conn_line(c, now_ns, mono_to_epoch_ns, True) for c in iv.closed]
-    )
+    buf = io.StringIO()
+    write_interval(buf, iv, end_epoch_s, seconds, now_ns, mono_to_epoch_ns, stats)
+    return buf.getvalue()[:-1]
+
+
+def write_interval(
+    stream: TextIO,
+    iv: Interval,
+    end_epoch_s: float,
+    seconds: float,
+    now_ns: int,
+    mono_to_epoch_ns: int,
+    stats: dict[str, object] | None = None,
+    chunk: int = 2048,
+) -> None:
+    """Write :func:`interval_line` and a newline to ``stream`` piece by piece (an interval
+    of a busy host holds tens of thousands of connections: no second copy of it all),
+    then flush."""
+    w = stream.write
+    w(f'{{"time":{json.dumps(iso_time(end_epoch_s))},"interval_s":{round(seconds, 3)!r},"conns":[')
+    w(",".join([conn_line(c, now_ns, mono_to_epoch_ns) for c in iv.conns]))
+    w('],"closed":[')
+    sep = ""
+    texts = iv.closed_text
+    for i in range(0, len(texts), chunk):
+        w(sep + ",".join(texts[i : i + chunk]))
+        sep = ","
+    for i in range(0, len(iv.closed), chunk):
+        part = iv.closed[i : i + chunk]
+        w(sep + ",".join([conn_line(c, now_ns, mono_to_epoch_ns, True) for c in part]))
+        sep = ","
     tail = "" if stats is None else ',"stats":' + json.dumps(stats, separators=(",", ":"))
-    return (
-        f'{{"time":{json.dumps(iso_time(end_epoch_s))},"interval_s":{round(seconds, 3)!r},'
-        f'"conns":[{conns}],"closed":[{closed}],"evicted":{iv.evicted},"lost":{iv.lost}{tail}}}'
-    )
+    w(f'],"evicted":{iv.evicted},"lost":{iv.lost}{tail}}}\n')
+    stream.flush()
 
 
 def human_bytes(n: int) -> str:

@@ -173,6 +173,8 @@ class ConnTracer:
         self._reader: RecordReader | None = None
         self.records = 0
         self.refreshes = 0
+        #: records the ring buffer refused that came through the ``ended`` hash
+        self.overflowed = 0
         self._walk_bufs: tuple[Any, ...] | None = None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -189,11 +191,13 @@ class ConnTracer:
         self.events = ringbuf.RingBuf(self.ring_bytes, cp.MAP_EVENTS)
         self.lost = ringbuf.lost_counter(cp.MAP_LOST)
         self.ids = maps.array(ctypes.c_uint64, 1, cp.MAP_IDS)
+        self.ended = maps.hash_map(ctypes.c_uint64, cp.ConnValue, cp.ENDED_ENTRIES, cp.MAP_ENDED)
         m = {
             cp.MAP_CONNS: self.conns,
             cp.MAP_EVENTS: self.events,
             cp.MAP_LOST: self.lost,
             cp.MAP_IDS: self.ids,
+            cp.MAP_ENDED: self.ended,
         }
         use_length = self.bytes_source in ("auto", "length")
         if use_length and not (_has_raw_tp(TP_SEND[0]) and _has_raw_tp(TP_RECV[0])):
@@ -269,7 +273,20 @@ class ConnTracer:
         if tcp:
             live = self.walk()
         self.drain()  # records of connections that ended during the walk: take_closed()
+        self.take_overflow()
         return Collected(created, live, self.lost_total())
+
+    def take_overflow(self) -> int:
+        """Move the records the ring buffer refused (kept in the ``ended`` hash) to the
+        pending list; returns how many."""
+        n = 0
+        for key in list(self.ended.keys()):
+            v = self.ended.lookup_and_delete(key)
+            if v is not None:
+                self._pending.append(RECORD.unpack(bytes(v)))
+                n += 1
+        self.overflowed += n
+        return n
 
     def walk(self) -> list[tuple[Any, ...]]:
         """Every entry of the connection map, unpacked (batched, 4096 at a time)."""
@@ -325,10 +342,23 @@ class ConnTracer:
             self._reader = None
         for p in self.progs.values():
             p.close()
-        for name in ("conns", "events", "lost", "ids"):
+        for name in ("conns", "events", "lost", "ids", "ended"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
+
+
+def _vm_hwm() -> int:
+    """This process's peak RSS in KiB (``VmHWM``: per address space, unlike
+    ``ru_maxrss``, which exec inherits from the process that forked us)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def _has_raw_tp(name: str) -> bool:
@@ -390,17 +420,18 @@ class ConnMonitor:
         wake-ups; draining every ~50 ms keeps up with hundreds of thousands a second)."""
         n = self.tracer.drain()
         if n:
-            self._take_pending(fast=True)
+            self._take_pending()
         if timeout_s > 0:
             time.sleep(timeout_s)
         return n
 
-    def _take_pending(self, fast: bool) -> list[Conn]:
+    def _take_pending(self, walked: set[int] | frozenset[int] = frozenset()) -> list[Conn]:
         """Decode (or render) the records drained so far; the decoded ones are returned
-        (and kept for the interval).  ``fast`` allows rendering: only before the map walk,
-        as a record drained after it may belong to a connection the walk saw open."""
+        (and kept for the interval).  A record is rendered at once when its connection
+        was never reported open: not in the table, nor among ``walked``, the ids the map
+        walk of this interval saw (a record drained after the walk may be one of them)."""
         tcp_sock = not self.tracer.use_length
-        render = self.render_closed if fast else None
+        render = self.render_closed
         open_ids = self.table.open
         need_gateway = self.resolver is not None
         pid = self.pid
@@ -409,6 +440,7 @@ class ConnMonitor:
             if (
                 render is not None
                 and cid not in open_ids
+                and cid not in walked
                 and not (need_gateway and not record_is_local(rec))
             ):
                 self.rendered_ids.append(cid)
@@ -423,9 +455,10 @@ class ConnMonitor:
     def interval(self) -> Interval:
         """Everything since the last call: open connections (with deltas), closed ones."""
         t0 = time.perf_counter()
-        self._take_pending(fast=True)
+        self.tracer.drain()
+        self._take_pending()
         got = self.tracer.collect()
-        closed = self._take_pending(fast=False)  # drained after the walk: never rendered
+        closed = self._take_pending({rec[_ID] for rec in got.live})
         self.closed = []
         tcp_sock = not self.tracer.use_length
         now = time.monotonic_ns()
@@ -497,8 +530,10 @@ class ConnMonitor:
             "created_total": self.table.created,
             "open": len(self.table.open),
             "refreshes": t.refreshes,
+            "overflowed": t.overflowed,
             "collect_ms": round(self.last_collect_ms, 3),
             "bytes_source": "sock_length" if t.use_length else "tcp_sock",
+            "peak_rss_kib": _vm_hwm(),
             "offsets": t.offsets.source,
         }
         if self.resolver is not None:

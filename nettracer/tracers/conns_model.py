@@ -93,8 +93,9 @@ class Conn:
         }
 
     def duration_ms(self, now_ns: int) -> float:
+        """Milliseconds with µs resolution (rounded half up) until the end or ``now_ns``."""
         end = self.end_ns or now_ns
-        return max(0, end - self.start_ns) / 1e6
+        return ((end - self.start_ns + 500) // 1000 if end > self.start_ns else 0) / 1000
 
 
 def is_local(family: int, saddr: bytes, daddr: bytes) -> bool:
@@ -169,17 +170,18 @@ class _Cache(dict):  # type: ignore[type-arg]
         self[key] = value
 
 
-_addrs = _Cache()
+#: address bytes -> text (shared with the output's fast path)
+ADDR_TEXT = _Cache()
 _comms = _Cache(4096)
 _histories = _Cache(4096)
 
 
 def addr_text(raw: bytes) -> str:
     """``inet_ntop`` of 4 or 16 network-order bytes (cached)."""
-    text = _addrs.get(raw)
+    text = ADDR_TEXT.get(raw)
     if text is None:
         text = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
-        _addrs.put(raw, text)
+        ADDR_TEXT.put(raw, text)
     return text
 
 

@@ -90,6 +90,9 @@ MAP_CONNS = "conns"
 MAP_EVENTS = "events"
 MAP_LOST = "lost"
 MAP_IDS = "ids"
+MAP_ENDED = "ended"
+#: entries of the ``ended`` overflow hash (records the ring buffer refused)
+ENDED_ENTRIES = 4096
 
 #: BPF_NOEXIST for bpf_map_update_elem
 BPF_NOEXIST = 1
@@ -201,7 +204,7 @@ def jset(dst: Reg, imm: int, target: str) -> Insn:
 # stack layout shared by all programs (offsets from FP)
 KEY = -8  #: u64 key: the struct sock pointer
 TMP = -16  #: u64 scratch (old state)
-TMP2 = -24  #: u32 scratch (array index, netns inode)
+TMP2 = -24  #: u32/u64 scratch (array index, netns inode, id)
 #: stack bytes below TMP2 for tcp_sock reads in programs without a tuple buffer
 STATS_BUF = 480
 
@@ -347,9 +350,11 @@ class _Builder:
     def emit_closed(self, value: Reg, reason: EndReason, attempts: int = 3) -> None:
         """Send ``*value`` (a map value) to the ring buffer as ended, and delete it.
 
-        ``bpf_ringbuf_output`` can fail with -EAGAIN without the ring being full (the
-        ring's lock is a resilient spinlock since Linux 6.15 and gives up under
-        contention), so it is tried ``attempts`` times before the record is counted lost.
+        ``bpf_ringbuf_output`` fails (-EAGAIN) when the ring is full and, since Linux
+        6.15 made the ring's lock a resilient spinlock, now and then under contention
+        too.  It is tried ``attempts`` times; then the record goes to the ``ended`` hash
+        (keyed by id, drained by user space every interval); only when that is full as
+        well is it counted lost.
         """
         ok = self.label("emitted")
         self.p += st(1, value, off("end_reason"), int(reason))
@@ -363,6 +368,17 @@ class _Builder:
                 call(Helper.ringbuf_output),
                 jeq(R0, 0, ok),
             ]
+        self.p += [
+            ldx(8, R1, value, off("id")),
+            stx(8, FP, TMP2, R1),
+            ld_map_fd(R1, MAP_ENDED),
+            mov64(R2, FP),
+            add64(R2, TMP2),
+            mov64(R3, value),
+            mov64(R4, 0),  # BPF_ANY
+            call(Helper.map_update_elem),
+            jeq(R0, 0, ok),
+        ]
         self.bump(MAP_LOST)
         self.p.label(ok)
         self.p += [ld_map_fd(R1, MAP_CONNS), mov64(R2, FP), add64(R2, KEY)]

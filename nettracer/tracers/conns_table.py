@@ -67,10 +67,12 @@ class ConnTable:
         ``live`` the map's entries, ``closed`` the ring buffer's records since the last
         update (including entries user space expired), ``lost_total`` the lost counter,
         ``seen`` the ids of more closed connections (never seen open) reported elsewhere."""
+        lo = self.created
+        seen = list(seen)
         seen_new = {i for i in self._early if i < created}
+        seen_new.update([i for i in seen if lo <= i < created])
         early = {i for i in self._early if i >= created}
-        for cid in seen:
-            self._see(cid, created, seen_new, early)
+        early.update([i for i in seen if i >= created])
         closed_ids = set()
         reported_closed: list[Conn] = []
         for c in closed:
