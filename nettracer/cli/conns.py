@@ -10,6 +10,7 @@ prints the last (partial) interval, detaches and exits 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -174,6 +175,10 @@ class _Session:
             for notice in monitor.notices:
                 sys.stderr.write(f"nettracer: notice: {notice}\n")
             self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
+            # tens of thousands of short-lived tuples a second and no reference cycles:
+            # the start-up objects leave the collector's view, and it runs less often
+            gc.freeze()
+            gc.set_threshold(100_000, 50, 100)
             if self.json:
                 import functools
 
