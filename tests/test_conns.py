@@ -535,6 +535,8 @@ def test_tcp_bytes_from_tcp_sock(ns: Netns) -> None:
         for side, sent, got in (("client", 1234, 4321), ("server", 4321, 1234)):
             [c] = find(report["conns"], pair[side], ns.inode)
             assert (c["bytes_sent"], c["bytes_received"]) == (sent, got)
+            # the accepting side's owner comes from tcp:tcp_rcv_space_adjust (recvmsg)
+            assert (c["pid"], c["comm"]) == (truth["pid"], truth["comm"])
             [f] = find(all_closed(reports), pair[side], ns.inode)
             assert (f["bytes_sent"], f["bytes_received"]) == (sent, got)
     no_loss(reports)
@@ -608,6 +610,9 @@ def test_udp(ns: Netns, family: int) -> None:
     host = "::1" if family == 6 else "127.0.0.1"
     sizes, reply = [100, 1, 1400, 60000], 321
     tracer = start_tracer("--interval", "0.5", "--netns", str(ns.inode))
+    if "UDP flows are not collected" in tracer.stderr:
+        tracer.stop()
+        kernel_skip(tracer.stderr.strip().splitlines()[0])
     script = Script(ns, mode="udp", family=family, host=host, sizes=sizes, reply=reply)
     try:
         truth = script.read()

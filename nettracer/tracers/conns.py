@@ -47,6 +47,7 @@ TP_STATE: tuple[str, str | None] = ("inet_sock_set_state", "4.16")
 TP_DESTROY: tuple[str, str | None] = ("tcp_destroy_sock", None)
 TP_SEND = ("sock_send_length", "6.3")
 TP_RECV = ("sock_recv_length", "6.3")
+TP_OWNER: tuple[str, str | None] = ("tcp_rcv_space_adjust", None)
 
 #: bytes sources: the sock_*_length tracepoints, or struct tcp_sock counters
 BYTES_SOURCES = ("auto", "length", "tcp_sock")
@@ -230,6 +231,8 @@ class ConnTracer:
         if use_length:
             builds["conn_send"] = (cp.build_length(self.offsets, opts, True), TP_SEND)
             builds["conn_recv"] = (cp.build_length(self.offsets, opts, False), TP_RECV)
+        elif _has_raw_tp(TP_OWNER[0]):
+            builds["conn_owner"] = (cp.build_owner(self.offsets, opts), TP_OWNER)
         for name, (program, _) in builds.items():
             self.progs[name] = prog.load(program.insns, maps=m, name=name)
         for name, (_, tp) in builds.items():

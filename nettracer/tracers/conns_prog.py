@@ -26,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
@@ -531,20 +531,39 @@ def _apply_transition(b: _Builder, buf: int, plan: ReadPlan | None) -> None:
 
 def build_length(offsets: Offsets, opts: Options, send: bool) -> Program:
     """The ``sock_send_length`` (``send``) or ``sock_recv_length`` program."""
-    b = _Builder(offsets, opts, "send" if send else "recv")
+    return _build_socket_event(offsets, opts, "send" if send else "recv")
+
+
+def build_owner(offsets: Offsets, opts: Options) -> Program:
+    """The ``tcp:tcp_rcv_space_adjust (struct sock *sk)`` program, for kernels without
+    ``sock_recv_length``: ``tcp_recvmsg`` calls it in the reader's process context, so
+    it names the owner of an accepted connection (and creates entries for TCP
+    connections that were open before the tracer started).  It counts no bytes."""
+    return _build_socket_event(offsets, replace(opts, collect_udp=False), "owner")
+
+
+def _build_socket_event(offsets: Offsets, opts: Options, kind: str) -> Program:
+    """Programs on tracepoints that run in the socket owner's context: ``send``/``recv``
+    count bytes (``ret``) and datagrams; ``owner`` only records the owner."""
+    b = _Builder(offsets, opts, kind)
     p = b.p
     plan = tuple_plan(offsets, opts)
     buf, val = _layout(plan)
     w = plan.where
+    send = kind == "send"
+    counts = kind != "owner"
     nbytes = "bytes_sent" if send else "bytes_received"
     segs = "segs_out" if send else "segs_in"
-    p += [
-        mov64(R6, R1),
-        ldx(8, R8, R6, 8),  # ret (int)
-        jsle32(R8, 0, "out"),
-        mov32(R8, R8),
-    ]
-    if not send:
+    p += mov64(R6, R1)
+    if counts:
+        p += [
+            ldx(8, R8, R6, 8),  # ret (int)
+            jsle32(R8, 0, "out"),
+            mov32(R8, R8),
+        ]
+    else:
+        p += mov64(R8, 0)
+    if kind == "recv":
         p += [ldx(8, R1, R6, 16), jset(R1, MSG_PEEK, "out")]
     p += [ldx(8, R6, R6, 0), stx(8, FP, KEY, R6)]
     b.lookup(MAP_CONNS, KEY)
@@ -571,7 +590,8 @@ def build_length(offsets: Offsets, opts: Options, send: bool) -> Program:
         b.emit_closed(R7, EndReason.REUSED)
         p += ja("miss")
     p.label("add")
-    p += atomic_add(8, R7, off(nbytes), R8)
+    if counts:
+        p += atomic_add(8, R7, off(nbytes), R8)
     if opts.collect_udp:
         p += [
             ldx(1, R1, R7, off("proto")),
