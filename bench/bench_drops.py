@@ -5,10 +5,15 @@ Run as root from the repository: ``python3 bench/bench_drops.py [--drops N] [--r
 one veth pair with static neighbours; removed at the end) and measures:
 
 1. start-up, command start to attached, for ``nettracer drops`` (with its byte-code
-   cached, as an installed package runs, and without) and for
+   cached, without, and -- with ``--installed VENV`` -- as ``pip install`` puts it in a
+   virtual environment: byte-code compiled at install time, no editable finder, run as
+   ``VENV/bin/nettracer drops`` from ``/``) and for
    ``bpftrace -e 'tracepoint:skb:kfree_skb { @[ksym(args->location), args->reason] = count(); }'``,
-   both detected the same way: the command's pid shows up in ``bpftool perf list``
-   with a program on ``kfree_skb`` (median of K starts each);
+   all detected the same way, timed from just before the process is spawned: one of
+   the command's file descriptors is a program attached to ``kfree_skb``
+   (``BPF_TASK_FD_QUERY`` on each descriptor of that pid, what ``bpftool perf list``
+   asks for every process; polled every 0.5 ms; ``--detect bpftool`` polls ``bpftool
+   perf list`` itself, some 10 ms a round) (median of K starts each);
 2. with both attached at once (and, as a cross-check, each alone in alternating
    rounds), plus an empty raw_tp program on ``kfree_skb`` (the
    floor), N UDP datagrams from B to a closed port in T: BPF run time / run count of
@@ -32,6 +37,7 @@ the drops caused, which is why ours is also given for T alone.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -135,6 +141,65 @@ def perf_attached(pid: int) -> int | None:
     return None
 
 
+#: ``BPF_TASK_FD_QUERY`` (include/uapi/linux/bpf.h, Linux 4.18)
+_BPF_TASK_FD_QUERY = 20
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}[platform.machine()]
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _TaskFdQuery(ctypes.Structure):
+    """``union bpf_attr``'s ``task_fd_query`` member."""
+
+    _fields_ = (
+        ("pid", ctypes.c_uint32),
+        ("fd", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("buf_len", ctypes.c_uint32),
+        ("buf", ctypes.c_uint64),
+        ("prog_id", ctypes.c_uint32),
+        ("fd_type", ctypes.c_uint32),
+        ("probe_offset", ctypes.c_uint64),
+        ("probe_addr", ctypes.c_uint64),
+    )
+
+
+_NAME = ctypes.create_string_buffer(256)
+_ATTR = _TaskFdQuery()
+
+
+def fd_attached(pid: int) -> int | None:
+    """The id of the program ``pid`` has attached to kfree_skb, asked of the kernel for
+    each of its file descriptors (what ``bpftool perf list`` does for every process)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for name in fds:
+        ctypes.memset(ctypes.addressof(_ATTR), 0, ctypes.sizeof(_ATTR))
+        _ATTR.pid, _ATTR.fd = pid, int(name)
+        _ATTR.buf, _ATTR.buf_len = ctypes.addressof(_NAME), len(_NAME)
+        ret = _libc.syscall(
+            _SYS_BPF, ctypes.c_int(_BPF_TASK_FD_QUERY), ctypes.byref(_ATTR),
+            ctypes.c_uint(ctypes.sizeof(_ATTR)),
+        )  # fmt: skip
+        if ret == 0 and _NAME.value == b"kfree_skb":
+            return int(_ATTR.prog_id)
+    return None
+
+
+#: how attachment is detected (``--detect``): fdquery (default) or bpftool
+DETECT = {"how": "fdquery"}
+
+
+def attached(pid: int) -> int | None:
+    if DETECT["how"] == "bpftool":
+        return perf_attached(pid)
+    prog_id = fd_attached(pid)
+    if prog_id is None:
+        time.sleep(0.0005)
+    return prog_id
+
+
 @dataclass
 class Started:
     proc: subprocess.Popen[str]
@@ -147,9 +212,14 @@ class Started:
 PYC_ENV = {"PYTHONPYCACHEPREFIX": f"/tmp/nettracer-bench-pyc-{os.getuid()}"}
 
 
-def env(pyc: bool) -> dict[str, str]:
+def env(pyc: bool | None) -> dict[str, str]:
+    """``pyc`` True/False: this checkout with or without byte-code; None: an installed
+    command (no PYTHONPATH, the byte-code pip wrote)."""
     e = dict(os.environ, PYTHONPATH=REPO)
-    if pyc:
+    if pyc is None:
+        for name in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX"):
+            e.pop(name, None)
+    elif pyc:
         e.pop("PYTHONDONTWRITEBYTECODE", None)
         e.update(PYC_ENV)
     else:
@@ -158,18 +228,19 @@ def env(pyc: bool) -> dict[str, str]:
     return e
 
 
-def start(cmd: list[str], timeout: float = 60, pyc: bool = True) -> Started:
+def start(cmd: list[str], timeout: float = 60, pyc: bool | None = True) -> Started:
+    e = env(pyc)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        cwd=REPO,
-        env=env(pyc),
+        cwd="/" if pyc is None else REPO,
+        env=e,
     )
     while time.perf_counter() - t0 < timeout:
-        prog_id = perf_attached(proc.pid)
+        prog_id = attached(proc.pid)
         if prog_id is not None:
             return Started(proc, prog_id, time.perf_counter() - t0)
         if proc.poll() is not None:
@@ -208,22 +279,32 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
-def bench_startup(k: int) -> tuple[list[float], list[float], list[float]]:
+def bench_startup(
+    k: int, installed: str | None = None
+) -> tuple[list[float], list[float], list[float], list[float]]:
     """Start-up of ours with byte-code cached (as installed), ours without (this checkout
-    under PYTHONDONTWRITEBYTECODE=1), and bpftrace, interleaved."""
-    stop(start([*OURS, "--interval", "3600"], pyc=True))  # write the byte-code cache
-    ours, ours_nopyc, theirs = [], [], []
+    under PYTHONDONTWRITEBYTECODE=1), bpftrace, and -- with ``installed`` (a virtual
+    environment ``pip install`` put nettracer in) -- its ``bin/nettracer``, interleaved.
+    One unmeasured start of each first (byte-code, caches, page cache)."""
+    cmds = [
+        ([*OURS, "--interval", "3600"], True),
+        (BPFTRACE, True),
+        ([*OURS, "--interval", "3600"], False),
+    ]
+    if installed:
+        cmds.append(
+            ([os.path.join(installed, "bin", "nettracer"), "drops", "--interval", "3600"], None)
+        )
+    for cmd, pyc in cmds:
+        stop(start(cmd, pyc=pyc))
+    times: list[list[float]] = [[] for _ in range(4)]
     for _ in range(k):
-        s = start([*OURS, "--interval", "3600"], pyc=True)
-        ours.append(s.seconds)
-        stop(s)
-        s = start(BPFTRACE)
-        theirs.append(s.seconds)
-        stop(s)
-        s = start([*OURS, "--interval", "3600"], pyc=False)
-        ours_nopyc.append(s.seconds)
-        stop(s)
-    return ours, ours_nopyc, theirs
+        for i, (cmd, pyc) in enumerate(cmds):
+            s = start(cmd, pyc=pyc)
+            times[i].append(s.seconds)
+            stop(s)
+    ours, theirs, ours_nopyc, ours_installed = times
+    return ours, ours_nopyc, theirs, ours_installed
 
 
 def bench_cost_and_counts(n: int, inode: int) -> dict[str, object]:
@@ -327,7 +408,23 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per workload run")
     ap.add_argument("--solo", type=int, default=3, help="rounds of one-tool-at-a-time cost")
     ap.add_argument("--startups", type=int, default=7, help="start-up measurements per tool")
+    ap.add_argument(
+        "--installed",
+        metavar="VENV",
+        help="also time VENV/bin/nettracer (e.g. python3 -m venv VENV && VENV/bin/pip install .)",
+    )
+    ap.add_argument(
+        "--detect",
+        choices=("fdquery", "bpftool"),
+        default="fdquery",
+        help="how attachment is seen: BPF_TASK_FD_QUERY on the pid's fds every 0.5 ms "
+        "(default) or bpftool perf list",
+    )
+    ap.add_argument(
+        "--only-startup", action="store_true", help="measure start-up and peak RSS only"
+    )
     args = ap.parse_args()
+    DETECT["how"] = args.detect
     if os.geteuid() != 0:
         raise SystemExit("bench_drops needs root")
     bt_version = subprocess.run(["bpftrace", "--version"], capture_output=True, text=True).stdout
@@ -336,17 +433,43 @@ def main() -> None:
           f"Python {platform.python_version()}")  # fmt: skip
     inode = setup()
     try:
-        ours_up, ours_nopyc, bt_up = bench_startup(args.startups)
-        cost = bench_cost_and_counts(args.drops, inode)
-        solo_ours, solo_bt = bench_solo(args.drops, args.solo)
-        load = os.getloadavg()[0]
-        without, with_, with_bt, rss = bench_workload(args.rounds, args.seconds)
+        startup = bench_startup(args.startups, args.installed)
+        if args.only_startup:
+            rss = bench_rss(args.seconds)
+        else:
+            cost = bench_cost_and_counts(args.drops, inode)
+            solo_ours, solo_bt = bench_solo(args.drops, args.solo)
+            load = os.getloadavg()[0]
+            without, with_, with_bt, rss = bench_workload(args.rounds, args.seconds)
     finally:
         teardown()
+    print()
+    if not args.only_startup:
+        report_cost(args, cost, solo_ours, solo_bt)
+        report_workload(args, load, without, with_, with_bt)
+    report_startup(args, *startup)
+    print(f"peak RSS of nettracer drops (VmHWM): {rss:.1f} MB   (target <= 60)")
+
+
+def bench_rss(seconds: float) -> float:
+    """Peak RSS of ``nettracer drops --interval 1`` printing the drops of a blast."""
+    s = start([*OURS, "--interval", "1"])
+    try:
+        blast("rate", seconds)
+        time.sleep(1.2)
+        return vm_hwm_mb(s.proc.pid)
+    finally:
+        stop(s)
+
+
+def report_cost(
+    args: argparse.Namespace,
+    cost: dict[str, object],
+    solo_ours: list[float],
+    solo_bt: list[float],
+) -> None:
     o, b, e = cost["ours_ns"], cost["bpftrace_ns"], cost["empty_ns"]
     assert isinstance(o, float) and isinstance(b, float) and isinstance(e, float)
-    mo, mb = statistics.median(ours_up), statistics.median(bt_up)
-    print()
     print("in-kernel cost per event (run_time_ns / run_cnt, all three attached at once)")
     print(f"  nettracer drops   {o:7.1f} ns   runs {cost['runs'][0]}")  # type: ignore[index]
     print(f"  bpftrace          {b:7.1f} ns   runs {cost['runs'][1]}")  # type: ignore[index]
@@ -362,6 +485,15 @@ def main() -> None:
     print("counts of UDP-to-closed-port drops (__udp4_lib_rcv, NO_SOCKET)")
     print(f"  caused {cost['caused']}, ours in T's netns {cost['ours_target_netns']}, "
           f"ours all netns {cost['ours_all_netns']}, bpftrace {cost['bpftrace']}")  # fmt: skip
+
+
+def report_workload(
+    args: argparse.Namespace,
+    load: float,
+    without: list[tuple[float, ...]],
+    with_: list[tuple[float, ...]],
+    with_bt: list[tuple[float, ...]],
+) -> None:
     print(f"workload: blaster send rate, {args.rounds} alternating rounds of {args.seconds:g} s "
           f"(load average before: {load:.2f})")  # fmt: skip
     for i, what in ((0, "per wall second"), (1, "per CPU second of the blaster")):
@@ -373,14 +505,33 @@ def main() -> None:
             target = "  (target >= 0.95)" if arm is with_ else ""
             print(f"    with {name}: {w:.0f}/s, ratio {w / wo:.3f}{target}; "
                   f"per round {[round(x, 3) for x in pairs]}")  # fmt: skip
-    print(f"start-up, command start to attached (median of {args.startups})")
+
+
+def report_startup(
+    args: argparse.Namespace,
+    ours_up: list[float],
+    ours_nopyc: list[float],
+    bt_up: list[float],
+    ours_installed: list[float],
+) -> None:
+    def ms(xs: list[float]) -> list[int]:
+        return [round(x * 1000) for x in xs]
+
+    mo, mb = statistics.median(ours_up), statistics.median(bt_up)
+    how = "BPF_TASK_FD_QUERY" if args.detect == "fdquery" else "bpftool perf list"
+    print(f"start-up, command start to attached (median of {args.startups}; seen by {how}; "
+          f"load average {os.getloadavg()[0]:.2f})")  # fmt: skip
+    print(f"  bpftrace        {mb * 1000:6.0f} ms  {ms(bt_up)}")
+    if ours_installed:
+        mi = statistics.median(ours_installed)
+        print(f"  nettracer drops {mi * 1000:6.0f} ms  {ms(ours_installed)}")
+        print(f"  ratio           {mi / mb:.3f}   (target <= 0.5)  "
+              f"installed: {args.installed}/bin/nettracer (pip install, byte-code)")  # fmt: skip
+    print(f"  this checkout, byte-code cached (PYTHONPATH, editable install's site): "
+          f"{mo * 1000:.0f} ms, ratio {mo / mb:.3f}  {ms(ours_up)}")  # fmt: skip
     mn = statistics.median(ours_nopyc)
-    print(f"  nettracer drops {mo * 1000:6.0f} ms  {[round(x * 1000) for x in ours_up]}")
-    print(f"  bpftrace        {mb * 1000:6.0f} ms  {[round(x * 1000) for x in bt_up]}")
-    print(f"  ratio           {mo / mb:.3f}   (target <= 0.5)")
-    print(f"  without byte-code cache (PYTHONDONTWRITEBYTECODE=1, as this checkout runs): "
-          f"{mn * 1000:.0f} ms, ratio {mn / mb:.3f}  {[round(x * 1000) for x in ours_nopyc]}")  # fmt: skip
-    print(f"peak RSS of nettracer drops (VmHWM): {rss:.1f} MB   (target <= 60)")
+    print(f"  this checkout without byte-code cache (PYTHONDONTWRITEBYTECODE=1): "
+          f"{mn * 1000:.0f} ms, ratio {mn / mb:.3f}  {ms(ours_nopyc)}")  # fmt: skip
 
 
 if __name__ == "__main__":
