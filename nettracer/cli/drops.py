@@ -160,33 +160,25 @@ class _Session:
         """(program spec, reason names or their loader, offsets source).
 
         Only what the program needs is read before attaching: the offsets, whether
-        ``kfree_skb`` has a reason (from the tracefs format when tracefs is mounted,
-        a few ms, else BTF) and, for ``--reason``, the reason names.  The names are
-        otherwise read from BTF when first printed.
+        ``kfree_skb`` has a reason and, for ``--reason``, the reason names; from BTF
+        through its cache (:mod:`nettracer.layout.btf_cache`: no BTF parse once this
+        boot's BTF was read), or the tracefs format without BTF.  The names are
+        otherwise read when first printed.
         """
-        from nettracer.kernel.tracefs import find_tracefs
         from nettracer.tracers import drops
         from nettracer.tracers.drops_program import ProgramSpec
 
         args = self.args
-        has_btf = os.path.exists("/sys/kernel/btf/vmlinux")
-
-        def vmlinux():  # -> Btf | None
-            if not has_btf:
-                return None
-            from nettracer.kernel.btf import Btf
-
-            return Btf.vmlinux()
-
         source, cache_dir, timeout_ms = self.offsets
+        cache = cache_dir or None
         offsets = drops.load_offsets(source, cache_dir, timeout_ms)
-        kargs = drops.kfree_skb_args(None if find_tracefs() or not has_btf else vmlinux())
+        kargs = drops.cached_kfree_skb_args(cache)
         reasons: dict[int, str] | Callable[[], dict[int, str]] | None = None
         if kargs.has_reason:
             if args.reason is not None:
-                reasons = drops.reason_names(vmlinux())
+                reasons = drops.cached_reason_names(cache)
             else:
-                reasons = lambda: drops.reason_names(vmlinux())  # noqa: E731
+                reasons = lambda: drops.cached_reason_names(cache)  # noqa: E731
         filters = drops.make_filters(
             args.device,
             self.netns,

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
-from nettracer.config.schema import SCHEMA, SECTIONS, Key
+from nettracer.config.schema import SCHEMA, SECTIONS, Key, Value
 
 #: kinds of origin, in rising precedence (``kernel`` overrides everything it touches)
 ORIGIN_KINDS: tuple[str, ...] = ("default", "file", "env", "flag", "kernel")
 
 
-@dataclass(frozen=True)
-class Origin:
+class Origin(Value):
     """Where a value came from.
 
     ``kind`` is one of :data:`ORIGIN_KINDS`; ``where`` is the file and line
@@ -20,8 +18,11 @@ class Origin:
     (``--max-conns``) or, for ``kernel``, why the kernel forced the value.
     """
 
-    kind: str
-    where: str = ""
+    __slots__ = ("kind", "where")
+
+    def __init__(self, kind: str, where: str = "") -> None:
+        self.kind = kind
+        self.where = where
 
     def __str__(self) -> str:
         return self.kind if not self.where else f"{self.kind} {self.where}"
@@ -43,16 +44,17 @@ class Origin:
 DEFAULT = Origin("default")
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(Value):
     """One key's effective value and its origin."""
 
-    key: Key
-    value: object
-    origin: Origin
+    __slots__ = ("key", "value", "origin")  # noqa: RUF023 - field order (repr, equality)
+
+    def __init__(self, key: Key, value: object, origin: Origin) -> None:
+        self.key = key
+        self.value = value
+        self.origin = origin
 
 
-@dataclass
 class Config:
     """The effective configuration.
 
@@ -62,10 +64,30 @@ class Config:
     stderr).
     """
 
-    settings: dict[str, Setting]
-    notices: list[str] = field(default_factory=list)
-    #: the YAML file that was read, if any
-    file: str | None = None
+    def __init__(
+        self,
+        settings: dict[str, Setting],
+        notices: list[str] | None = None,
+        file: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.notices: list[str] = [] if notices is None else notices
+        #: the YAML file that was read, if any
+        self.file = file
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Config:
+            return NotImplemented
+        return (self.settings, self.notices, self.file) == (
+            other.settings,
+            other.notices,
+            other.file,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass was
+
+    def __repr__(self) -> str:
+        return f"Config(settings={self.settings!r}, notices={self.notices!r}, file={self.file!r})"
 
     def __getitem__(self, path: str) -> object:
         return self.settings[path].value

@@ -9,7 +9,6 @@ YAML value.  Readers reject unknown keys and malformed input with
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -32,6 +31,8 @@ def suggest(path: str) -> str | None:
     same_name = [k for k, key in SCHEMA.items() if key.name == name]
     if same_name:
         return same_name[0]
+    import difflib
+
     close = difflib.get_close_matches(path, list(SCHEMA), n=1, cutoff=0.6)
     if close:
         return close[0]
@@ -51,6 +52,8 @@ def unknown_key(path: str, where: str) -> ConfigError:
 
 
 def unknown_section(section: str, where: str) -> ConfigError:
+    import difflib
+
     close = difflib.get_close_matches(section, list(SECTIONS), n=1, cutoff=0.6)
     if close:
         expected = f"a known section (did you mean {close[0]}?)"

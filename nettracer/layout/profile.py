@@ -17,18 +17,17 @@ forced. The cache keeps one profile per kernel build under the cache directory
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
 import os
-import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nettracer.errors import NettracerError
-from nettracer.kernel.identity import KernelIdentity
 from nettracer.layout.catalogue import BY_KEY
 from nettracer.layout.offsets import Field, Offsets
+
+if TYPE_CHECKING:
+    from nettracer.kernel.identity import KernelIdentity
 
 FORMAT = "nettracer-offsets"
 VERSION = 1
@@ -44,6 +43,8 @@ class ForeignProfile(NettracerError):
 
 
 def to_json(offsets: Offsets, identity: KernelIdentity) -> dict[str, Any]:
+    import datetime
+
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -58,6 +59,9 @@ def to_json(offsets: Offsets, identity: KernelIdentity) -> dict[str, Any]:
 
 def save_profile(path: str, offsets: Offsets, identity: KernelIdentity) -> None:
     """Write ``offsets`` as a profile for ``identity`` to ``path`` (atomically)."""
+    import contextlib
+    import tempfile
+
     data = json.dumps(to_json(offsets, identity), indent=2, sort_keys=False) + "\n"
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -87,12 +91,22 @@ def parse_profile(data: Any, where: str) -> tuple[KernelIdentity, Offsets]:
     kernel = data.get("kernel")
     if not isinstance(kernel, dict):
         raise ProfileError(f"{where}: no kernel identity")
+    from nettracer.kernel.identity import KernelIdentity
+
     identity = KernelIdentity.from_json(kernel)
-    fields = data.get("fields")
-    unresolved = data.get("unresolved", {})
+    out = parse_fields(data.get("fields"), data.get("unresolved", {}), where)
+    return identity, out
+
+
+def parse_fields(
+    fields: Any, unresolved: Any, where: str, source: str = "profile", complete: bool = False
+) -> Offsets:
+    """``Offsets(source)`` from a profile's ``fields`` and ``unresolved`` objects, checked
+    against the catalogue (known keys, its sizes, offsets 0..65535); catalogue keys in
+    neither are unresolved as "not in the profile", or a ProfileError with ``complete``."""
     if not isinstance(fields, dict) or not isinstance(unresolved, dict):
         raise ProfileError(f"{where}: 'fields' and 'unresolved' must be objects")
-    out = Offsets(source="profile", elapsed_ms=0.0)
+    out = Offsets(source=source, elapsed_ms=0.0)
     for key, value in fields.items():
         spec = BY_KEY.get(key)
         if spec is None:
@@ -114,8 +128,10 @@ def parse_profile(data: Any, where: str) -> tuple[KernelIdentity, Offsets]:
         out.unresolved[key] = str(why)
     for key in BY_KEY:
         if key not in out.fields and key not in out.unresolved:
+            if complete:
+                raise ProfileError(f"{where}: field {key} is missing")
             out.unresolved[key] = "not in the profile"
-    return identity, out
+    return out
 
 
 def same_kernel(a: KernelIdentity, b: KernelIdentity) -> bool:

@@ -1,7 +1,9 @@
 """Where the tracers' offsets come from: the single entry point for ``--offsets``.
 
 ``btf``
-    read from ``/sys/kernel/btf/vmlinux`` (:func:`nettracer.layout.btf_offsets.btf_offsets`);
+    read from ``/sys/kernel/btf/vmlinux`` (:func:`nettracer.layout.btf_offsets.btf_offsets`),
+    or what that gave before on this very BTF (:mod:`nettracer.layout.btf_cache`,
+    under the cache directory: no BTF parse at start-up);
 ``guess``
     guessed now (:func:`nettracer.layout.guess.guess`); a complete guess refreshes the
     cache of this kernel;
@@ -17,18 +19,17 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from nettracer.errors import UsageError
-from nettracer.kernel.identity import BTF_VMLINUX, KernelIdentity, current
-from nettracer.layout.offsets import Offsets
-from nettracer.layout.profile import (
-    DEFAULT_CACHE_DIR,
-    ProfileError,
-    load_cached,
-    load_profile,
-    store_cached,
-)
+from nettracer.layout.btf_cache import BTF_VMLINUX
+from nettracer.layout.profile import DEFAULT_CACHE_DIR, ProfileError
+
+if TYPE_CHECKING:
+    from nettracer.kernel.identity import KernelIdentity
+    from nettracer.layout.offsets import Offsets
 
 SOURCES = ("auto", "btf", "guess")
 DEFAULT_TIMEOUT_MS = 2000
@@ -50,7 +51,8 @@ def offsets_for(
 ) -> Offsets:
     """The offsets for ``source`` (``auto``, ``btf`` or ``guess``); see the module docstring.
 
-    ``cache_dir`` None disables the cache; ``btf_path`` is where ``auto`` looks for BTF.
+    ``cache_dir`` None disables the caches (of guessed profiles and of BTF offsets);
+    ``btf_path`` is where ``auto`` and ``btf`` look for BTF.
     Errors are :class:`NettracerError`\\ s: no BTF
     for ``btf``, a foreign or corrupt ``profile``, the guesser's errors.
     """
@@ -59,12 +61,15 @@ def offsets_for(
     if profile is not None:
         if source == "btf":
             raise UsageError("--profile and --source btf exclude each other")
+        from nettracer.kernel.identity import current
+        from nettracer.layout.profile import load_profile
+
         return load_profile(profile, identity or current(), force)
     if source == "btf" or (source == "auto" and os.path.exists(btf_path)):
-        from nettracer.kernel.btf import Btf
-        from nettracer.layout.btf_offsets import btf_offsets
+        return _btf(btf_path, cache_dir)
+    from nettracer.kernel.identity import current
+    from nettracer.layout.profile import load_cached, store_cached
 
-        return btf_offsets(None if btf_path == BTF_VMLINUX else Btf.vmlinux(btf_path))
     ident = identity or current()
     if source == "auto" and cache_dir is not None:
         try:
@@ -83,3 +88,43 @@ def offsets_for(
         except ProfileError as exc:
             warn(f"could not cache the guessed offsets: {exc}")
     return offsets
+
+
+def _btf(btf_path: str, cache_dir: str | None) -> Offsets:
+    """The catalogue's offsets from the BTF at ``btf_path``, through the BTF cache."""
+    from nettracer.layout import btf_cache
+
+    start = time.perf_counter()
+    computed: list[Offsets] = []
+
+    def compute() -> Offsets:
+        from nettracer.kernel.btf import Btf
+        from nettracer.layout.btf_offsets import btf_offsets
+
+        computed.append(btf_offsets(None if btf_path == BTF_VMLINUX else Btf.vmlinux(btf_path)))
+        return computed[0]
+
+    offsets = btf_cache.cached(
+        cache_dir, "offsets", compute, _encode_btf, _decode_btf, btf_path=btf_path
+    )
+    if not computed:
+        offsets.elapsed_ms = (time.perf_counter() - start) * 1e3
+    return offsets
+
+
+def _encode_btf(offsets: Offsets) -> dict[str, Any]:
+    return {"fields": offsets.to_json(), "unresolved": dict(sorted(offsets.unresolved.items()))}
+
+
+def _decode_btf(data: Any) -> Offsets:
+    """Cached BTF offsets, checked as a profile's are, with every catalogue field."""
+    from nettracer.layout.profile import parse_fields
+
+    if not isinstance(data, dict):
+        raise TypeError("not an object")
+    try:
+        return parse_fields(
+            data["fields"], data["unresolved"], "cached BTF offsets", "btf", complete=True
+        )
+    except ProfileError as exc:
+        raise ValueError(str(exc)) from None

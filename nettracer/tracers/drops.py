@@ -1,10 +1,15 @@
 """The drop monitor: where, why and on which interface the kernel drops packets.
 
 :class:`DropMonitor` loads the program of :mod:`nettracer.tracers.drops_program` on
-the ``kfree_skb`` raw tracepoint and reads its maps; :func:`group_counts` turns the
-per-key counts into the groups the user asked for (``--by``), named with
-:class:`Names` (kallsyms for locations, the kernel's own ``enum skb_drop_reason``
-for reasons, the side map for device names).
+the ``kfree_skb`` raw tracepoint and reads its maps;
+:func:`nettracer.tracers.drops_groups.group_counts` turns the per-key counts into the
+groups the user asked for (``--by``), named with
+:class:`nettracer.tracers.drops_groups.Names` (kallsyms for locations, the kernel's
+own ``enum skb_drop_reason`` for reasons, the side map for device names); both are
+also reachable here (``drops.group_counts``), imported when first used.  What is
+needed to attach comes first: offsets and the tracepoint's arguments from the BTF
+cache (:mod:`nettracer.layout.btf_cache`), names of reasons and symbols only when
+printed (start-up).
 
 Reading each interval without losing counts
 -------------------------------------------
@@ -34,20 +39,16 @@ and, with ``--events``, records that did not fit in the ring buffer.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nettracer.bpf import maps as bpf_maps
 from nettracer.bpf.fd import FdObject
 from nettracer.bpf.link import Link, attach_raw_tracepoint
 from nettracer.bpf.prog import Prog, load
-from nettracer.bpf.ringbuf import RingBuf, RingBufReader
 from nettracer.bpf.syscall import BpfSyscallError, MapType
 from nettracer.errors import NettracerError, NotSupported, UsageError
-from nettracer.layout.offsets import Offsets
 from nettracer.tracers.drops_program import (
     STACK_NONE,
     DevKey,
@@ -60,14 +61,32 @@ from nettracer.tracers.drops_program import (
     ProgramSpec,
     build,
 )
-from nettracer.tracers.packet import ethertype_from_skb, ethertype_name
 
 if TYPE_CHECKING:
-    from nettracer.kernel.kallsyms import Symbol
+    from nettracer.bpf.ringbuf import RingBuf, RingBufReader
     from nettracer.kernel.tracefs import TracepointFormat
+    from nettracer.layout.offsets import Offsets
+    from nettracer.tracers.drops_groups import Sample
+
+#: what :mod:`nettracer.tracers.drops_groups` holds, still reachable as ``drops.<name>``
+_GROUPS = frozenset(
+    ("DropCount", "DropGroup", "Location", "Names", "Sample", "SymbolSource", "group_counts")
+)
+
+
+def __getattr__(name: str) -> Any:
+    """The reports' pieces, imported only when first asked for (start-up)."""
+    if name in _GROUPS:
+        from nettracer.tracers import drops_groups
+
+        return getattr(drops_groups, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _Obj = TypeVar("_Obj", bound=FdObject)
 
+#: where the running kernel's BTF is (Linux 5.4+ with CONFIG_DEBUG_INFO_BTF)
+VMLINUX = "/sys/kernel/btf/vmlinux"
 TRACEPOINT = "kfree_skb"
 #: ``TP_PROTO`` of ``kfree_skb`` through the kernel's history (include/trace/events/skb.h):
 #: (skb, location) since 2.6.x, + reason in 5.17, + rx_sk in 6.11
@@ -132,6 +151,67 @@ def reason_names(btf: object | None = None) -> dict[int, str]:
     return _tracefs_format().symbolic("reason")
 
 
+def cached_kfree_skb_args(cache_dir: str | None, btf_path: str = VMLINUX) -> KfreeSkbArgs:
+    """:func:`kfree_skb_args` as start-up wants it: from BTF through the BTF cache
+    (:mod:`nettracer.layout.btf_cache`: no BTF parse when this very BTF was read
+    before; ``cache_dir`` None reads BTF), or from the tracefs format on a kernel
+    without BTF or without ``btf_trace_kfree_skb`` in it (before 5.5)."""
+    if not os.path.exists(btf_path):
+        return kfree_skb_args(None)
+    from nettracer.layout import btf_cache
+
+    def compute() -> KfreeSkbArgs:
+        from nettracer.kernel.btf import Btf, BtfLookupError
+
+        try:
+            return kfree_skb_args(Btf.vmlinux(btf_path))
+        except BtfLookupError:
+            return kfree_skb_args(None)
+
+    def decode(data: Any) -> KfreeSkbArgs:
+        if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
+            raise TypeError("not a list of names")
+        if "skb" not in data or "location" not in data:
+            raise ValueError("skb or location missing")
+        return KfreeSkbArgs(tuple(data))
+
+    return btf_cache.cached(
+        cache_dir,
+        f"tracepoint_args.{TRACEPOINT}",
+        compute,
+        lambda args: list(args.names),
+        decode,
+        btf_path=btf_path,
+    )
+
+
+def cached_reason_names(cache_dir: str | None, btf_path: str = VMLINUX) -> dict[int, str]:
+    """:func:`reason_names` from BTF through the BTF cache (which spares the first report
+    a BTF parse and its memory), or from the tracefs format without BTF."""
+    if not os.path.exists(btf_path):
+        return reason_names(None)
+    from nettracer.layout import btf_cache
+
+    def compute() -> dict[int, str]:
+        from nettracer.kernel.btf import Btf
+
+        return reason_names(Btf.vmlinux(btf_path))
+
+    def decode(data: Any) -> dict[int, str]:
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise TypeError("not an object of names")
+        return {int(k): v for k, v in data.items()}
+
+    return btf_cache.cached(
+        cache_dir,
+        "enum.skb_drop_reason",
+        compute,
+        lambda names: {str(k): v for k, v in names.items()},
+        decode,
+        btf_path=btf_path,
+    )
+
+
 def parse_reason(name: str, names: dict[int, str]) -> int:
     """The value of reason ``name`` (``NO_SOCKET``, ``no_socket``,
     ``SKB_DROP_REASON_NO_SOCKET`` or a number)."""
@@ -169,33 +249,6 @@ def load_offsets(mode: str, cache_dir: str | None = None, timeout_ms: int | None
 
 
 # -- the monitor -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DropCount:
-    """Drops of one kernel key during one interval. ``protocol`` is the ETH_P_* value
-    in host order; ``stack_id`` is :data:`STACK_NONE` without ``--stack``."""
-
-    location: int
-    reason: int
-    ifindex: int
-    netns: int
-    protocol: int
-    stack_id: int
-    count: int
-
-
-@dataclass(frozen=True)
-class Sample:
-    """What :meth:`DropMonitor.collect` returns: the counts since the last call and the
-    drops that could not be counted (map full, recursion, ring buffer full)."""
-
-    counts: list[DropCount]
-    lost: int
-
-    @property
-    def total(self) -> int:
-        return sum(c.count for c in self.counts)
 
 
 _KeyTuple = tuple[int, int, int, int, int, int]
@@ -262,11 +315,15 @@ class DropMonitor:
                 )
                 maps["stacks"] = self.stacks
             if self.spec.events:
+                from nettracer.bpf.ringbuf import RingBuf
+
                 self.events = self._keep(RingBuf(ringbuf_bytes, "events"))
                 maps["events"] = self.events
             program = build(self.spec)
             self.prog = self._keep(load(program.insns, maps=maps, name="nt_drops"))
             if self.events is not None:
+                from nettracer.bpf.ringbuf import RingBufReader
+
                 self.reader = RingBufReader(self.events, self.lost_map)
             self.link = self._keep(attach_raw_tracepoint(self.prog, TRACEPOINT))
         except BaseException:
@@ -301,6 +358,9 @@ class DropMonitor:
 
     def collect(self) -> Sample:
         """Counts since the previous call (see the module docstring for why nothing is lost)."""
+        from nettracer.tracers.drops_groups import DropCount, Sample
+        from nettracer.tracers.packet import ethertype_from_skb
+
         assert self.counts is not None
         out: dict[_KeyTuple, int] = {}
         present = 0
@@ -376,141 +436,6 @@ class DropMonitor:
         return self._lost_total()
 
 
-# -- naming and grouping -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Location:
-    """A drop location as ``%pS`` names it. ``symbol``/``offset``/``module`` are None when
-    no symbol covers the address (``text`` is then ``0x...``)."""
-
-    address: int
-    text: str
-    symbol: str | None
-    offset: int | None
-    module: str | None
-
-
-class SymbolSource(Protocol):
-    """What :class:`Names` needs of a symbol table (``SymbolCache``, ``Kallsyms``)."""
-
-    def lookup(self, addr: int) -> Symbol | None: ...
-
-
-class Names:
-    """Names for what the kernel gives as numbers: locations, reasons, protocols, devices.
-
-    ``reasons`` is the value -> name table, ``None`` on kernels whose ``kfree_skb`` has
-    no reason, or a function that reads the table when it is first needed (so that
-    reading BTF's enum need not delay attaching).  ``kallsyms`` is anything with
-    ``lookup(addr) -> Symbol | None`` (and optionally ``prefetch(addrs)``); by default
-    a :class:`nettracer.tracers.symbols.SymbolCache`.
-    """
-
-    def __init__(
-        self,
-        reasons: dict[int, str] | Callable[[], dict[int, str]] | None,
-        device_name: Callable[[int, int], str | None],
-        kallsyms: SymbolSource | None = None,
-    ) -> None:
-        self._reasons = reasons
-        self.device_name = device_name
-        self._kallsyms = kallsyms
-
-    @functools.cached_property
-    def kallsyms(self) -> SymbolSource:
-        if self._kallsyms is None:
-            from nettracer.tracers.symbols import SymbolCache
-
-            self._kallsyms = SymbolCache()
-        return self._kallsyms
-
-    def prefetch(self, addrs: Iterable[int]) -> None:
-        """Name these addresses in one go (one read of kallsyms for all new ones)."""
-        prefetch = getattr(self.kallsyms, "prefetch", None)
-        if prefetch is not None:
-            prefetch(addrs)
-
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one Names per run
-    def location(self, addr: int) -> Location:
-        sym = self.kallsyms.lookup(addr)
-        if sym is None:
-            return Location(addr, f"{addr:#x}", None, None, None)
-        return Location(addr, sym.format(), sym.name, sym.offset, sym.module)
-
-    @property
-    def reasons(self) -> dict[int, str] | None:
-        if callable(self._reasons):
-            self._reasons = self._reasons()
-        return self._reasons
-
-    def reason(self, value: int) -> str | None:
-        reasons = self.reasons
-        if reasons is None:
-            return None
-        return reasons.get(value, f"{value:#x}")
-
-    @staticmethod
-    def protocol(ethertype: int) -> str | None:
-        return ethertype_name(ethertype)
-
-    def frames(self, addrs: Iterable[int]) -> list[str]:
-        """Symbolized stack, innermost first, without the tracing machinery on top
-        (the BPF program, ``bpf_trace_run*``, ``__traceiter_*``, ``__bpf_trace_*``)."""
-        out: list[str] = []
-        for a in addrs:
-            loc = self.location(a)
-            if not out and _is_tracing_frame(loc):
-                continue
-            mod = f" [{loc.module}]" if loc.module not in (None, "kernel") else ""
-            out.append(loc.text + mod)
-        return out
-
-
-def _is_tracing_frame(loc: Location) -> bool:
-    s = loc.symbol or ""
-    return (
-        loc.module == "bpf"
-        or s.startswith(("bpf_trace_run", "__traceiter_", "__bpf_trace_", "bpf_prog_"))
-        or s.startswith(("bpf_get_stackid", "__bpf_get_stackid"))
-        or loc.symbol is None
-    )
-
-
-@dataclass(frozen=True)
-class DropGroup:
-    """One output line: the drops of a group, with every key the grouping determines
-    (the others None)."""
-
-    count: int
-    location: Location | None
-    module: str | None
-    device: str | None
-    ifindex: int | None
-    netns: int | None
-    reason: str | None
-    protocol: str | None
-    stack: tuple[str, ...] | None = None
-
-    def to_json(self) -> dict[str, object]:
-        loc = self.location
-        out: dict[str, object] = {
-            "count": self.count,
-            "location": loc.text if loc else None,
-            "symbol": loc.symbol if loc else None,
-            "offset": loc.offset if loc else None,
-            "module": self.module,
-            "device": self.device,
-            "ifindex": self.ifindex,
-            "netns": self.netns,
-            "reason": self.reason,
-            "protocol": self.protocol,
-        }
-        if self.stack is not None:
-            out["stack"] = list(self.stack)
-        return out
-
-
 def parse_by(text: str | Sequence[str]) -> tuple[str, ...]:
     """``"location,device"`` -> ``("location", "device")``; UsageError for unknown keys."""
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -522,71 +447,6 @@ def parse_by(text: str | Sequence[str]) -> tuple[str, ...]:
             f"expected a comma-separated list of {', '.join(GROUP_KEYS)}"
         )
     return keys
-
-
-def group_counts(
-    counts: Iterable[DropCount],
-    by: Sequence[str],
-    names: Names,
-    stacks: Callable[[int], list[int]] | None = None,
-) -> list[DropGroup]:
-    """Sum ``counts`` over the keys in ``by``; most frequent first.
-
-    ``device`` means the device itself, (netns, ifindex): two ``eth0`` in two
-    namespaces are two groups.  With ``stacks`` (``--stack``) every distinct kernel
-    stack is its own group and carries its symbolized frames.
-    """
-    byset = set(by)
-    counts = list(counts)
-    wanted = {c.location for c in counts} if byset & {"location", "module"} else set()
-    stack_frames: dict[int, list[int]] = {}
-    if stacks is not None:
-        for c in counts:
-            if c.stack_id not in stack_frames:
-                stack_frames[c.stack_id] = stacks(c.stack_id)
-                wanted.update(stack_frames[c.stack_id])
-    names.prefetch(wanted)
-    sums: dict[tuple[object, ...], int] = {}
-    first: dict[tuple[object, ...], tuple[DropCount, Location | None]] = {}
-    for c in counts:
-        loc = names.location(c.location) if byset & {"location", "module"} else None
-        k: list[object] = []
-        if "location" in byset:
-            k.append(c.location)
-        if "module" in byset:
-            k.append(loc.module if loc else None)
-        if "device" in byset:
-            k.append((c.netns, c.ifindex))
-        elif "netns" in byset:
-            k.append(c.netns)
-        if "reason" in byset:
-            k.append(c.reason)
-        if "protocol" in byset:
-            k.append(c.protocol)
-        if stacks is not None:
-            k.append(c.stack_id)
-        key = tuple(k)
-        sums[key] = sums.get(key, 0) + c.count
-        first.setdefault(key, (c, loc))
-    groups: list[DropGroup] = []
-    for key, n in sums.items():
-        c, loc = first[key]
-        has_dev = "device" in byset
-        groups.append(
-            DropGroup(
-                count=n,
-                location=loc if "location" in byset else None,
-                module=loc.module if loc is not None else None,
-                device=names.device_name(c.netns, c.ifindex) if has_dev else None,
-                ifindex=(c.ifindex or None) if has_dev else None,
-                netns=(c.netns or None) if (has_dev or "netns" in byset) else None,
-                reason=names.reason(c.reason) if "reason" in byset else None,
-                protocol=names.protocol(c.protocol) if "protocol" in byset else None,
-                stack=tuple(names.frames(stack_frames[c.stack_id])) if stacks is not None else None,
-            )
-        )
-    groups.sort(key=lambda g: (-g.count, g.location.text if g.location else "", g.device or ""))
-    return groups
 
 
 def make_filters(

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
@@ -70,9 +70,10 @@ from nettracer.bpf.insn import (
     st,
     stx,
 )
-from nettracer.bpf.ringbuf import reserve
 from nettracer.bpf.syscall import BPF_ANY, BPF_NOEXIST
-from nettracer.layout.offsets import Offsets
+
+if TYPE_CHECKING:
+    from nettracer.layout.offsets import Offsets
 
 IFNAMSIZ = 16
 #: bytes copied from ``skb->head + skb->network_header`` into each event: enough for
@@ -139,27 +140,58 @@ class DropEvent(ctypes.Structure):
     )
 
 
-@dataclass(frozen=True)
-class Filters:
+class Value:
+    """Equality, hash and repr from ``__slots__`` (field order): what
+    ``@dataclass(frozen=True)`` gave these records, without its cost at import (about
+    1 ms a class, paid at every start of ``nettracer drops``)."""
+
+    __slots__ = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({args})"
+
+
+class Filters(Value):
     """In-kernel filters. ``device`` is the interface name as bytes (< IFNAMSIZ);
     ``protocol`` an ETH_P_* value in host order; ``reason`` an ``enum skb_drop_reason``
     value; ``netns`` a network namespace inode."""
 
-    device: bytes | None = None
-    netns: int | None = None
-    reason: int | None = None
-    protocol: int | None = None
+    __slots__ = ("device", "netns", "reason", "protocol")  # noqa: RUF023 - field order
 
-    def __post_init__(self) -> None:
-        if self.device is not None and not 0 < len(self.device) < IFNAMSIZ:
+    def __init__(
+        self,
+        device: bytes | None = None,
+        netns: int | None = None,
+        reason: int | None = None,
+        protocol: int | None = None,
+    ) -> None:
+        if device is not None and not 0 < len(device) < IFNAMSIZ:
             raise ValueError(f"device name must be 1 to {IFNAMSIZ - 1} bytes")
+        self.device = device
+        self.netns = netns
+        self.reason = reason
+        self.protocol = protocol
 
 
-@dataclass(frozen=True)
-class KfreeSkbArgs:
+class KfreeSkbArgs(Value):
     """The ``TP_PROTO`` arguments ``kfree_skb`` has on this kernel, in order."""
 
-    names: tuple[str, ...]
+    __slots__ = ("names",)
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
 
     @property
     def has_reason(self) -> bool:
@@ -169,8 +201,7 @@ class KfreeSkbArgs:
         return self.names.index(name)
 
 
-@dataclass(frozen=True)
-class DropLayout:
+class DropLayout(Value):
     """The offsets the program bakes in (bytes from the start of each struct).
 
     ``sk_buff_sk``/``sock_common_skc_net`` are None when unknown: socket-level drops
@@ -178,18 +209,48 @@ class DropLayout:
     ``--events``.
     """
 
-    sk_buff_dev: int
-    sk_buff_protocol: int
-    net_device_ifindex: int
-    net_device_nd_net: int
-    net_device_name: int
-    net_ns_inum: int
-    sk_buff_sk: int | None = None
-    sock_common_skc_net: int | None = None
-    sk_buff_len: int | None = None
-    sk_buff_head: int | None = None
-    sk_buff_network_header: int | None = None
-    sk_buff_transport_header: int | None = None
+    __slots__ = (  # noqa: RUF023 - field order
+        "sk_buff_dev",
+        "sk_buff_protocol",
+        "net_device_ifindex",
+        "net_device_nd_net",
+        "net_device_name",
+        "net_ns_inum",
+        "sk_buff_sk",
+        "sock_common_skc_net",
+        "sk_buff_len",
+        "sk_buff_head",
+        "sk_buff_network_header",
+        "sk_buff_transport_header",
+    )
+
+    def __init__(
+        self,
+        sk_buff_dev: int,
+        sk_buff_protocol: int,
+        net_device_ifindex: int,
+        net_device_nd_net: int,
+        net_device_name: int,
+        net_ns_inum: int,
+        sk_buff_sk: int | None = None,
+        sock_common_skc_net: int | None = None,
+        sk_buff_len: int | None = None,
+        sk_buff_head: int | None = None,
+        sk_buff_network_header: int | None = None,
+        sk_buff_transport_header: int | None = None,
+    ) -> None:
+        self.sk_buff_dev = sk_buff_dev
+        self.sk_buff_protocol = sk_buff_protocol
+        self.net_device_ifindex = net_device_ifindex
+        self.net_device_nd_net = net_device_nd_net
+        self.net_device_name = net_device_name
+        self.net_ns_inum = net_ns_inum
+        self.sk_buff_sk = sk_buff_sk
+        self.sock_common_skc_net = sock_common_skc_net
+        self.sk_buff_len = sk_buff_len
+        self.sk_buff_head = sk_buff_head
+        self.sk_buff_network_header = sk_buff_network_header
+        self.sk_buff_transport_header = sk_buff_transport_header
 
     @classmethod
     def from_offsets(cls, offsets: Offsets, events: bool = False) -> DropLayout:
@@ -224,20 +285,24 @@ class DropLayout:
         return layout
 
 
-@dataclass
-class _Span:
-    start: int  # offset in the struct
-    size: int
-    buf: int  # offset of the copy from the frame pointer (negative)
+class _Span(Value):
+    __slots__ = ("start", "size", "buf")  # noqa: RUF023 - field order
+
+    def __init__(self, start: int, size: int, buf: int) -> None:
+        self.start = start  # offset in the struct
+        self.size = size
+        self.buf = buf  # offset of the copy from the frame pointer (negative)
 
 
-@dataclass
 class _Reads:
     """Fields of one struct, grouped into as few bounded reads as possible."""
 
-    fields: dict[str, tuple[int, int]]  # name -> (offset, size)
-    spans: list[_Span] = field(default_factory=list)
-    where: dict[str, int] = field(default_factory=dict)  # name -> fp offset of the copy
+    __slots__ = ("fields", "spans", "where")
+
+    def __init__(self, fields: dict[str, tuple[int, int]]) -> None:
+        self.fields = fields  # name -> (offset, size)
+        self.spans: list[_Span] = []
+        self.where: dict[str, int] = {}  # name -> fp offset of the copy
 
     def plan(self, frame_top: int, max_span: int = MAX_SPAN) -> int:
         """Lay the copies out below ``frame_top`` (a negative fp offset); returns the new top."""
@@ -290,15 +355,24 @@ _E = {name: getattr(DropEvent, name).offset for name, *_ in DropEvent._fields_}
 _CTX, _SKB, _DEV, _NETNS = R6, R7, R8, R9
 
 
-@dataclass(frozen=True)
-class ProgramSpec:
+class ProgramSpec(Value):
     """Everything that shapes the generated program."""
 
-    layout: DropLayout
-    args: KfreeSkbArgs
-    filters: Filters = Filters()
-    stack: bool = False
-    events: bool = False
+    __slots__ = ("layout", "args", "filters", "stack", "events")  # noqa: RUF023 - field order
+
+    def __init__(
+        self,
+        layout: DropLayout,
+        args: KfreeSkbArgs,
+        filters: Filters | None = None,
+        stack: bool = False,
+        events: bool = False,
+    ) -> None:
+        self.layout = layout
+        self.args = args
+        self.filters = Filters() if filters is None else filters
+        self.stack = stack
+        self.events = events
 
 
 def build(spec: ProgramSpec) -> Program:
@@ -505,6 +579,8 @@ def _lost_inc(label: str) -> list[Insn]:
 
 def _emit_event(skb: dict[str, int], lay: DropLayout) -> list[Insn]:
     """Fill and submit one :class:`DropEvent`; R6 (the context) becomes the record."""
+    from nettracer.bpf.ringbuf import reserve
+
     rec = R6
     out: list[Insn] = reserve(rec, "events", ctypes.sizeof(DropEvent), "lost", "out", _TMP)
     out += [
