@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
 import time
 
@@ -135,7 +136,7 @@ class _Session:
         self.out = sys.stdout
 
     def run(self) -> int:
-        from nettracer.bpf.fd import Terminated, install_signal_handlers
+        from nettracer.bpf.fd import install_signal_handlers
         from nettracer.tracers import conns, conns_prog
 
         cfg = self.config
@@ -170,6 +171,11 @@ class _Session:
             pid=args.pid,
         )
         install_signal_handlers()
+        # from here on SIGINT/SIGTERM/SIGHUP only ask the loop to stop: an exception in
+        # the middle of reading the ring buffer would drop records already consumed
+        self.stopping = 0
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
         try:
             monitor.start()
             for notice in monitor.notices:
@@ -198,30 +204,31 @@ class _Session:
             self.monitor = monitor
             start = time.monotonic()
             self.last = start
-            try:
-                self._loop(start)
-            except (KeyboardInterrupt, Terminated):
-                import signal
-
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(sig, signal.SIG_IGN)
-                self._report(time.monotonic())
+            self._loop(start)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            self._report(time.monotonic())  # the last (partial) interval
         finally:
             monitor.close()
             if resolver is not None:
                 resolver.close()
         return 0
 
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = signum
+
     def _loop(self, start: float) -> None:
+        """Report every interval until ``--duration`` or a signal; the caller prints the
+        last, partial, interval."""
         args = self.args
         end = start + args.duration if args.duration else float("inf")
         tick = start + args.interval
-        while True:
+        while not self.stopping:
             now = time.monotonic()
-            if now >= min(tick, end):
+            if now >= end:
+                return
+            if now >= tick:
                 self._report(now)
-                if now >= end:
-                    return
                 tick += args.interval
                 if tick <= now:
                     tick = now + args.interval
