@@ -205,6 +205,20 @@ class Started:
     proc: subprocess.Popen[str]
     prog_id: int
     seconds: float  # command start to attached
+    cpu: float = float("nan")  # seconds on a CPU until then, all its threads
+
+
+def cpu_seconds(pid: int) -> float:
+    """Time the threads of ``pid`` have run on a CPU (``/proc/PID/task/*/schedstat``,
+    nanoseconds; unlike wall time, not stretched by other load on the machine)."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return total / 1e9
 
 
 #: environment of "installed" runs: byte-code cached (pip compiles it on install), kept
@@ -242,7 +256,8 @@ def start(cmd: list[str], timeout: float = 60, pyc: bool | None = True) -> Start
     while time.perf_counter() - t0 < timeout:
         prog_id = attached(proc.pid)
         if prog_id is not None:
-            return Started(proc, prog_id, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            return Started(proc, prog_id, seconds, cpu_seconds(proc.pid))
         if proc.poll() is not None:
             raise SystemExit(f"{shlex.join(cmd)} exited with {proc.returncode} before attaching")
     proc.kill()
@@ -281,30 +296,30 @@ def vm_hwm_mb(pid: int) -> float:
 
 def bench_startup(
     k: int, installed: str | None = None
-) -> tuple[list[float], list[float], list[float], list[float]]:
+) -> dict[str, tuple[list[float], list[float]]]:
     """Start-up of ours with byte-code cached (as installed), ours without (this checkout
     under PYTHONDONTWRITEBYTECODE=1), bpftrace, and -- with ``installed`` (a virtual
     environment ``pip install`` put nettracer in) -- its ``bin/nettracer``, interleaved.
-    One unmeasured start of each first (byte-code, caches, page cache)."""
-    cmds = [
-        ([*OURS, "--interval", "3600"], True),
-        (BPFTRACE, True),
-        ([*OURS, "--interval", "3600"], False),
-    ]
+    One unmeasured start of each first (byte-code, caches, page cache).  Returns
+    ``{name: (wall seconds, CPU seconds)}``, both until attached."""
+    cmds = {
+        "pyc": ([*OURS, "--interval", "3600"], True),
+        "bpftrace": (BPFTRACE, True),
+        "nopyc": ([*OURS, "--interval", "3600"], False),
+    }
     if installed:
-        cmds.append(
-            ([os.path.join(installed, "bin", "nettracer"), "drops", "--interval", "3600"], None)
-        )
-    for cmd, pyc in cmds:
+        ours = [os.path.join(installed, "bin", "nettracer"), "drops", "--interval", "3600"]
+        cmds["installed"] = (ours, None)
+    for cmd, pyc in cmds.values():
         stop(start(cmd, pyc=pyc))
-    times: list[list[float]] = [[] for _ in range(4)]
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in cmds}
     for _ in range(k):
-        for i, (cmd, pyc) in enumerate(cmds):
+        for name, (cmd, pyc) in cmds.items():
             s = start(cmd, pyc=pyc)
-            times[i].append(s.seconds)
+            out[name][0].append(s.seconds)
+            out[name][1].append(s.cpu)
             stop(s)
-    ours, theirs, ours_nopyc, ours_installed = times
-    return ours, ours_nopyc, theirs, ours_installed
+    return out
 
 
 def bench_cost_and_counts(n: int, inode: int) -> dict[str, object]:
@@ -447,7 +462,7 @@ def main() -> None:
     if not args.only_startup:
         report_cost(args, cost, solo_ours, solo_bt)
         report_workload(args, load, without, with_, with_bt)
-    report_startup(args, *startup)
+    report_startup(args, startup)
     print(f"peak RSS of nettracer drops (VmHWM): {rss:.1f} MB   (target <= 60)")
 
 
@@ -508,30 +523,36 @@ def report_workload(
 
 
 def report_startup(
-    args: argparse.Namespace,
-    ours_up: list[float],
-    ours_nopyc: list[float],
-    bt_up: list[float],
-    ours_installed: list[float],
+    args: argparse.Namespace, times: dict[str, tuple[list[float], list[float]]]
 ) -> None:
-    def ms(xs: list[float]) -> list[int]:
-        return [round(x * 1000) for x in xs]
+    def ms(xs: list[float]) -> str:
+        return str([round(x * 1000) for x in xs])
 
-    mo, mb = statistics.median(ours_up), statistics.median(bt_up)
+    med = statistics.median
+    bt_wall, bt_cpu = (med(x) for x in times["bpftrace"])
     how = "BPF_TASK_FD_QUERY" if args.detect == "fdquery" else "bpftool perf list"
     print(f"start-up, command start to attached (median of {args.startups}; seen by {how}; "
-          f"load average {os.getloadavg()[0]:.2f})")  # fmt: skip
-    print(f"  bpftrace        {mb * 1000:6.0f} ms  {ms(bt_up)}")
-    if ours_installed:
-        mi = statistics.median(ours_installed)
-        print(f"  nettracer drops {mi * 1000:6.0f} ms  {ms(ours_installed)}")
-        print(f"  ratio           {mi / mb:.3f}   (target <= 0.5)  "
-              f"installed: {args.installed}/bin/nettracer (pip install, byte-code)")  # fmt: skip
-    print(f"  this checkout, byte-code cached (PYTHONPATH, editable install's site): "
-          f"{mo * 1000:.0f} ms, ratio {mo / mb:.3f}  {ms(ours_up)}")  # fmt: skip
-    mn = statistics.median(ours_nopyc)
-    print(f"  this checkout without byte-code cache (PYTHONDONTWRITEBYTECODE=1): "
-          f"{mn * 1000:.0f} ms, ratio {mn / mb:.3f}  {ms(ours_nopyc)}")  # fmt: skip
+          f"load average {os.getloadavg()[0]:.2f}); wall time, and CPU time of the "
+          f"command's threads until then")  # fmt: skip
+    print(f"  bpftrace                 {bt_wall * 1000:4.0f} ms {ms(times['bpftrace'][0])}")
+    print(f"                       CPU {bt_cpu * 1000:4.0f} ms {ms(times['bpftrace'][1])}")
+    rows = (
+        ("installed", f"nettracer drops, pip-installed in {args.installed} (byte-code)"),
+        ("pyc", "nettracer drops, this checkout, byte-code cached (PYTHONPATH; editable site)"),
+        ("nopyc", "nettracer drops, this checkout without byte-code (PYTHONDONTWRITEBYTECODE=1)"),
+    )
+    for name, what in rows:
+        if name not in times:
+            continue
+        wall, cpu = times[name]
+        target = (
+            "   (target <= 0.5)" if name == ("installed" if "installed" in times else "pyc") else ""
+        )
+        print(f"  {what}")
+        print(f"                      wall {med(wall) * 1000:4.0f} ms {ms(wall)}")
+        print(f"                       CPU {med(cpu) * 1000:4.0f} ms {ms(cpu)}")
+        print(f"      ratio to bpftrace: wall {med(wall) / bt_wall:.3f}{target}, "
+              f"CPU {med(cpu) / bt_cpu:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -457,8 +457,6 @@ def make_filters(
     reasons: dict[int, str] | None,
 ) -> Filters:
     """Command-line filter values -> :class:`Filters`; UsageError for bad ones."""
-    from nettracer.tracers.packet import parse_ethertype
-
     dev = None
     if device is not None:
         dev = device.encode()
@@ -471,6 +469,8 @@ def make_filters(
         reason_value = parse_reason(reason, reasons)
     proto = None
     if protocol is not None:
+        from nettracer.tracers.packet import parse_ethertype
+
         try:
             proto = parse_ethertype(protocol)
         except ValueError as exc:
