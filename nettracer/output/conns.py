@@ -448,8 +448,19 @@ def print_interval(
         if len(rows) > len(shown):
             console.print(f"  ... and {len(rows) - len(shown)} more {title}")
     if stats is not None:
-        console.print("stats: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+        console.print("stats: " + " ".join(f"{k}={v}" for k, v in _flat(stats)))
     stream.flush()
+
+
+def _flat(d: dict[str, object], prefix: str = "") -> list[tuple[str, object]]:
+    """``{"a": 1, "gateway": {"hits": 2}}`` -> ``[("a", 1), ("gateway.hits", 2)]``."""
+    out: list[tuple[str, object]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.extend(_flat(v, f"{prefix}{k}."))
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
 
 
 def _total(c: Conn) -> int:
