@@ -867,3 +867,34 @@ def test_full_ring_buffer_loses_nothing(ns: Netns) -> None:
                 == tuple(conn[side][k] for k in ("saddr", "sport", "daddr", "dport"))
             ]
             assert c.bytes_sent == sent
+
+
+def test_pid_filter(ns: Netns) -> None:
+    """``--pid``: the server's end is reported, the client's (another process) is not."""
+    server = Script(
+        ns, mode="serve", family=4, host="127.0.0.1", port=9099, count=1, send=3, reply=4
+    )
+    client = None
+    tracer = None
+    try:
+        spid = server.read()["pid"]
+        tracer = start_tracer("--interval", "0.5", "--netns", str(ns.inode), "--pid", str(spid))
+        client = Script(ns, mode="connect", family=4, host="127.0.0.1", port=9099, send=3, reply=4)
+        conn = client.read()["conn"]
+        client.send("close")
+        assert client.read() == {"closed": True}
+        tracer.skip(2)
+        reports = tracer.stop()
+    finally:
+        for sc in (client, server):
+            if sc is not None:
+                sc.close()
+        if tracer is not None:
+            tracer.close()
+    every = [c for r in reports for c in r["conns"] + r["closed"]]
+    back = {"saddr": "127.0.0.1", "sport": 9099, "daddr": "127.0.0.1", "dport": conn["sport"]}
+    mine = find(every, back, ns.inode)
+    assert mine and all(c["pid"] == spid for c in mine)
+    assert (mine[-1]["bytes_sent"], mine[-1]["bytes_received"]) == (4, 3)
+    assert not find(every, conn, ns.inode)
+    assert all(c["pid"] == spid for c in every)
