@@ -324,7 +324,14 @@ class ConnTracer:
         end = IDX["end_ns"]
         reason = IDX["end_reason"]
         for sk in sks:
-            v = self.conns.lookup_and_delete(sk)
+            try:
+                v = self.conns.lookup_and_delete(sk)
+            except BpfSyscallError as exc:  # hash maps have it since Linux 5.14
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+                    raise
+                v = self.conns.lookup(sk)
+                if v is not None and not self.conns.delete(sk):
+                    v = None
             if v is None:
                 continue  # gone meanwhile: its record is in the ring buffer
             rec = list(RECORD.unpack(bytes(v)))
@@ -332,9 +339,6 @@ class ConnTracer:
             rec[reason] = EndReason.EXPIRED
             out.append(tuple(rec))
         return out
-
-    def map_size(self) -> int:
-        return len(self.walk())
 
     def close(self) -> None:
         for link in self.links:

@@ -1,24 +1,30 @@
 """Program builder for the connection tracer: raw tracepoint programs, no kprobes.
 
-Four programs share one LRU hash ``conns`` (``struct sock *`` -> :class:`ConnValue`):
+The programs share one LRU hash ``conns`` (``struct sock *`` -> :class:`ConnValue`):
 
 ``state``   ``sock:inet_sock_set_state (const struct sock *sk, int oldstate, int newstate)``
             creates TCP entries (CLOSE->SYN_SENT is a connect(), LISTEN->SYN_RECV an
-            accepted child, anything else an already-open connection), records every
-            transition and re-reads the tuple (the tracepoint fires before
-            ``tcp_set_state`` unhashes a closing socket, so ports are still there).
+            accepted child, anything else an already-open connection) and records every
+            transition; the tuple is read when the entry is created and again on
+            ESTABLISHED (a connecting socket gets its port after entering SYN_SENT).
 ``send``/``recv``  ``sock:sock_send_length`` / ``sock_recv_length`` ``(struct sock *sk,
             int ret, int flags)`` (Linux 6.3): exact application byte counts for TCP and
             UDP, and the owning process (they run in the caller's context).  They create
             UDP entries, and TCP entries for connections open before the tracer started.
+``owner``   without those (Linux 6.1): ``tcp:tcp_rcv_space_adjust (struct sock *sk)``,
+            which ``tcp_recvmsg`` calls in the reader's context, names the owner of an
+            accepted connection; bytes then come from ``tcp_sock``.
 ``destroy`` ``tcp:tcp_destroy_sock (struct sock *sk)``: final ``tcp_sock`` stats, the
-            record goes to the ring buffer, the entry is deleted.
+            record goes to the ring buffer (or, when the ring refuses it, to the
+            ``ended`` hash), the entry is deleted.
 ``refresh`` not attached: run with ``BPF_PROG_TEST_RUN`` (args ``[sk]``) once per open
             TCP entry per interval to copy the current ``tcp_sock`` stats (RTT, segments,
             retransmits, bytes acked/received) into the entry.  Nothing runs per packet.
 
 Every struct field comes from an :class:`~nettracer.layout.offsets.Offsets`; fields that
 lie close together are read with one ``bpf_probe_read_kernel`` (:func:`plan_reads`).
+Entry ids come from one counter (``ids[0]``, atomic fetch-and-add) so that user space
+can account for every entry the LRU map evicted (:mod:`nettracer.tracers.conns_table`).
 """
 
 from __future__ import annotations
