@@ -610,9 +610,7 @@ def test_udp(ns: Netns, family: int) -> None:
     host = "::1" if family == 6 else "127.0.0.1"
     sizes, reply = [100, 1, 1400, 60000], 321
     tracer = start_tracer("--interval", "0.5", "--netns", str(ns.inode))
-    if "UDP flows are not collected" in tracer.stderr:
-        tracer.stop()
-        kernel_skip(tracer.stderr.strip().splitlines()[0])
+    degraded = "UDP flows are not collected" in tracer.stderr
     script = Script(ns, mode="udp", family=family, host=host, sizes=sizes, reply=reply)
     try:
         truth = script.read()
@@ -621,6 +619,11 @@ def test_udp(ns: Netns, family: int) -> None:
     finally:
         script.close()
         tracer.close()
+    if degraded:
+        # a kernel without sock:sock_send_length (Linux 6.1): said so, and nothing made up
+        assert "sock_send_length" in tracer.stderr and "Linux 6.3" in tracer.stderr
+        assert not [c for r in reports for c in r["conns"] + r["closed"] if c["proto"] == "udp"]
+        return
     k = len(sizes)
     [c] = find(report["conns"], truth["client"], ns.inode)
     assert (c["proto"], c["family"], c["state"], c["direction"]) == (
