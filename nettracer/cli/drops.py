@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from nettracer.errors import UsageError
 
 if TYPE_CHECKING:
+    from nettracer.bpf.maps import Map
     from nettracer.tracers.drops_program import DropEvent, ProgramSpec
 
 OFFSET_MODES = ("auto", "btf", "guess")
@@ -103,6 +104,10 @@ def parse_netns(text: str | None) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the kernel preallocates the counts map while we import and read the configuration
+    from nettracer.tracers.drops_maps import create_counts_early
+
+    counts = create_counts_early()
     from nettracer.config import load_config
 
     overrides: dict[str, tuple[object, str]] = {
@@ -124,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     netns = parse_netns(args.netns)
     drops.require_root()
     session = _Session(args, interval, by, fmt == "json", netns)
+    session.counts = counts
     session.offsets = (
         str(config["offsets.source"]),
         str(config["offsets.cache_dir"]),
@@ -151,6 +157,8 @@ class _Session:
         self.out = sys.stdout
         self.events_seen = 0
         self.offsets: tuple[str, str, int] = ("auto", "", 0)
+        #: the counts map being created (drops_maps.create_counts_early), if it is
+        self.counts: Callable[[], Map] | None = None
         self._lost_shown = 0
         self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
 
@@ -202,7 +210,7 @@ class _Session:
         args = self.args
         spec, reasons, source = self._prepare()
         install_signal_handlers()
-        monitor = drops.DropMonitor(spec)
+        monitor = drops.DropMonitor(spec, counts=self.counts)
         try:
             monitor.start()
             self.names = drops.Names(reasons, monitor.device_name)
