@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import kernel_skip
@@ -439,7 +440,7 @@ def test_symbol_cache_matches_kallsyms_on_an_unsorted_file(tmp_path) -> None:  #
 
 
 @pytest.mark.kernel
-def test_symbol_cache_matches_kallsyms_on_this_kernel() -> None:
+def test_symbol_cache_matches_kallsyms_on_this_kernel(tmp_path: Path) -> None:
     import random
 
     from nettracer.kernel.kallsyms import Kallsyms
@@ -447,12 +448,16 @@ def test_symbol_cache_matches_kallsyms_on_this_kernel() -> None:
 
     if os.geteuid() != 0:
         kernel_skip("needs root to read kallsyms addresses")
-    full = Kallsyms().load()
+    # one snapshot for both: BPF programs (their [bpf] symbols) come and go meanwhile
+    snapshot = tmp_path / "kallsyms"
+    with open("/proc/kallsyms", "rb") as f:
+        snapshot.write_bytes(f.read())
+    full = Kallsyms(str(snapshot)).load()
     addrs = list(full._addrs)
     rng = random.Random(7)
     queries = {a + d for a in rng.sample(addrs, 1500) for d in (-1, 0, 1, 0x41)}
     queries |= set(addrs[:3]) | set(addrs[-3:])
-    cache = SymbolCache()
+    cache = SymbolCache(str(snapshot))
     cache.prefetch(queries)
     for q in queries:
         a, b = full.lookup(q), cache.lookup(q)

@@ -138,3 +138,10 @@ def test_asm_errors() -> None:
         ldx(3, R1, R1, 0)
     with pytest.raises(AsmError, match="defined twice"):
         assemble([exit_().at("a"), exit_().at("a")])
+
+
+def test_64bit_jump_refuses_immediates_it_would_sign_extend() -> None:
+    with pytest.raises(AsmError, match="sign-extended"):
+        jeq(R1, 0x80000000, "out")
+    assert jmp32(JmpOp.JEQ, R1, 0x80000000, 1).encode().hex() == "1601010000000080"
+    assert jeq(R1, 0x7FFFFFFF, 1).encode().hex() == "15010100ffffff7f"

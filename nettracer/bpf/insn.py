@@ -232,6 +232,13 @@ def ld_map_fd(dst: Reg, map_name: str) -> Insn:
 
 def _jmp(cls: int, op: JmpOp, dst: Reg, src: Reg | int, target: str | int) -> Insn:
     code = cls | op | (X if isinstance(src, Reg) else K)
+    if cls == JMP and not isinstance(src, Reg) and src >= 1 << 31:
+        # a 64-bit compare sign-extends its 32-bit immediate: 0x80000000 would compare
+        # as 0xffffffff80000000 and never equal a u32 read from memory
+        raise AsmError(
+            f"immediate {src:#x} would be sign-extended by a 64-bit jump: use jmp32 for "
+            f"a u32 compare, or load the value into a register with ld_imm64"
+        )
     s, imm = (int(src), 0) if isinstance(src, Reg) else (0, src)
     if isinstance(target, str):
         return Insn(code, dst, s, 0, imm, target=target)

@@ -211,7 +211,7 @@ class Map(FdObject):
         return out
 
     def _batch(self, cmd: Cmd) -> list[tuple[Any, Any]]:
-        count = max(1, self.max_entries)
+        count = max(1, min(self.max_entries, _BATCH))  # bounded buffers for big maps
         vstride = _round8(self.value_size) * self.ncpus if self.percpu else self.value_size
         keys = ctypes.create_string_buffer(self.key_size * count)
         values = ctypes.create_string_buffer(max(1, vstride * count))
@@ -242,6 +242,8 @@ class Map(FdObject):
 
 
 _MISSING = object()
+#: elements per batch call: memory stays bounded however large the map
+_BATCH = 512
 #: errnos meaning "this kernel or map type has no batch operations" (524 is ENOTSUPP)
 _NO_BATCH = {errno.EINVAL, errno.EOPNOTSUPP, 524}
 
