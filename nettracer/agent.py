@@ -1,0 +1,304 @@
+"""``nettracer agent``: the drop monitor and the connection tracer behind a Prometheus endpoint.
+
+One :class:`Agent` owns a :class:`~nettracer.tracers.drops.DropMonitor` and a
+:class:`~nettracer.tracers.conns.ConnMonitor` and turns what they report into
+cumulative :class:`Totals`; :mod:`nettracer.output.prometheus` exposes them.
+
+Who reads the monitors, and when
+--------------------------------
+Neither monitor is thread-safe, and the connection tracer's ring buffer must be drained
+continuously (every ~50 ms) whether or not anybody scrapes.  So the monitors belong to
+one thread, the main one (which also receives SIGINT/SIGTERM), running :meth:`Agent.run`:
+it drains the ring buffer every 50 ms and *refreshes* the totals (one
+``DropMonitor.collect`` and one ``ConnMonitor.interval``) every ``interval`` seconds and
+whenever a scrape asks for it.  A scrape (in the HTTP server's thread) asks for a
+refresh and waits for it (at most ``scrape_wait_s``; a refresh younger than
+``min_refresh_s`` is served as it is), then reads a snapshot of the totals under a lock.
+Scrapes therefore see the kernel's counts as of the scrape, never race the monitors, and
+several scrapers cost at most one map walk per ``min_refresh_s``.
+
+Counters and their bounds
+-------------------------
+Every counter is a sum of per-refresh deltas, so it never decreases.  Drop series are
+keyed by (location, symbol, module, reason, device, protocol, netns); at most
+``max_drop_series`` (:data:`MAX_DROP_SERIES`) label sets are ever created and they are
+never removed (a counter that vanished would reset).  Drops of any further label set are
+added to the single series whose labels are all ``"other"``; ``folded_keys`` counts the
+distinct label sets that went there (tracked exactly up to :data:`MAX_FOLDED_TRACKED`,
+beyond which it stops growing, so it is then a lower bound).
+
+TCP bytes and retransmits are the increase of each connection's counters between
+refreshes (the first refresh that sees a connection counts all it has); connections
+already open when the agent started may thus bring bytes from before it (with
+``tcp_sock`` byte counts only: the ``sock_*_length`` tracepoints count from attach).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from nettracer.errors import NettracerError
+
+if TYPE_CHECKING:
+    from nettracer.tracers.conns import ConnMonitor
+    from nettracer.tracers.drops import DropMonitor
+    from nettracer.tracers.drops_groups import Names
+
+#: drop label sets kept as their own series before the rest is folded into "other"
+MAX_DROP_SERIES = 1000
+#: folded label sets remembered to count distinct ones
+MAX_FOLDED_TRACKED = 65536
+#: label names of ``nettracer_drops_total``, in order
+DROP_LABELS = ("location", "symbol", "module", "reason", "device", "protocol", "netns")
+OTHER = ("other",) * len(DROP_LABELS)
+
+DropLabels = tuple[str, str, str, str, str, str, str]
+
+
+@dataclasses.dataclass
+class Totals:
+    """Everything the endpoint reports, cumulative since the agent started."""
+
+    drops: dict[DropLabels, int] = dataclasses.field(default_factory=dict)
+    drops_lost: int = 0
+    #: distinct drop label sets folded into the "other" series
+    folded_keys: int = 0
+    #: (proto, family, direction) -> connections open at the last refresh
+    conns_open: dict[tuple[str, str, str], int] = dataclasses.field(default_factory=dict)
+    #: (proto, family) -> connections closed (or expired)
+    conns_closed: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    tcp_bytes_sent: int = 0
+    tcp_bytes_received: int = 0
+    tcp_retransmits: int = 0
+    conns_evicted: int = 0
+    conns_lost: int = 0
+    refreshes: int = 0
+    refresh_seconds: float = 0.0
+
+    def copy(self) -> Totals:
+        return dataclasses.replace(
+            self,
+            drops=dict(self.drops),
+            conns_open=dict(self.conns_open),
+            conns_closed=dict(self.conns_closed),
+        )
+
+
+def family_name(family: int) -> str:
+    return "ipv6" if family == 6 else "ipv4"
+
+
+class Agent:
+    """Drives the monitors (each optional) and keeps :class:`Totals`.
+
+    ``drops`` and ``conns`` are monitors already built but not started; ``names`` names
+    the drop monitor's numbers (built after it starts when None).
+    """
+
+    def __init__(
+        self,
+        drops: DropMonitor | None,
+        conns: ConnMonitor | None,
+        *,
+        offsets_source: str,
+        interval: float = 5.0,
+        max_drop_series: int = MAX_DROP_SERIES,
+        reasons: Any = None,
+        scrape_wait_s: float = 5.0,
+        min_refresh_s: float = 0.1,
+    ) -> None:
+        self.drops = drops
+        self.conns = conns
+        self.offsets_source = offsets_source
+        self.interval = interval
+        self.max_drop_series = max_drop_series
+        self.scrape_wait_s = scrape_wait_s
+        self.min_refresh_s = min_refresh_s
+        self._reasons = reasons
+        self.names: Names | None = None
+        self.totals = Totals()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._wanted = 0
+        self._done = 0
+        self._last_refresh = 0.0
+        self._folded: set[DropLabels] = set()
+        self.running = False
+        self.stopping = 0
+        self.errors = 0
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Load and attach the monitors' programs."""
+        if self.drops is not None:
+            from nettracer.tracers.drops_groups import Names
+
+            self.drops.start()
+            self.names = Names(self._reasons, self.drops.device_name)
+        if self.conns is not None:
+            self.conns.start()
+
+    def close(self) -> None:
+        """Detach everything (idempotent)."""
+        try:
+            if self.conns is not None:
+                self.conns.close()
+        finally:
+            if self.drops is not None:
+                self.drops.close()
+
+    @property
+    def notices(self) -> list[str]:
+        return list(self.conns.notices) if self.conns is not None else []
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = signum
+
+    def run(self, duration: float | None = None) -> None:
+        """The main loop, in the main thread, until SIGINT/SIGTERM/SIGHUP or ``duration``.
+
+        Signals only set :attr:`stopping` (an exception in the middle of reading the ring
+        buffer would drop records already consumed), like ``nettracer conns``.
+        """
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        start = time.monotonic()
+        end = start + duration if duration else float("inf")
+        tick = start + self.interval
+        self.running = True
+        try:
+            self.refresh()
+            while not self.stopping:
+                now = time.monotonic()
+                if now >= end:
+                    break
+                with self._cond:
+                    wanted = self._wanted > self._done
+                if wanted or now >= tick:
+                    self.refresh()
+                    if now >= tick:
+                        tick = now + self.interval
+                    continue
+                if self.conns is not None:
+                    self.conns.poll(0)
+                with self._cond:
+                    if self._wanted <= self._done:
+                        self._cond.wait(min(0.05, tick - now, end - now))
+        finally:
+            self.running = False
+            with self._cond:
+                self._done = self._wanted
+                self._cond.notify_all()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+
+    # -- scrapes ----------------------------------------------------------------------
+    def snapshot(self) -> Totals:
+        """The totals as of now: asks the main loop for a refresh and waits for it (unless
+        one is younger than ``min_refresh_s`` or the loop is not running)."""
+        if self.running and time.monotonic() - self._last_refresh > self.min_refresh_s:
+            with self._cond:
+                self._wanted += 1
+                ticket = self._wanted
+                self._cond.notify_all()
+                self._cond.wait_for(
+                    lambda: self._done >= ticket or not self.running, self.scrape_wait_s
+                )
+        with self._lock:
+            return self.totals.copy()
+
+    # -- refreshing -------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Read both monitors and add what changed to the totals (main thread only)."""
+        with self._cond:
+            ticket = self._wanted
+        t0 = time.perf_counter()
+        try:
+            drops = self._read_drops() if self.drops is not None else None
+            conns = self._read_conns() if self.conns is not None else None
+        except NettracerError:
+            raise
+        except OSError as exc:  # a map read failing must not take the endpoint down
+            self.errors += 1
+            sys.stderr.write(f"nettracer: agent: reading the monitors failed: {exc}\n")
+            drops = conns = None
+        with self._lock:
+            t = self.totals
+            if drops is not None:
+                self._add_drops(t, *drops)
+            if conns is not None:
+                self._add_conns(t, conns)
+            t.refreshes += 1
+            t.refresh_seconds += time.perf_counter() - t0
+        self._last_refresh = time.monotonic()
+        with self._cond:
+            self._done = max(self._done, ticket)
+            self._cond.notify_all()
+
+    def _read_drops(self) -> tuple[dict[DropLabels, int], int]:
+        from nettracer.tracers.drops_groups import group_counts
+
+        assert self.drops is not None and self.names is not None
+        sample = self.drops.collect()
+        by = ("location", "module", "device", "netns", "reason", "protocol")
+        out: dict[DropLabels, int] = {}
+        for g in group_counts(sample.counts, by, self.names):
+            loc = g.location
+            labels: DropLabels = (
+                loc.text if loc is not None else "",
+                (loc.symbol or "") if loc is not None else "",
+                g.module or "",
+                g.reason or "",
+                g.device or (str(g.ifindex) if g.ifindex else ""),
+                g.protocol or "",
+                str(g.netns) if g.netns else "",
+            )
+            out[labels] = out.get(labels, 0) + g.count
+        return out, sample.lost
+
+    def _add_drops(self, t: Totals, counts: dict[DropLabels, int], lost: int) -> None:
+        for labels, n in counts.items():
+            if labels in t.drops:
+                t.drops[labels] += n
+            elif len(t.drops) - (OTHER in t.drops) < self.max_drop_series:
+                t.drops[labels] = n
+            else:
+                t.drops[OTHER] = t.drops.get(OTHER, 0) + n
+                if labels not in self._folded and len(self._folded) < MAX_FOLDED_TRACKED:
+                    self._folded.add(labels)
+                    t.folded_keys += 1
+        t.drops_lost += max(0, lost)
+
+    def _read_conns(self) -> Any:
+        assert self.conns is not None
+        return self.conns.interval()
+
+    def _add_conns(self, t: Totals, iv: Any) -> None:
+        opened: dict[tuple[str, str, str], int] = {}
+        for c in iv.conns:
+            k = (c.proto, family_name(c.family), c.direction)
+            opened[k] = opened.get(k, 0) + 1
+        # every label set seen once stays, at 0 when nothing is open
+        t.conns_open = {k: 0 for k in t.conns_open} | opened
+        for c in iv.closed:
+            k2 = (c.proto, family_name(c.family))
+            t.conns_closed[k2] = t.conns_closed.get(k2, 0) + 1
+        for c in (*iv.conns, *iv.closed):
+            if c.proto != "tcp":
+                continue
+            prev = c.prev
+            t.tcp_bytes_sent += max(0, c.bytes_sent - prev[0])
+            t.tcp_bytes_received += max(0, c.bytes_received - prev[1])
+            t.tcp_retransmits += max(0, c.retransmits - prev[4])
+        t.conns_evicted += max(0, iv.evicted)
+        t.conns_lost += max(0, iv.lost)
+
+
+def kernel_release() -> str:
+    return os.uname().release
