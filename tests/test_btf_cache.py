@@ -4,7 +4,6 @@ drop reasons from the cache agree with BTF read afresh."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,9 +41,18 @@ class Counter:
         return self.value
 
 
+def _rows(value: list[int]) -> list[tuple[str, ...]]:
+    return [tuple(str(v) for v in value)]
+
+
+def _value(rows: list[tuple[str, ...]]) -> list[int]:
+    (row,) = rows
+    return [int(v) for v in row]
+
+
 def _get(cache: str | None, btf: str, compute: Callable[[], Any], **kw: Any) -> Any:
     return btf_cache.cached(
-        cache, "fact", compute, kw.get("encode", list), kw.get("decode", list), btf_path=btf
+        cache, "fact", compute, kw.get("encode", _rows), kw.get("decode", _value), btf_path=btf
     )
 
 
@@ -56,21 +64,21 @@ def test_computed_once_per_btf(tmp_path: Path) -> None:
     assert _get(str(tmp_path / "cache"), btf, fact) == [1, 2, 3]
     assert fact.calls == 1
     files = os.listdir(tmp_path / "cache")
-    assert len(files) == 1 and files[0].startswith("btf-") and files[0].endswith(".json")
+    assert len(files) == 1 and files[0].startswith("btf-") and files[0].endswith(".tsv")
 
 
 def test_another_btf_is_read_again(tmp_path: Path) -> None:
     btf = _fake_btf(tmp_path / "vmlinux")
     cache = str(tmp_path / "cache")
-    assert _get(cache, btf, Counter(["old"])) == ["old"]
+    assert _get(cache, btf, Counter([1])) == [1]
     btf_cache.forget()
-    _fake_btf(tmp_path / "vmlinux", b"other types, same size")  # new content, times, size
-    assert _get(cache, btf, Counter(["new"])) == ["new"]
+    _fake_btf(tmp_path / "vmlinux", b"other types, other size")  # new content, times, size
+    assert _get(cache, btf, Counter([2])) == [2]
     btf_cache.forget()
     st = os.stat(btf)  # same size and content, other mtime: a new boot's sysfs file
     os.utime(btf, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-    again = Counter(["again"])
-    assert _get(cache, btf, again) == ["again"] and again.calls == 1
+    again = Counter([3])
+    assert _get(cache, btf, again) == [3] and again.calls == 1
 
 
 def test_the_stamp_names_kernel_btf_and_catalogue(tmp_path: Path) -> None:
@@ -79,41 +87,59 @@ def test_the_stamp_names_kernel_btf_and_catalogue(tmp_path: Path) -> None:
     assert st is not None
     u = os.uname()
     assert (st["release"], st["version"], st["machine"]) == (u.release, u.version, u.machine)
-    assert st["btf"]["size"] == os.path.getsize(btf) and st["btf"]["header"].startswith("9feb01")
-    assert st["catalogue"]
+    assert st["btf_size"] == str(os.path.getsize(btf)) and st["btf_header"].startswith("9feb01")
+    assert st["btf_path"] == btf and st["catalogue"]
     assert btf_cache.stamp(str(tmp_path / "none")) is None
+
+
+def test_fields_survive_tabs_newlines_and_backslashes(tmp_path: Path) -> None:
+    btf = _fake_btf(tmp_path / "vmlinux")
+    odd = ["a\tb", "c\nd\r", "back\\slash\\t", "", "@not a fact"]
+
+    def get(fact: Counter) -> Any:
+        return btf_cache.cached(
+            str(tmp_path), "odd", fact, lambda v: [tuple(v)], lambda rows: list(rows[0]), btf
+        )
+
+    assert get(Counter(odd)) == odd
+    btf_cache.forget()
+    fact = Counter(None)
+    assert get(fact) == odd and fact.calls == 0
+
+
+def _replace_line(path: Path, index: int, line: str) -> None:
+    lines = path.read_text().split("\n")
+    lines[index] = line
+    path.write_text("\n".join(lines))
 
 
 @pytest.mark.parametrize(
     "damage",
     [
-        lambda p: p.write_bytes(b"\xff{not json"),
-        lambda p: p.write_text("[]"),
-        lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "version": 99})),
-        lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "facts": []})),
-        lambda p: p.write_text(
-            json.dumps({**json.loads(p.read_text()), "facts": {"fact": "not a list"}})
+        lambda p: p.write_bytes(b"\xff{not text"),
+        lambda p: p.write_text(""),
+        lambda p: p.write_text(p.read_text()[:-1]),  # cut short
+        lambda p: _replace_line(p, 0, "nettracer-btf-cache 99"),
+        lambda p: _replace_line(
+            p, 1, p.read_text().split("\n")[1].replace("catalogue=", "catalogue=x")
         ),
-        lambda p: p.write_text(p.read_text().replace('"catalogue":"', '"catalogue":"x')),
+        lambda p: _replace_line(p, 2, "no fact name"),
+        lambda p: _replace_line(p, 3, "1\t2\tnot a number"),
+        lambda p: _replace_line(p, 3, "1\tbad \\q escape"),
+        lambda p: p.write_text(p.read_text() + "1\t2\t3\n"),  # two rows
     ],
 )
 def test_damaged_cache_is_recomputed_and_rewritten(tmp_path: Path, damage: Any) -> None:
     btf = _fake_btf(tmp_path / "vmlinux")
     cache = tmp_path / "cache"
-
-    def strict(data: Any) -> list[int]:
-        if not isinstance(data, list):
-            raise TypeError("not a list")
-        return data
-
-    assert _get(str(cache), btf, Counter([7]), decode=strict) == [7]
+    assert _get(str(cache), btf, Counter([7, 8])) == [7, 8]
     (path,) = cache.iterdir()
     damage(path)
     btf_cache.forget()
-    fact = Counter([7])
-    assert _get(str(cache), btf, fact, decode=strict) == [7] and fact.calls == 1
+    fact = Counter([7, 8])
+    assert _get(str(cache), btf, fact) == [7, 8] and fact.calls == 1
     btf_cache.forget()
-    assert _get(str(cache), btf, fact, decode=strict) == [7] and fact.calls == 1  # rewritten
+    assert _get(str(cache), btf, fact) == [7, 8] and fact.calls == 1  # rewritten
 
 
 def test_without_cache_dir_or_btf_it_computes(tmp_path: Path) -> None:
@@ -174,13 +200,23 @@ def test_cached_offsets_missing_a_field_are_read_again(tmp_path: Path) -> None:
     fresh = btf_offsets()
     offsets_for("btf", cache_dir=str(tmp_path))
     (path,) = tmp_path.iterdir()
-    data = json.loads(path.read_text())
-    data["facts"]["offsets"]["fields"].pop("sk_buff.dev")
-    data["facts"]["offsets"]["fields"]["net.ns.inum"]["size"] = 8
-    path.write_text(json.dumps(data))
+    text = path.read_text()
+    dev = f"field\tsk_buff.dev\t{fresh.offset('sk_buff.dev')}\t8\n"
+    inum = f"field\tnet.ns.inum\t{fresh.offset('net.ns.inum')}\t4\n"
+    assert dev in text and inum in text
+    for damaged in (
+        text.replace(dev, ""),  # a field missing
+        text.replace(inum, inum.replace("\t4\n", "\t8\n")),  # a wrong size
+        text.replace(dev, dev.replace("\t8\n", "\t8\textra\n")),  # a bad row
+    ):
+        path.write_text(damaged)
+        btf_cache.forget()
+        o = offsets_for("btf", cache_dir=str(tmp_path))
+        assert o.to_json() == fresh.to_json() and o.unresolved == fresh.unresolved
+        assert path.read_text() == text  # rewritten
     btf_cache.forget()
     o = offsets_for("btf", cache_dir=str(tmp_path))
-    assert o.to_json() == fresh.to_json() and o.offset("sk_buff.dev") == fresh.offset("sk_buff.dev")
+    assert o.offset("sk_buff.dev") == fresh.offset("sk_buff.dev")
 
 
 @pytest.mark.kernel

@@ -3,14 +3,20 @@
 Reading ``/sys/kernel/btf/vmlinux`` (5.5 MB on 6.18) and resolving the catalogue costs
 some 30 ms of a command's start-up, for answers that cannot change while the kernel
 runs.  This module keeps such answers ("facts": the catalogue's offsets, a raw
-tracepoint's argument names) in one JSON file per kernel build under the offsets
-cache directory (``offsets.cache_dir``, default ``/var/cache/nettracer``)::
+tracepoint's argument names, an enum) in one file per kernel build under the offsets
+cache directory (``offsets.cache_dir``, default ``/var/cache/nettracer``), as lines
+of tab-separated fields (``\\``, tab, newline and carriage return escaped as ``\\\\``,
+``\\t``, ``\\n``, ``\\r``; no JSON parser to import at start-up)::
 
-    {"format": "nettracer-btf-cache", "version": 1,
-     "stamp": {"release": ..., "version": ..., "machine": ..., "catalogue": ...,
-               "btf": {"path": ..., "size": ..., "mtime_ns": ..., "ctime_ns": ...,
-                       "ino": ..., "dev": ..., "header": ...}},
-     "facts": {"offsets": {...}, "tracepoint_args.kfree_skb": [...]}}
+    nettracer-btf-cache 1
+    release=6.18.44  version=#1 SMP ...  machine=x86_64  catalogue=3f7abee4  btf_path=...
+        btf_size=5516713  btf_mtime_ns=...  btf_ctime_ns=...  btf_ino=...  btf_dev=...
+        btf_header=9feb0100...                                   (one line: the stamp)
+    @offsets
+    field   sk_buff.dev     16      8
+    unresolved      sock.sk_protocol        is a 8-bit bitfield ...
+    @tracepoint_args.kfree_skb
+    skb     location        reason  rx_sk
 
 The stamp is cheap to take (``uname``, one ``stat`` and the 24-byte ``struct
 btf_header``; no hash of the 5.5 MB blob) and sound: sysfs creates the
@@ -32,17 +38,48 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-FORMAT = "nettracer-btf-cache"
-VERSION = 1
+FORMAT = "nettracer-btf-cache 1"
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 _HEADER_BYTES = 24  # struct btf_header: magic, version, flags, hdr_len, type/str off+len
 
 T = TypeVar("T")
+#: a fact as stored: rows of text fields
+Rows = list[tuple[str, ...]]
 
-#: facts files read by this process: path -> (stamp, facts)
-_loaded: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+#: facts files read by this process: path -> (stamp line, facts)
+_loaded: dict[str, tuple[str, dict[str, Rows]]] = {}
+
+_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def escape(text: str) -> str:
+    """``text`` as one field of a line (no tab, newline or carriage return left)."""
+    for raw, escaped in _ESCAPES:
+        if raw in text:
+            text = text.replace(raw, escaped)
+    return text
+
+
+def unescape(field: str) -> str:
+    """The inverse of :func:`escape`; ValueError for a stray backslash."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        c = field[i]
+        if c == "\\":
+            try:
+                out.append(_UNESCAPES[field[i + 1]])
+            except (IndexError, KeyError):
+                raise ValueError(f"bad escape in {field!r}") from None
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def _catalogue_digest() -> str:
@@ -54,7 +91,7 @@ def _catalogue_digest() -> str:
     return f"{zlib.crc32(text.encode()):08x}"
 
 
-def stamp(btf_path: str = BTF_VMLINUX) -> dict[str, Any] | None:
+def stamp(btf_path: str = BTF_VMLINUX) -> dict[str, str] | None:
     """What identifies the BTF at ``btf_path`` and the kernel; None without BTF."""
     try:
         fd = os.open(btf_path, os.O_RDONLY)
@@ -73,87 +110,95 @@ def stamp(btf_path: str = BTF_VMLINUX) -> dict[str, Any] | None:
         "version": u.version,
         "machine": u.machine,
         "catalogue": _catalogue_digest(),
-        "btf": {
-            "path": btf_path,
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
-            "ctime_ns": st.st_ctime_ns,
-            "ino": st.st_ino,
-            "dev": st.st_dev,
-            "header": header.hex(),
-        },
+        "btf_path": btf_path,
+        "btf_size": str(st.st_size),
+        "btf_mtime_ns": str(st.st_mtime_ns),
+        "btf_ctime_ns": str(st.st_ctime_ns),
+        "btf_ino": str(st.st_ino),
+        "btf_dev": str(st.st_dev),
+        "btf_header": header.hex(),
     }
 
 
-def cache_file(cache_dir: str, st: dict[str, Any]) -> str:
+def _stamp_line(st: dict[str, str]) -> str:
+    return "\t".join(f"{k}={escape(v)}" for k, v in st.items())
+
+
+def cache_file(cache_dir: str, st: dict[str, str]) -> str:
     """The facts file for stamp ``st``: one per kernel build (and BTF path)."""
     import re
     import zlib
 
     release = re.sub(r"[^\w.+-]", "_", st["release"])
-    what = f"{st['version']}\0{st['btf']['path']}".encode()
-    return os.path.join(cache_dir, f"btf-{release}-{st['machine']}-{zlib.crc32(what):08x}.json")
+    what = f"{st['version']}\0{st['btf_path']}".encode()
+    return os.path.join(cache_dir, f"btf-{release}-{st['machine']}-{zlib.crc32(what):08x}.tsv")
 
 
-def _read(path: str, st: dict[str, Any]) -> dict[str, Any]:
+def _parse(text: str, line: str) -> dict[str, Rows]:
+    """The facts in ``text`` when its stamp line is ``line``; ValueError otherwise."""
+    lines = text.split("\n")
+    if len(lines) < 3 or lines[0] != FORMAT or lines[1] != line or lines[-1] != "":
+        raise ValueError("not this kernel's facts file, or cut short")
+    facts: dict[str, Rows] = {}
+    rows: Rows | None = None
+    for row in lines[2:-1]:
+        if row.startswith("@"):
+            rows = facts.setdefault(row[1:], [])
+        elif rows is None:
+            raise ValueError("row outside a fact")
+        else:
+            rows.append(tuple(unescape(f) for f in row.split("\t")))
+    return facts
+
+
+def _read(path: str, st: dict[str, str]) -> dict[str, Rows]:
     """The facts of ``path`` when its stamp is ``st``, else {}."""
+    line = _stamp_line(st)
     memo = _loaded.get(path)
-    if memo is not None and memo[0] == st:
+    if memo is not None and memo[0] == line:
         return memo[1]
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError:
+        with open(path, encoding="utf-8", newline="") as f:
+            facts = _parse(f.read(), line)
+    except (OSError, ValueError):  # UnicodeDecodeError too
         return {}
-    import json
-
-    try:
-        data = json.loads(raw)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError
-        return {}
-    if (
-        not isinstance(data, dict)
-        or data.get("format") != FORMAT
-        or data.get("version") != VERSION
-        or data.get("stamp") != st
-        or not isinstance(data.get("facts"), dict)
-    ):
-        return {}
-    _loaded[path] = (st, data["facts"])
-    return data["facts"]
+    _loaded[path] = (line, facts)
+    return facts
 
 
-def _write(path: str, st: dict[str, Any], facts: dict[str, Any]) -> None:
-    import json
-
-    data = {"format": FORMAT, "version": VERSION, "stamp": st, "facts": facts}
+def _write(path: str, st: dict[str, str], facts: dict[str, Rows]) -> None:
+    line = _stamp_line(st)
+    out = [FORMAT, line]
+    for name, rows in facts.items():
+        out.append(f"@{escape(name)}")
+        out += ["\t".join(escape(f) for f in row) for row in rows]
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(data, f, separators=(",", ":"))
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write("\n".join(out) + "\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         return
-    _loaded[path] = (st, facts)
+    _loaded[path] = (line, facts)
 
 
 def cached(
     cache_dir: str | None,
     name: str,
     compute: Callable[[], T],
-    encode: Callable[[T], Any],
-    decode: Callable[[Any], T],
+    encode: Callable[[T], Rows],
+    decode: Callable[[Rows], T],
     btf_path: str = BTF_VMLINUX,
 ) -> T:
     """Fact ``name`` of the BTF at ``btf_path``: from the cache when it holds one for this
-    very BTF and ``decode`` accepts it (``decode`` raises ValueError, KeyError or
-    TypeError for what it does not), else ``compute()``, then stored as ``encode``
-    makes it (JSON-ready).  ``cache_dir`` None, or no file at ``btf_path``, just
-    computes; ``compute``'s errors (no BTF, say) are the caller's."""
+    very BTF and ``decode`` accepts its rows (``decode`` raises ValueError, KeyError,
+    IndexError or TypeError for rows it does not), else ``compute()``, then stored as
+    the rows of text fields ``encode`` makes.  ``cache_dir`` None, or no file at
+    ``btf_path``, just computes; ``compute``'s errors (no BTF, say) are the caller's."""
     st = stamp(btf_path) if cache_dir is not None else None
     if st is None or cache_dir is None:
         return compute()
@@ -162,11 +207,11 @@ def cached(
     if name in facts:
         try:
             return decode(facts[name])
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, IndexError, TypeError):
             pass
     value = compute()
-    new = {**facts, name: encode(value)}
-    _write(path, st, new)
+    rows = [tuple(str(f) for f in row) for row in encode(value)]
+    _write(path, st, {**facts, name: rows})
     return value
 
 

@@ -17,7 +17,6 @@ forced. The cache keeps one profile per kernel build under the cache directory
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -60,6 +59,7 @@ def to_json(offsets: Offsets, identity: KernelIdentity) -> dict[str, Any]:
 def save_profile(path: str, offsets: Offsets, identity: KernelIdentity) -> None:
     """Write ``offsets`` as a profile for ``identity`` to ``path`` (atomically)."""
     import contextlib
+    import json
     import tempfile
 
     data = json.dumps(to_json(offsets, identity), indent=2, sort_keys=False) + "\n"
@@ -153,6 +153,8 @@ def load_profile(path: str, identity: KernelIdentity, force: bool = False) -> Of
             raw = f.read()
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
+    import json
+
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -112,19 +112,28 @@ def _btf(btf_path: str, cache_dir: str | None) -> Offsets:
     return offsets
 
 
-def _encode_btf(offsets: Offsets) -> dict[str, Any]:
-    return {"fields": offsets.to_json(), "unresolved": dict(sorted(offsets.unresolved.items()))}
+def _encode_btf(offsets: Offsets) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = [
+        ("field", key, str(f.offset), str(f.size)) for key, f in sorted(offsets.fields.items())
+    ]
+    rows += [("unresolved", key, why) for key, why in sorted(offsets.unresolved.items())]
+    return rows
 
 
-def _decode_btf(data: Any) -> Offsets:
+def _decode_btf(rows: list[tuple[str, ...]]) -> Offsets:
     """Cached BTF offsets, checked as a profile's are, with every catalogue field."""
     from nettracer.layout.profile import parse_fields
 
-    if not isinstance(data, dict):
-        raise TypeError("not an object")
+    fields: dict[str, Any] = {}
+    unresolved: dict[str, str] = {}
+    for row in rows:
+        if row[0] == "field" and len(row) == 4:
+            fields[row[1]] = {"offset": int(row[2]), "size": int(row[3])}
+        elif row[0] == "unresolved" and len(row) == 3:
+            unresolved[row[1]] = row[2]
+        else:
+            raise ValueError(f"bad row {row!r}")
     try:
-        return parse_fields(
-            data["fields"], data["unresolved"], "cached BTF offsets", "btf", complete=True
-        )
+        return parse_fields(fields, unresolved, "cached BTF offsets", "btf", complete=True)
     except ProfileError as exc:
         raise ValueError(str(exc)) from None

@@ -169,18 +169,17 @@ def cached_kfree_skb_args(cache_dir: str | None, btf_path: str = VMLINUX) -> Kfr
         except BtfLookupError:
             return kfree_skb_args(None)
 
-    def decode(data: Any) -> KfreeSkbArgs:
-        if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
-            raise TypeError("not a list of names")
-        if "skb" not in data or "location" not in data:
+    def decode(rows: list[tuple[str, ...]]) -> KfreeSkbArgs:
+        (names,) = rows  # ValueError unless one row
+        if "skb" not in names or "location" not in names:
             raise ValueError("skb or location missing")
-        return KfreeSkbArgs(tuple(data))
+        return KfreeSkbArgs(names)
 
     return btf_cache.cached(
         cache_dir,
         f"tracepoint_args.{TRACEPOINT}",
         compute,
-        lambda args: list(args.names),
+        lambda args: [args.names],
         decode,
         btf_path=btf_path,
     )
@@ -198,16 +197,14 @@ def cached_reason_names(cache_dir: str | None, btf_path: str = VMLINUX) -> dict[
 
         return reason_names(Btf.vmlinux(btf_path))
 
-    def decode(data: Any) -> dict[int, str]:
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise TypeError("not an object of names")
-        return {int(k): v for k, v in data.items()}
+    def decode(rows: list[tuple[str, ...]]) -> dict[int, str]:
+        return {int(value): name for value, name in rows}  # ValueError for other rows
 
     return btf_cache.cached(
         cache_dir,
         "enum.skb_drop_reason",
         compute,
-        lambda names: {str(k): v for k, v in names.items()},
+        lambda names: [(str(value), name) for value, name in names.items()],
         decode,
         btf_path=btf_path,
     )
