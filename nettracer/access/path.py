@@ -1,0 +1,392 @@
+"""Struct-path expressions rooted at a tracepoint argument: parse and resolve.
+
+An expression is C's member access on a raw tracepoint's ``TP_PROTO`` argument::
+
+    skb->len    skb->dev->name    sk->__sk_common.skc_dport
+    skb->dev->nd_net.net->ns.inum
+
+``->`` follows a pointer (one ``bpf_probe_read_kernel`` of 8 bytes), ``.`` selects a
+member of a struct or union held by value (an offset added, no read); anonymous
+structs and unions are transparent, as in C.  :func:`resolve_btf` resolves with BTF
+(any member, any tracepoint); :func:`resolve_offsets` without BTF, through the field
+catalogue (:mod:`nettracer.layout.catalogue`) and an :class:`~nettracer.layout.offsets.Offsets`
+object, for the tracepoints in :data:`KNOWN_ARGS`.
+
+The result, an :class:`AccessPath`, is what :func:`nettracer.access.compile.compile_reads`
+turns into instructions and what :meth:`AccessPath.decode` turns back into a value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from nettracer.errors import NettracerError
+
+if TYPE_CHECKING:
+    from nettracer.kernel.btf import Btf
+    from nettracer.layout.offsets import Offsets
+
+#: largest value one expression may read (bytes); a struct larger than this is refused
+MAX_VALUE_SIZE = 64
+#: longest chain of ``->`` in one expression (each is a helper call in the program)
+MAX_DEREFS = 8
+
+#: how a value's bytes are shown
+DECODES = ("uint", "int", "str", "ptr", "be", "bytes")
+
+
+class AccessError(NettracerError):
+    """A struct-path expression that does not parse or does not resolve."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """``op`` is ``""`` for the root name, ``"->"`` or ``"."``; ``pos`` its column."""
+
+    op: str
+    name: str
+    pos: int
+
+
+_TOKEN = re.compile(r"\s*(->|\.)?\s*([A-Za-z_][A-Za-z_0-9]*)")
+
+
+def parse(expr: str) -> list[Token]:
+    """Tokens of ``expr``: a root name then ``->name`` / ``.name`` steps.
+
+    >>> [(t.op, t.name) for t in parse("skb->dev->name")]
+    [('', 'skb'), ('->', 'dev'), ('->', 'name')]
+    """
+    tokens: list[Token] = []
+    pos = 0
+    text = expr.rstrip()
+    if not text.strip():
+        raise AccessError(f"{expr!r}: empty expression (want e.g. skb->dev->name)")
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        op = m.group(1) if m else None
+        if m is None or (tokens and op is None) or (not tokens and op is not None):
+            want = "a name" if not tokens else "'->' or '.' then a member name"
+            raise AccessError(f"{expr}: at column {pos + 1}: expected {want}, found {text[pos:]!r}")
+        tokens.append(Token(op or "", m.group(2), m.start(2)))
+        pos = m.end()
+    if sum(t.op == "->" for t in tokens) > MAX_DEREFS:
+        raise AccessError(f"{expr}: more than {MAX_DEREFS} '->' in one expression")
+    return tokens
+
+
+@dataclass(frozen=True)
+class AccessPath:
+    """A resolved expression.
+
+    The program loads argument ``arg_index`` of the raw tracepoint context (a u64),
+    then for each offset in ``derefs`` reads the pointer at ``base + offset`` (NULL
+    base or NULL result: the value is null), then reads ``size`` bytes at
+    ``base + offset``.  With ``offset`` None the value is the argument itself (its
+    ``size`` low bytes).  ``bit_shift``/``bit_size`` pick a bitfield out of the
+    loaded unit.  ``decode`` is one of :data:`DECODES`.
+    """
+
+    expr: str
+    arg_index: int
+    derefs: tuple[int, ...]
+    offset: int | None
+    size: int
+    ctype: str
+    decode: str
+    bit_shift: int = 0
+    bit_size: int = 0
+
+    @property
+    def reads(self) -> int:
+        """``bpf_probe_read_kernel`` calls this path costs."""
+        return len(self.derefs) + (self.offset is not None)
+
+    def decode_value(self, raw: bytes) -> int | str | None:
+        """The value shown for ``raw`` (``size`` bytes as read from the kernel)."""
+        raw = bytes(raw[: self.size])
+        if self.decode == "str":
+            return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+        if self.decode == "bytes":
+            return raw.hex()
+        order = "big" if self.decode == "be" else "little"
+        v = int.from_bytes(raw, order)
+        if self.bit_size:
+            v = (v >> self.bit_shift) & ((1 << self.bit_size) - 1)
+            if self.decode == "int" and v >> (self.bit_size - 1):
+                v -= 1 << self.bit_size
+            return v
+        if self.decode == "int" and v >> (8 * self.size - 1):
+            v -= 1 << (8 * self.size)
+        if self.decode == "ptr":
+            return hex(v)
+        return v
+
+
+def _error(expr: str, tok: Token, msg: str) -> AccessError:
+    return AccessError(f"{expr}: at column {tok.pos + 1}: {msg}")
+
+
+def _did_you_mean(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    return f" (members: {shown or 'none'})"
+
+
+# -- BTF --------------------------------------------------------------------------
+
+
+def tracepoint_args_btf(btf: Btf, tracepoint: str) -> list[tuple[str, int]]:
+    """(name, BTF type id) of each ``TP_PROTO`` argument of ``tracepoint`` (Linux 5.5+:
+    ``typedef void (*btf_trace_<tp>)(void *, proto)``; names as
+    :meth:`Btf.raw_tracepoint_args` finds them)."""
+    from nettracer.kernel.btf import Kind
+
+    named = btf.raw_tracepoint_args(tracepoint)  # BtfLookupError when missing
+    td = btf.find(f"btf_trace_{tracepoint}", Kind.TYPEDEF)[0]
+    ptr = btf.type(btf.strip(td))
+    proto = btf.type(btf.strip(ptr.size_or_type)) if ptr.kind == Kind.PTR else ptr
+    types = [t for _, t in btf.params(proto.id)[1:]]
+    return [(n or f"arg{i}", t) for i, ((n, _), t) in enumerate(zip(named, types, strict=True))]
+
+
+def _visible_members(btf: Btf, tid: int, depth: int = 0) -> list[tuple[str, int, int, int]]:
+    """(name, type id, bit offset, bitfield size) of every member visible in C in
+    struct/union ``tid``: its own and, recursively, those of anonymous members."""
+    from nettracer.kernel.btf import Kind
+
+    out = []
+    if depth > 16:
+        return out
+    for m in btf.members(tid):
+        if m.name:
+            out.append((m.name, m.type_id, m.bit_offset, m.bitfield_size))
+            continue
+        inner = btf.strip(m.type_id)
+        if inner and btf.type(inner).kind in (Kind.STRUCT, Kind.UNION):
+            for n, t, b, s in _visible_members(btf, inner, depth + 1):
+                out.append((n, t, m.bit_offset + b, s))
+    return out
+
+
+def _is_be(btf: Btf, tid: int) -> bool:
+    """True when a typedef in ``tid``'s chain is ``__be16``/``__be32``/``__be64``."""
+    from nettracer.kernel.btf import Kind
+
+    for _ in range(16):
+        t = btf.type(tid)
+        if t.kind == Kind.TYPEDEF and t.name.startswith("__be"):
+            return True
+        if t.kind not in (Kind.TYPEDEF, Kind.CONST, Kind.VOLATILE, Kind.RESTRICT, Kind.TYPE_TAG):
+            return False
+        tid = t.size_or_type
+    return False
+
+
+def _decode_btf(btf: Btf, tid: int, expr: str) -> tuple[str, int]:
+    """(decode, size) of a value of type ``tid``."""
+    from nettracer.kernel.btf import Kind
+
+    size = btf.sizeof(tid)
+    t = btf.type(btf.strip(tid))
+    if t.kind == Kind.PTR:
+        return "ptr", size
+    if t.kind == Kind.ARRAY:
+        elem, _, _ = btf.array(t.id)
+        e = btf.type(btf.strip(elem))
+        if e.kind == Kind.INT and btf.sizeof(e.id) == 1 and "char" in e.name:
+            return "str", size
+        return "bytes", size
+    if size not in (1, 2, 4, 8):
+        return "bytes", size
+    if _is_be(btf, tid):
+        return "be", size
+    if t.kind == Kind.INT:
+        signed = btf.int_encoding(t.id)[0] & 1
+        return ("int" if signed else "uint"), size
+    if t.kind in (Kind.ENUM, Kind.ENUM64):
+        return ("int" if t.kind_flag else "uint"), size
+    return "bytes", size
+
+
+def resolve_btf(expr: str, btf: Btf, args: list[tuple[str, int]]) -> AccessPath:
+    """Resolve ``expr`` against tracepoint arguments ``args`` (from
+    :func:`tracepoint_args_btf`) with BTF.  Errors are one-line :class:`AccessError`\\ s."""
+    from nettracer.kernel.btf import Kind
+
+    tokens = parse(expr)
+    root = tokens[0]
+    names = [n for n, _ in args]
+    if root.name not in names:
+        raise _error(
+            expr, root, f"no argument {root.name!r} (arguments: {', '.join(names) or 'none'})"
+        )
+    index = names.index(root.name)
+    tid = args[index][1]
+    where = root.name
+    derefs: list[int] = []
+    in_mem = False  # False while the value is the argument itself
+    bit = 0  # bit offset of the current member from the current base
+    bsize = 0
+    for tok in tokens[1:]:
+        t = btf.type(btf.strip(tid))
+        tname = btf.type_name(tid)
+        if tok.op == "->":
+            if t.kind != Kind.PTR:
+                hint = " (use '.')" if t.kind in (Kind.STRUCT, Kind.UNION) else ""
+                raise _error(expr, tok, f"{where} is {tname}, not a pointer{hint}")
+            if in_mem:
+                derefs.append(bit // 8)
+            in_mem, bit = True, 0
+            t = btf.type(btf.strip(t.size_or_type))
+            if t.kind == Kind.FWD:
+                raise _error(expr, tok, f"{where} points to an incomplete type {tname}")
+        elif t.kind == Kind.PTR:
+            raise _error(expr, tok, f"{where} is a pointer ({tname}); use '->'")
+        if t.kind not in (Kind.STRUCT, Kind.UNION):
+            raise _error(expr, tok, f"{where} is {tname}, not a struct or union")
+        members = _visible_members(btf, t.id)
+        found = next((m for m in members if m[0] == tok.name), None)
+        if found is None:
+            owner = f"{t.kind.name.lower()} {t.name}" if t.name else f"{where}'s type"
+            raise AccessError(
+                f"{expr}: at column {tok.pos + 1}: {owner} has no member {tok.name!r}"
+                + _did_you_mean(tok.name, [m[0] for m in members])
+            )
+        _, tid, moff, bsize = found
+        if not bsize:  # pre-kind_flag BTF keeps bitfields in the INT encoding
+            it = btf.type(btf.strip(tid))
+            if it.kind == Kind.INT:
+                _, ioff, nbits = btf.int_encoding(it.id)
+                if ioff or nbits != 8 * it.size_or_type:
+                    moff, bsize = moff + ioff, nbits
+        bit += moff
+        where = f"{where}{tok.op}{tok.name}"
+    decode, size = _decode_btf(btf, tid, expr)
+    offset: int | None = bit // 8 if in_mem else None
+    shift = 0
+    if bsize:
+        size = btf.sizeof(tid)
+        unit = bit // (8 * size) * size
+        if bit + bsize > 8 * (unit + size):
+            unit, size = bit // 8, (bit + bsize + 7) // 8 - bit // 8
+        offset, shift = unit, bit - 8 * unit
+        decode = "int" if decode == "int" else "uint"
+    if offset is None:
+        size = min(size, 8)
+    elif size > MAX_VALUE_SIZE:
+        raise AccessError(
+            f"{expr}: {where} is {btf.type_name(tid)} ({size} bytes); at most "
+            f"{MAX_VALUE_SIZE} bytes can be read, name one of its members"
+        )
+    return AccessPath(
+        expr=expr,
+        arg_index=index,
+        derefs=tuple(derefs),
+        offset=offset,
+        size=size,
+        ctype=btf.type_name(tid),
+        decode=decode,
+        bit_shift=shift,
+        bit_size=bsize,
+    )
+
+
+# -- without BTF: the field catalogue ------------------------------------------------
+
+#: TP_PROTO arguments (name, struct pointed to or None) of tracepoints we know without
+#: BTF; only a prefix that is stable across kernels (``kfree_skb`` gained ``reason`` in
+#: 5.17 and ``rx_sk`` in 6.12, after ``location``).
+KNOWN_ARGS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "kfree_skb": (("skb", "sk_buff"), ("location", None)),
+    "consume_skb": (("skb", "sk_buff"),),
+    "inet_sock_set_state": (("sk", "sock"), ("oldstate", None), ("newstate", None)),
+    "sock_send_length": (("sk", "sock"), ("ret", None), ("flags", None)),
+    "sock_recv_length": (("sk", "sock"), ("ret", None), ("flags", None)),
+    "tcp_retransmit_skb": (("sk", "sock"), ("skb", "sk_buff")),
+    "tcp_probe": (("sk", "sock"), ("skb", "sk_buff")),
+    "tcp_destroy_sock": (("sk", "sock"),),
+    "net_dev_xmit": (("skb", "sk_buff"), ("rc", None), ("dev", "net_device")),
+    "netif_receive_skb": (("skb", "sk_buff"),),
+}
+
+
+def _catalogue_decode(ctype: str, points_to: str | None, byteorder: str) -> str:
+    if points_to is not None or ctype.endswith("*"):
+        return "ptr"
+    if ctype.startswith("char["):
+        return "str"
+    if byteorder == "big":
+        return "be"
+    if ctype.startswith("struct "):
+        return "bytes"
+    return "int" if ctype == "int" else "uint"
+
+
+def resolve_offsets(expr: str, offsets: Offsets, tracepoint: str) -> AccessPath:
+    """Resolve ``expr`` without BTF: every member must be a catalogue field (as
+    ``struct.member.path``) whose offset ``offsets`` knows.  ``sk->__sk_common.X``
+    is ``sock_common.X`` (``struct sock`` starts with it); ``possible_net_t`` fields
+    (``nd_net``, ``skc_net``) accept ``.net``, their only member with CONFIG_NET_NS."""
+    from nettracer.layout.catalogue import BY_KEY
+
+    tokens = parse(expr)
+    root = tokens[0]
+    known = KNOWN_ARGS.get(tracepoint)
+    if known is None:
+        raise AccessError(
+            f"{expr}: without BTF the arguments of tracepoint {tracepoint!r} are unknown "
+            f"(known: {', '.join(sorted(KNOWN_ARGS))})"
+        )
+    names = [n for n, _ in known]
+    if root.name not in names:
+        raise _error(expr, root, f"no argument {root.name!r} (arguments: {', '.join(names)})")
+    index = names.index(root.name)
+    struct: str | None = known[index][1]
+    derefs: list[int] = []
+    base_off: int | None = None
+    i = 1
+    spec = None
+    where = root.name
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.op != "->" or struct is None:
+            raise _error(expr, tok, f"{where} is not a pointer to a struct we know without BTF")
+        if base_off is not None:
+            derefs.append(base_off)
+        # the longest run of '.' members that is a catalogue key
+        j = i + 1
+        while j < len(tokens) and tokens[j].op == ".":
+            j += 1
+        members = [t.name for t in tokens[i:j]]
+        extra = 0
+        cur = struct
+        if cur == "sock" and members[0] == "__sk_common" and len(members) > 1:
+            cur, members = "sock_common", members[1:]
+        key = f"{cur}.{'.'.join(members)}"
+        if key not in BY_KEY and members[-1] == "net" and len(members) > 1:
+            inner = f"{cur}.{'.'.join(members[:-1])}"
+            if inner in BY_KEY and BY_KEY[inner].ctype == "possible_net_t":
+                key = inner
+        spec = BY_KEY.get(key)
+        if spec is None:
+            fields = [k.split(".", 1)[1] for k in BY_KEY if k.startswith(cur + ".")]
+            raise AccessError(
+                f"{expr}: at column {tok.pos + 1}: {key} is not in the field catalogue, and "
+                f"without BTF only catalogue fields can be read"
+                + _did_you_mean(".".join(members), fields)
+            )
+        base_off = offsets.offset(key) + extra  # UnresolvedField names the way out
+        struct = spec.points_to
+        where = f"{where}->{'.'.join(t.name for t in tokens[i:j])}"
+        i = j
+    if spec is None:
+        return AccessPath(expr, index, (), None, 8, "u64", "uint" if struct is None else "ptr")
+    size = 8 if spec.ctype == "possible_net_t" else spec.size
+    decode = _catalogue_decode(spec.ctype, spec.points_to, spec.byteorder)
+    return AccessPath(expr, index, tuple(derefs), base_off, size, spec.ctype, decode)
