@@ -129,9 +129,10 @@ class AgentCollector:
         m = counter("nettracer_refresh_seconds_total")
         m.add_metric([], t.refresh_seconds)
         yield m
-        m = gauge("nettracer_offsets_info", ("source",))
-        m.add_metric([a.offsets_source], 1)
-        yield m
+        if a.offsets_source:  # known once the offsets are loaded
+            m = gauge("nettracer_offsets_info", ("source",))
+            m.add_metric([a.offsets_source], 1)
+            yield m
         m = gauge("nettracer_build_info", ("version", "kernel"))
         m.add_metric([self.version, self.kernel], 1)
         yield m
