@@ -14,10 +14,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from nettracer.errors import UsageError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
     from nettracer.bpf.maps import Map
     from nettracer.tracers.drops_program import DropEvent, ProgramSpec

@@ -10,12 +10,12 @@ YAML value.  Readers reject unknown keys and malformed input with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from nettracer.config.schema import SCHEMA, SECTIONS
 from nettracer.config.settings import Origin
 from nettracer.errors import ConfigError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
     import yaml
 

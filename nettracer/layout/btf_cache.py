@@ -38,13 +38,17 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import TypeVar
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 FORMAT = "nettracer-btf-cache 1"
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 _HEADER_BYTES = 24  # struct btf_header: magic, version, flags, hdr_len, type/str off+len
 
-T = TypeVar("T")
 #: a fact as stored: rows of text fields
 Rows = list[tuple[str, ...]]
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
 
 from nettracer.errors import NettracerError
 from nettracer.layout.catalogue import BY_KEY
 from nettracer.layout.offsets import Field, Offsets
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
+    from typing import Any
+
     from nettracer.kernel.identity import KernelIdentity
 
 FORMAT = "nettracer-offsets"

@@ -21,13 +21,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from nettracer.errors import UsageError
 from nettracer.layout.btf_cache import BTF_VMLINUX
 from nettracer.layout.profile import DEFAULT_CACHE_DIR, ProfileError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
+    from typing import Any
+
     from nettracer.kernel.identity import KernelIdentity
     from nettracer.layout.offsets import Offsets
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from nettracer.bpf import maps as bpf_maps
 from nettracer.bpf.fd import FdObject
@@ -63,11 +62,16 @@ from nettracer.tracers.drops_program import (
     build,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
     from nettracer.bpf.ringbuf import RingBuf, RingBufReader
     from nettracer.kernel.tracefs import TracepointFormat
     from nettracer.layout.offsets import Offsets
     from nettracer.tracers.drops_groups import Sample
+
+    _Obj = TypeVar("_Obj", bound=FdObject)
 
 #: what :mod:`nettracer.tracers.drops_groups` holds, still reachable as ``drops.<name>``
 _GROUPS = frozenset(
@@ -83,8 +87,6 @@ def __getattr__(name: str) -> Any:
         return getattr(drops_groups, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-_Obj = TypeVar("_Obj", bound=FdObject)
 
 #: where the running kernel's BTF is (Linux 5.4+ with CONFIG_DEBUG_INFO_BTF)
 VMLINUX = "/sys/kernel/btf/vmlinux"

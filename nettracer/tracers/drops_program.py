@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from typing import TYPE_CHECKING
 
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
@@ -83,6 +82,7 @@ from nettracer.tracers.drops_maps import (  # noqa: F401
     DropKey,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
     from nettracer.layout.offsets import Offsets
 
