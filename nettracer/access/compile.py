@@ -75,9 +75,6 @@ class Record:
             )
         return cls(tuple(paths), tuple(slots), off)
 
-    def status(self, raw: bytes | memoryview, i: int) -> int:
-        return raw[i]
-
     def decode(self, raw: bytes | memoryview) -> list[int | str | None]:
         """Each path's value (None where it was NULL or unreadable)."""
         out: list[int | str | None] = []

@@ -364,7 +364,6 @@ def resolve_offsets(expr: str, offsets: Offsets, tracepoint: str) -> AccessPath:
         while j < len(tokens) and tokens[j].op == ".":
             j += 1
         members = [t.name for t in tokens[i:j]]
-        extra = 0
         cur = struct
         if cur == "sock" and members[0] == "__sk_common" and len(members) > 1:
             cur, members = "sock_common", members[1:]
@@ -381,7 +380,7 @@ def resolve_offsets(expr: str, offsets: Offsets, tracepoint: str) -> AccessPath:
                 f"without BTF only catalogue fields can be read"
                 + _did_you_mean(".".join(members), fields)
             )
-        base_off = offsets.offset(key) + extra  # UnresolvedField names the way out
+        base_off = offsets.offset(key)  # UnresolvedField names the way out
         struct = spec.points_to
         where = f"{where}->{'.'.join(t.name for t in tokens[i:j])}"
         i = j

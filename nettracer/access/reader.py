@@ -80,8 +80,13 @@ def netns_expr(tracepoint: str, btf: Btf | None = None) -> str:
     """An expression for the network namespace inode of the tracepoint's first
     ``struct sk_buff *``, ``struct sock *`` or ``struct net_device *`` argument."""
     if btf is not None:
-        args = [(n, btf.type_name(t)) for n, t in tracepoint_args_btf(btf, tracepoint)]
-        typed = [(n, t.replace("struct ", "").rstrip(" *")) for n, t in args if t.endswith("*")]
+        from nettracer.kernel.btf import Kind
+
+        typed = []
+        for n, tid in tracepoint_args_btf(btf, tracepoint):
+            t = btf.type(btf.strip(tid))
+            if t.kind == Kind.PTR:
+                typed.append((n, btf.type(btf.strip(t.size_or_type)).name))
     else:
         typed = [(n, s) for n, s in KNOWN_ARGS.get(tracepoint, ()) if s]
     for name, struct in typed:

@@ -188,9 +188,12 @@ def run(args: argparse.Namespace) -> int:
                 if args.count:
                     due = last + args.interval
                     time.sleep(max(0.0, min(due, end or due) - now))
-                    if time.monotonic() >= due:
-                        report(time.monotonic() - last)
-                        last = time.monotonic()
+                    now = time.monotonic()
+                    if end is not None and now >= end:
+                        break  # the final report covers it
+                    if now >= due:
+                        report(now - last)
+                        last = now
                 else:
                     wait = 0.5 if end is None else max(0.0, min(0.5, end - now))
                     reader.poll(wait, event)
