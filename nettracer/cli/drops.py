@@ -19,7 +19,6 @@ from nettracer.errors import UsageError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
-    from nettracer.bpf.maps import Map
     from nettracer.tracers.drops_program import DropEvent, ProgramSpec
 
 OFFSET_MODES = ("auto", "btf", "guess")
@@ -104,10 +103,6 @@ def parse_netns(text: str | None) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # the kernel preallocates the counts map while we import and read the configuration
-    from nettracer.tracers.drops_maps import create_counts_early
-
-    counts = create_counts_early()
     from nettracer.config import load_config
 
     overrides: dict[str, tuple[object, str]] = {
@@ -129,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
     netns = parse_netns(args.netns)
     drops.require_root()
     session = _Session(args, interval, by, fmt == "json", netns)
-    session.counts = counts
     session.offsets = (
         str(config["offsets.source"]),
         str(config["offsets.cache_dir"]),
@@ -157,8 +151,6 @@ class _Session:
         self.out = sys.stdout
         self.events_seen = 0
         self.offsets: tuple[str, str, int] = ("auto", "", 0)
-        #: the counts map being created (drops_maps.create_counts_early), if it is
-        self.counts: Callable[[], Map] | None = None
         self._lost_shown = 0
         self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
 
@@ -210,7 +202,7 @@ class _Session:
         args = self.args
         spec, reasons, source = self._prepare()
         install_signal_handlers()
-        monitor = drops.DropMonitor(spec, counts=self.counts)
+        monitor = drops.DropMonitor(spec)
         try:
             monitor.start()
             self.names = drops.Names(reasons, monitor.device_name)

@@ -48,7 +48,6 @@ from nettracer.bpf.link import Link, attach_raw_tracepoint
 from nettracer.bpf.prog import Prog, load
 from nettracer.bpf.syscall import BpfSyscallError, MapType
 from nettracer.errors import NettracerError, NotSupported, UsageError
-from nettracer.tracers.drops_maps import MAX_KEYS, counts_map
 from nettracer.tracers.drops_program import (
     STACK_NONE,
     DevKey,
@@ -257,17 +256,14 @@ _KeyTuple = tuple[int, int, int, int, int, int]
 class DropMonitor:
     """Loads and attaches the drop program; reads its counts, events and names.
 
-    Use as a context manager or call :meth:`start` and :meth:`close`.  ``counts`` is
-    the function :func:`nettracer.tracers.drops_maps.create_counts_early` returned, when
-    the ``counts`` map (of ``max_keys``) is being created already.
+    Use as a context manager or call :meth:`start` and :meth:`close`.
     """
 
     def __init__(
         self,
         spec: ProgramSpec,
         *,
-        max_keys: int = MAX_KEYS,
-        counts: Callable[[], bpf_maps.Map] | None = None,
+        max_keys: int = 8192,
         max_devices: int = 4096,
         max_stacks: int = 4096,
         ringbuf_bytes: int = 1 << 20,
@@ -277,7 +273,6 @@ class DropMonitor:
             raise ValueError(f"max_stacks must be below {STACK_NONE}")
         self.spec = spec
         self.max_keys = max_keys
-        self._early_counts = counts
         self.evict_after = evict_after
         self._sizes = (max_devices, max_stacks, ringbuf_bytes)
         self._objs: list[FdObject] = []
@@ -301,8 +296,9 @@ class DropMonitor:
         max_devices, max_stacks, ringbuf_bytes = self._sizes
         try:
             maps: dict[str, bpf_maps.Map] = {}
-            early, self._early_counts = self._early_counts, None
-            self.counts = self._keep(early() if early is not None else counts_map(self.max_keys))
+            self.counts = self._keep(
+                bpf_maps.percpu_hash(DropKey, ctypes.c_uint64, self.max_keys, "counts")
+            )
             self.devnames = self._keep(bpf_maps.hash_map(DevKey, DevName, max_devices, "devnames"))
             self.lost_map = self._keep(bpf_maps.percpu_array(ctypes.c_uint64, 1, "lost"))
             maps = {"counts": self.counts, "devnames": self.devnames, "lost": self.lost_map}
