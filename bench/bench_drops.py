@@ -37,6 +37,7 @@ the drops caused, which is why ours is also given for T alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -115,6 +116,14 @@ def setup() -> int:
 def teardown() -> None:
     for ns in (BNS, TNS):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    leaf = CpuAccount()  # our cgroup leaves of commands that did not stop normally
+    if leaf.path is not None:
+        parent = os.path.dirname(leaf.path)
+        leaf.remove()
+        for name in os.listdir(parent):
+            if name.startswith(f"ntbench-{PID}-"):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(parent, name))
 
 
 def blast(mode: str, amount: float) -> float:
@@ -206,11 +215,13 @@ class Started:
     prog_id: int
     seconds: float  # command start to attached
     cpu: float = float("nan")  # seconds on a CPU until then, all its threads
+    account: CpuAccount | None = None
 
 
 def cpu_seconds(pid: int) -> float:
-    """Time the threads of ``pid`` have run on a CPU (``/proc/PID/task/*/schedstat``,
-    nanoseconds; unlike wall time, not stretched by other load on the machine)."""
+    """Time the live threads of ``pid`` have run on a CPU (``/proc/PID/task/*/schedstat``,
+    nanoseconds).  Threads that have exited are missing: the fallback of
+    :class:`CpuAccount`."""
     total = 0
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -219,6 +230,77 @@ def cpu_seconds(pid: int) -> float:
     except (OSError, ValueError, IndexError):
         return float("nan")
     return total / 1e9
+
+
+class CpuAccount:
+    """CPU time of one started command, all its threads (exited ones too) and children:
+    ``usage_usec`` of a cgroup v2 leaf of its own, made inside the bench's own cgroup
+    (which has no controllers enabled for it, so nothing but the accounting changes),
+    joined by the child before it executes the command.  Without a cgroup2 mount, or
+    when the leaf cannot be made, the live threads' schedstat (:func:`cpu_seconds`)."""
+
+    serial = 0
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        root = _cgroup2_root()
+        if root is None:
+            return
+        try:
+            with open("/proc/self/cgroup") as f:
+                own = next(line[3:].strip() for line in f if line.startswith("0::"))
+        except (OSError, StopIteration):
+            return
+        CpuAccount.serial += 1
+        path = os.path.join(root, own.lstrip("/"), f"ntbench-{PID}-{CpuAccount.serial}")
+        try:
+            os.mkdir(path)
+        except OSError:
+            return
+        self.path = path
+
+    def join(self) -> None:
+        """In the child, before exec: move into the leaf."""
+        if self.path is not None:
+            with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+    def seconds(self, pid: int) -> float:
+        if self.path is None:
+            return cpu_seconds(pid)
+        with open(os.path.join(self.path, "cpu.stat")) as f:
+            for line in f:
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) / 1e6
+        return float("nan")
+
+    def path_and_remove(self) -> str | None:
+        """Whether a leaf could be made (and none is left)."""
+        path = self.path
+        self.remove()
+        return path
+
+    def remove(self) -> None:
+        """After the command exited (the leaf must be empty)."""
+        if self.path is not None:
+            for _ in range(100):
+                try:
+                    os.rmdir(self.path)
+                    return
+                except OSError:
+                    time.sleep(0.01)
+
+
+def _cgroup2_root() -> str | None:
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == "cgroup2":
+                    return fields[1]
+    except OSError:
+        pass
+    return None
 
 
 #: environment of "installed" runs: byte-code cached (pip compiles it on install), kept
@@ -244,6 +326,7 @@ def env(pyc: bool | None) -> dict[str, str]:
 
 def start(cmd: list[str], timeout: float = 60, pyc: bool | None = True) -> Started:
     e = env(pyc)
+    account = CpuAccount()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -252,30 +335,38 @@ def start(cmd: list[str], timeout: float = 60, pyc: bool | None = True) -> Start
         text=True,
         cwd="/" if pyc is None else REPO,
         env=e,
+        preexec_fn=account.join,
     )
     while time.perf_counter() - t0 < timeout:
         prog_id = attached(proc.pid)
         if prog_id is not None:
             seconds = time.perf_counter() - t0
-            return Started(proc, prog_id, seconds, cpu_seconds(proc.pid))
+            return Started(proc, prog_id, seconds, account.seconds(proc.pid), account)
         if proc.poll() is not None:
+            account.remove()
             raise SystemExit(f"{shlex.join(cmd)} exited with {proc.returncode} before attaching")
     proc.kill()
+    proc.wait()
+    account.remove()
     raise SystemExit(f"{shlex.join(cmd)} did not attach within {timeout} s")
 
 
 def stop(s: Started) -> str:
     """SIGINT, repeated: bpftrace 0.17 loses one that arrives just after it attached."""
-    for _ in range(30):
-        s.proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = s.proc.communicate(timeout=2)
-            return out
-        except subprocess.TimeoutExpired:
-            continue
-    s.proc.kill()
-    out, _ = s.proc.communicate()
-    return out
+    try:
+        for _ in range(30):
+            s.proc.send_signal(signal.SIGINT)
+            try:
+                out, _ = s.proc.communicate(timeout=2)
+                return out
+            except subprocess.TimeoutExpired:
+                continue
+        s.proc.kill()
+        out, _ = s.proc.communicate()
+        return out
+    finally:
+        if s.account is not None:
+            s.account.remove()
 
 
 def prog_stats(prog_id: int) -> tuple[int, int]:
@@ -531,9 +622,10 @@ def report_startup(
     med = statistics.median
     bt_wall, bt_cpu = (med(x) for x in times["bpftrace"])
     how = "BPF_TASK_FD_QUERY" if args.detect == "fdquery" else "bpftool perf list"
+    cpu = "cgroup v2 cpu.stat" if CpuAccount().path_and_remove() else "live threads' schedstat"
     print(f"start-up, command start to attached (median of {args.startups}; seen by {how}; "
           f"load average {os.getloadavg()[0]:.2f}); wall time, and CPU time of the "
-          f"command's threads until then")  # fmt: skip
+          f"command until then (all its threads and children; from {cpu})")  # fmt: skip
     print(f"  bpftrace                 {bt_wall * 1000:4.0f} ms {ms(times['bpftrace'][0])}")
     print(f"                       CPU {bt_cpu * 1000:4.0f} ms {ms(times['bpftrace'][1])}")
     rows = (
