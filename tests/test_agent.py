@@ -35,8 +35,6 @@ LAUNCH = (
     "main.COMMANDS; sys.exit(main.main(sys.argv[1:]))"
 )
 
-pytestmark = pytest.mark.kernel
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -212,6 +210,7 @@ def tcp_exchange(nbytes: int) -> None:
             assert c.recv(1) == b""
 
 
+@pytest.mark.kernel
 def test_agent_metrics(netns: str) -> None:
     port = free_port()
     inode = os.stat(f"/run/netns/{netns}").st_ino
@@ -279,6 +278,7 @@ def test_agent_metrics(netns: str) -> None:
     assert not held & loaded and pid not in pids
 
 
+@pytest.mark.kernel
 def test_agent_without_conns_and_duration() -> None:
     port = free_port()
     proc = agent("--listen", f"127.0.0.1:{port}", "--no-conns", "--duration", "600")
@@ -293,6 +293,7 @@ def test_agent_without_conns_and_duration() -> None:
     assert code == 0, err
 
 
+@pytest.mark.kernel
 def test_agent_duration_ends_it() -> None:
     port = free_port()
     proc = agent("--listen", f"127.0.0.1:{port}", "--no-drops", "--duration", "1")
@@ -301,6 +302,7 @@ def test_agent_duration_ends_it() -> None:
     assert "metrics on http://127.0.0.1:" in err
 
 
+@pytest.mark.kernel
 def test_agent_port_in_use() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -313,6 +315,7 @@ def test_agent_port_in_use() -> None:
     assert len(lines) == 1 and "in use" in lines[0] and str(port) in lines[0], err
 
 
+@pytest.mark.kernel
 def test_agent_usage_errors() -> None:
     for args, what in (
         (["--listen", "nonsense"], "listen"),
@@ -322,3 +325,35 @@ def test_agent_usage_errors() -> None:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err
         assert what in err and "Traceback" not in err
+
+
+@pytest.mark.kernel
+def test_agent_sigint_exits_0() -> None:
+    port = free_port()
+    proc = agent("--listen", f"127.0.0.1:{port}", "--no-conns")
+    try:
+        wait_ready(proc, port)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("bound", [1, 3])
+def test_drop_series_beyond_the_bound_fold_into_other(bound: int) -> None:
+    """No kernel: the totals' bookkeeping (label sets kept, "other", counters monotonic)."""
+    from nettracer.agent import OTHER, Agent, Totals
+
+    a = Agent(None, None, offsets_source="btf", max_drop_series=bound)
+    t = Totals()
+    keys = [(f"f{i}+0x1", f"f{i}", "kernel", "NO_SOCKET", "lo", "IPv4", "1") for i in range(5)]
+    a._add_drops(t, {k: 1 for k in keys}, 0)
+    a._add_drops(t, {k: 2 for k in keys}, 3)
+    kept = [k for k in t.drops if k != OTHER]
+    assert kept == keys[:bound]
+    assert all(t.drops[k] == 3 for k in kept)
+    assert t.drops[OTHER] == 3 * (5 - bound)
+    assert t.folded_keys == 5 - bound
+    assert sum(t.drops.values()) == 15 and t.drops_lost == 3
