@@ -1,7 +1,7 @@
 """``nettracer drops`` side by side with bpftrace's kfree_skb one-liner, on the same drops.
 
 Run as root from the repository: ``python3 bench/bench_drops.py [--drops N] [--rounds R]
-[--seconds S] [--startups K]``.  It builds two network namespaces (blaster B, target T,
+[--seconds S] [--startups K] [--installed VENV] [--only-startup]``.  It builds two network namespaces (blaster B, target T,
 one veth pair with static neighbours; removed at the end) and measures:
 
 1. start-up, command start to attached, for ``nettracer drops`` (with its byte-code
@@ -13,7 +13,10 @@ one veth pair with static neighbours; removed at the end) and measures:
    the command's file descriptors is a program attached to ``kfree_skb``
    (``BPF_TASK_FD_QUERY`` on each descriptor of that pid, what ``bpftool perf list``
    asks for every process; polled every 0.5 ms; ``--detect bpftool`` polls ``bpftool
-   perf list`` itself, some 10 ms a round) (median of K starts each);
+   perf list`` itself, some 10 ms a round) (median of K starts each, interleaved,
+   after one unmeasured start of each); next to the wall time, the CPU time each
+   command used until then (all threads, exited ones too: a cgroup v2 leaf per start),
+   which other load on a shared machine stretches less;
 2. with both attached at once (and, as a cross-check, each alone in alternating
    rounds), plus an empty raw_tp program on ``kfree_skb`` (the
    floor), N UDP datagrams from B to a closed port in T: BPF run time / run count of
@@ -25,7 +28,8 @@ one veth pair with static neighbours; removed at the end) and measures:
    (ratio of medians), per wall second and per
    CPU second of the blaster (the drop path runs in its sendto() calls; CPU time is
    what other load on a shared machine does not disturb);
-4. the peak RSS (``VmHWM``) of ``nettracer drops`` in those runs.
+4. the peak RSS (``VmHWM``) of ``nettracer drops`` in those runs (``--only-startup``:
+   while it prints the drops of an S-second blast, after measuring start-up only).
 
 The cost figure for "ours" is the CLI's own program (found by pid in ``bpftool perf
 list``), running with the default options (no filters), so it is what a user runs.
