@@ -14,8 +14,11 @@ import os
 import signal
 import threading
 import weakref
-from types import TracebackType
-from typing import Self
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up)
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Self
 
 _live: weakref.WeakSet[FdObject] = weakref.WeakSet()
 _lock = threading.Lock()
@@ -52,7 +55,8 @@ class FdObject:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        if hasattr(self, "fd"):  # a constructor that failed never set it
+            self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} fd={self.fd}>"

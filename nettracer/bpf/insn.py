@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
 from enum import IntEnum
 
 from nettracer.bpf.helpers import Helper
+from nettracer.value import Value
 
 # instruction classes
 LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = range(8)
@@ -93,23 +93,35 @@ class AsmError(ValueError):
     """An instruction stream that cannot be assembled (bad label, out-of-range value)."""
 
 
-@dataclass(frozen=True)
-class Insn:
+class Insn(Value):
     """One ``struct bpf_insn``; a 64-bit immediate load spans two slots.
 
     ``target`` names the label a jump goes to (resolved by :func:`assemble`);
     ``map`` names the map whose fd a ``ld_map_fd`` loads; ``label`` marks this
-    instruction as a jump target.
+    instruction as a jump target. Treat it as immutable: :meth:`replace` copies.
     """
 
-    op: int
-    dst: int = 0
-    src: int = 0
-    off: int = 0
-    imm: int = 0
-    target: str | None = None
-    map: str | None = None
-    label: str | None = None
+    __slots__ = ("op", "dst", "src", "off", "imm", "target", "map", "label")  # noqa: RUF023
+
+    def __init__(
+        self,
+        op: int,
+        dst: int = 0,
+        src: int = 0,
+        off: int = 0,
+        imm: int = 0,
+        target: str | None = None,
+        map: str | None = None,
+        label: str | None = None,
+    ) -> None:
+        self.op = op
+        self.dst = dst
+        self.src = src
+        self.off = off
+        self.imm = imm
+        self.target = target
+        self.map = map
+        self.label = label
 
     @property
     def slots(self) -> int:
@@ -136,7 +148,7 @@ class Insn:
 
     def at(self, label: str) -> Insn:
         """This instruction, marked as the target of jumps to ``label``."""
-        return replace(self, label=label)
+        return self.replace(label=label)
 
 
 def _alu(cls: int, op: AluOp, dst: Reg, src: Reg | int) -> Insn:
@@ -363,11 +375,11 @@ def resolve(
         if insn.target is not None:
             if insn.target not in where:
                 raise AsmError(f"jump to undefined label {insn.target!r}")
-            insn = replace(insn, off=where[insn.target] - slot - 1, target=None)
+            insn = insn.replace(off=where[insn.target] - slot - 1, target=None)
         if insn.map is not None:
             if maps is None or insn.map not in maps:
                 raise AsmError(f"reference to unknown map {insn.map!r}")
-            insn = replace(insn, imm=maps[insn.map])
+            insn = insn.replace(imm=maps[insn.map])
         out.append(insn)
         slot += insn.slots
     return out

@@ -11,15 +11,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-from collections.abc import Iterator
-from typing import Any
 
 from nettracer.bpf import syscall
 from nettracer.bpf.fd import FdObject
 from nettracer.bpf.syscall import BPF_ANY, BpfSyscallError, Cmd, MapType
 from nettracer.errors import NettracerError
 
-CType = Any  # a ctypes type (simple or Structure)
+TYPE_CHECKING = False  # typing is not imported at run time (start-up)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
+CType = object  # a ctypes type (simple or Structure)
 
 PERCPU_TYPES = {MapType.PERCPU_ARRAY, MapType.PERCPU_HASH, MapType.LRU_PERCPU_HASH}
 

@@ -14,7 +14,6 @@ import errno
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from nettracer.bpf import syscall
 from nettracer.bpf.fd import FdObject
@@ -22,6 +21,7 @@ from nettracer.bpf.insn import Insn, format_insn, listing, resolve
 from nettracer.bpf.maps import Map
 from nettracer.bpf.syscall import BpfSyscallError, ProgType
 from nettracer.errors import NettracerError
+from nettracer.value import Value
 
 #: offsets in ``struct bpf_prog_info`` (include/uapi/linux/bpf.h); run_time_ns/run_cnt since 5.1
 _INFO_SIZE = 216
@@ -95,13 +95,15 @@ def summarize_log(log: str) -> tuple[int | None, str]:
     return index, reason
 
 
-@dataclass(frozen=True)
-class ProgStats:
+class ProgStats(Value):
     """Run count and total run time from ``struct bpf_prog_info`` (needs BPF_ENABLE_STATS)."""
 
-    run_cnt: int
-    run_time_ns: int
-    recursion_misses: int
+    __slots__ = ("run_cnt", "run_time_ns", "recursion_misses")  # noqa: RUF023
+
+    def __init__(self, run_cnt: int, run_time_ns: int, recursion_misses: int) -> None:
+        self.run_cnt = run_cnt
+        self.run_time_ns = run_time_ns
+        self.recursion_misses = recursion_misses
 
     @property
     def ns_per_run(self) -> float:

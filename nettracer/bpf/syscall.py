@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import struct
 from enum import IntEnum
 
@@ -106,7 +105,7 @@ class BpfSyscallError(NettracerError):
 
 def syscall_number(name: str) -> int:
     """The number of syscall ``name`` on this machine; NotSupported elsewhere."""
-    machine = platform.machine()
+    machine = os.uname().machine
     try:
         return SYSCALLS[machine][name]
     except KeyError:
@@ -115,7 +114,7 @@ def syscall_number(name: str) -> int:
         ) from None
 
 
-_BPF_NR = SYSCALLS.get(platform.machine(), {}).get("bpf")
+_BPF_NR = SYSCALLS.get(os.uname().machine, {}).get("bpf")
 
 
 def bpf(cmd: Cmd, attr: ctypes.Array | bytes, what: str = "") -> int:

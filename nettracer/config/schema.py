@@ -11,34 +11,13 @@ from __future__ import annotations
 
 import math
 
+from nettracer.value import Value
+
 #: the value types a key can have
 TYPES: tuple[str, ...] = ("bool", "int", "float", "str", "list", "address")
 
 #: what the drop monitor can group its counts by
 DROP_GROUP_KEYS: tuple[str, ...] = ("location", "device", "module", "reason", "protocol", "netns")
-
-
-class Value:
-    """Equality, hash and repr from ``__slots__``: what ``@dataclass(frozen=True)`` gave
-    these records, without its cost at import (about 1 ms a class, paid at every
-    start of the command line)."""
-
-    __slots__ = ()
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}({args})"
 
 
 class Key(Value):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from nettracer.config.schema import SCHEMA, SECTIONS, Key, Value
+from nettracer.config.schema import SCHEMA, SECTIONS, Key
+from nettracer.value import Value
 
 #: kinds of origin, in rising precedence (``kernel`` overrides everything it touches)
 ORIGIN_KINDS: tuple[str, ...] = ("default", "file", "env", "flag", "kernel")

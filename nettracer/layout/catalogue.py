@@ -8,11 +8,10 @@ offsets never live here: they come from BTF or from the guesser.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from nettracer.value import Value
 
 
-@dataclass(frozen=True)
-class FieldSpec:
+class FieldSpec(Value):
     """One catalogue entry.
 
     ``ctype`` is the C type as written in the kernel, ``points_to`` the struct a
@@ -20,11 +19,21 @@ class FieldSpec:
     for ``__be16``/``__be32`` network-order fields.
     """
 
-    key: str
-    size: int
-    ctype: str
-    points_to: str | None = None
-    byteorder: str = "little"
+    __slots__ = ("key", "size", "ctype", "points_to", "byteorder")  # noqa: RUF023
+
+    def __init__(
+        self,
+        key: str,
+        size: int,
+        ctype: str,
+        points_to: str | None = None,
+        byteorder: str = "little",
+    ) -> None:
+        self.key = key
+        self.size = size
+        self.ctype = ctype
+        self.points_to = points_to
+        self.byteorder = byteorder
 
     @property
     def struct(self) -> str:

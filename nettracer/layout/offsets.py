@@ -8,32 +8,56 @@ could not be found is in ``unresolved`` with the reason, and asking for it raise
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from nettracer.errors import NettracerError
 from nettracer.layout.catalogue import BY_KEY
+from nettracer.value import Value
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(Value):
     """A resolved field: byte offset from the start of its struct, and size in bytes."""
 
-    offset: int
-    size: int
+    __slots__ = ("offset", "size")
+
+    def __init__(self, offset: int, size: int) -> None:
+        self.offset = offset
+        self.size = size
 
 
 class UnresolvedField(NettracerError):
     """A tracer needs a field whose offset is not known on this kernel."""
 
 
-@dataclass
 class Offsets:
     """Catalogue key -> :class:`Field`; ``source`` is ``"btf"``, ``"guess"`` or ``"profile"``."""
 
-    source: str
-    fields: dict[str, Field] = field(default_factory=dict)
-    unresolved: dict[str, str] = field(default_factory=dict)
-    elapsed_ms: float = 0.0
+    __slots__ = ("elapsed_ms", "fields", "source", "unresolved")
+
+    def __init__(
+        self,
+        source: str,
+        fields: dict[str, Field] | None = None,
+        unresolved: dict[str, str] | None = None,
+        elapsed_ms: float = 0.0,
+    ) -> None:
+        self.source = source
+        self.fields: dict[str, Field] = {} if fields is None else fields
+        self.unresolved: dict[str, str] = {} if unresolved is None else unresolved
+        self.elapsed_ms = elapsed_ms
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Offsets):
+            return NotImplemented
+        return (self.source, self.fields, self.unresolved, self.elapsed_ms) == (
+            other.source, other.fields, other.unresolved, other.elapsed_ms,
+        )  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return (
+            f"Offsets(source={self.source!r}, fields={len(self.fields)}, "
+            f"unresolved={self.unresolved!r}, elapsed_ms={self.elapsed_ms:.1f})"
+        )
 
     def __getitem__(self, key: str) -> Field:
         try:

@@ -70,6 +70,7 @@ from nettracer.bpf.insn import (
     stx,
 )
 from nettracer.bpf.syscall import BPF_ANY, BPF_NOEXIST
+from nettracer.value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
@@ -138,29 +139,6 @@ class DropEvent(ctypes.Structure):
         ("devname", ctypes.c_char * IFNAMSIZ),
         ("header", ctypes.c_uint8 * HEADER_BYTES),
     )
-
-
-class Value:
-    """Equality, hash and repr from ``__slots__`` (field order): what
-    ``@dataclass(frozen=True)`` gave these records, without its cost at import (about
-    1 ms a class, paid at every start of ``nettracer drops``)."""
-
-    __slots__ = ()
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}({args})"
 
 
 class Filters(Value):
