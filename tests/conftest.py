@@ -32,43 +32,33 @@ def _open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
-def _our_bpf_objects() -> list[str]:
-    """Programs and links that this process still holds, as bpftool reports them."""
-    import json
-    import shutil
-    import subprocess
-
-    if shutil.which("bpftool") is None:
-        return []
-    held = []
-    for kind in ("prog", "link"):
-        out = subprocess.run(
-            ["bpftool", "-j", kind, "show"], capture_output=True, text=True, check=False
-        ).stdout
-        try:
-            objs = json.loads(out or "[]")
-        except ValueError:
-            continue
-        for obj in objs:
-            if any(p.get("pid") == os.getpid() for p in obj.get("pids", [])):
-                held.append(f"{kind} {obj.get('id')} {obj.get('name', '')}")
-    return held
+def _describe_fd(fd: int) -> str:
+    """What an fd is: its target, plus the BPF program/map/link id from fdinfo."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            ids = [
+                line.strip() for line in f if line.split(":")[0] in ("prog_id", "map_id", "link_id")
+            ]
+    except OSError:
+        return "closed meanwhile"
+    return " ".join([target, *ids])
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks_at_session_end():
-    """The session ends with the fds it started with, and no program or link of ours."""
+    """The session ends with the fds it started with: no program, map or link of ours is
+    left (we never pin, so an object outlives the session only through an open fd)."""
     import gc
 
-    before = _open_fds()
+    before = {fd: _describe_fd(fd) for fd in _open_fds()}
     yield
     gc.collect()
-    leaked = sorted(_open_fds() - before)
-    details = {
-        fd: os.path.realpath(f"/proc/self/fd/{fd}")
-        for fd in leaked
-        if os.path.exists(f"/proc/self/fd/{fd}")
+    # an fd number may be closed and reused meanwhile: compare what each one is
+    now = {fd: _describe_fd(fd) for fd in _open_fds()}
+    leaked = {
+        fd: what
+        for fd, what in now.items()
+        if what != before.get(fd) and what != "closed meanwhile" and "/proc/" not in what
     }
-    held = _our_bpf_objects() if os.geteuid() == 0 else []
-    assert not held, f"bpf objects still held at the end of the session: {held}"
-    assert not details, f"file descriptors leaked by the test session: {details}"
+    assert not leaked, f"file descriptors leaked by the test session: {leaked}"

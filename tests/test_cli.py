@@ -30,7 +30,7 @@ def test_version_and_help() -> None:
     assert out.returncode == 0 and out.stdout.strip() == f"nettracer {__version__}"
     out = nettracer("--help")
     assert out.returncode == 0
-    for command in ("drops", "conns", "read", "offsets", "kernel", "config"):
+    for command in ("drops", "conns", "read", "agent", "offsets", "kernel", "config"):
         assert command in out.stdout
 
 

@@ -19,7 +19,7 @@ from nettracer import __version__
 from nettracer.errors import NettracerError
 
 #: subcommand modules, in the order ``--help`` lists them
-COMMANDS: tuple[str, ...] = ("drops", "conns", "read", "offsets", "kernel", "config")
+COMMANDS: tuple[str, ...] = ("drops", "conns", "read", "agent", "offsets", "kernel", "config")
 
 
 class _Parser(argparse.ArgumentParser):
