@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+from nettracer.cli.args import seconds
 from nettracer.errors import NettracerError, UsageError
 
 OFFSET_MODES = ("auto", "btf", "guess")
@@ -44,18 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         choices=OFFSET_MODES,
         help="where struct offsets come from: BTF, guessed at run time, or auto (offsets.source)",
     )
-    p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds")
+    p.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
     return p
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, found {text!r}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

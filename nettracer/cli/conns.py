@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import signal
 import sys
 import time
 
+from nettracer.cli.args import netns_inode, seconds
 from nettracer.errors import UsageError
 
 OFFSET_MODES = ("auto", "btf", "guess")
@@ -30,9 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "state, bytes, segments, retransmits, RTT, duration and the gateway they use.",
     )
     p.add_argument(
-        "--interval", type=_positive, default=5.0, metavar="S", help="seconds between reports (5)"
+        "--interval", type=seconds, default=5.0, metavar="S", help="seconds between reports (5)"
     )
-    p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds")
+    p.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per interval")
     p.add_argument("--pid", type=int, metavar="PID", help="only connections of this process")
     p.add_argument(
@@ -77,31 +77,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, found {text!r}")
-    return value
-
-
-def parse_netns(text: str | None) -> int:
-    """A namespace inode from a number or a namespace file path; 0 when not given."""
-    if text is None:
-        return 0
-    if text.isdigit():
-        return int(text)
-    try:
-        return os.stat(text).st_ino
-    except OSError as exc:
-        raise UsageError(
-            f"--netns {text}: expected an inode number or a namespace path "
-            f"(/run/netns/NAME, /proc/PID/ns/net): {exc.strerror}"
-        ) from None
-
-
 def run(args: argparse.Namespace) -> int:
     from nettracer.config import load_config
 
@@ -118,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"nettracer conns prints text or json, not {fmt} (output.format)")
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a number of rows >= 1")
-    netns = parse_netns(args.netns)
+    netns = netns_inode(args.netns) or 0
     from nettracer.tracers import conns
 
     conns.require_root()

@@ -10,11 +10,11 @@ whenever the lost count grows and at the end.  Runs until Ctrl-C/SIGTERM or
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
 
+from nettracer.cli.args import netns_inode, seconds
 from nettracer.errors import UsageError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -34,11 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--interval",
-        type=_positive,
+        type=seconds,
         metavar="S",
         help="seconds between reports (default: drops.interval_s, 5)",
     )
-    p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds")
+    p.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per interval (or event)")
     p.add_argument(
         "--offsets",
@@ -77,31 +77,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, found {text!r}")
-    return value
-
-
-def parse_netns(text: str | None) -> int | None:
-    """A namespace inode from a number or from a path to a namespace file."""
-    if text is None:
-        return None
-    if text.isdigit():
-        return int(text)
-    try:
-        return os.stat(text).st_ino
-    except OSError as exc:
-        raise UsageError(
-            f"--netns {text}: expected an inode number or a namespace path "
-            f"(/run/netns/NAME, /proc/PID/ns/net): {exc.strerror}"
-        ) from None
-
-
 def run(args: argparse.Namespace) -> int:
     from nettracer.config import load_config
 
@@ -121,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     interval = float(config["drops.interval_s"])  # type: ignore[arg-type]
     by = drops.parse_by(config["drops.group_by"])  # type: ignore[arg-type]
-    netns = parse_netns(args.netns)
+    netns = netns_inode(args.netns)
     drops.require_root()
     session = _Session(args, interval, by, fmt == "json", netns)
     session.offsets = (

@@ -19,20 +19,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from nettracer.cli.args import netns_inode, seconds
 from nettracer.errors import UsageError
 
 if TYPE_CHECKING:
     from nettracer.access.path import AccessPath
-
-
-def _positive(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-    return v
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -46,9 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("tracepoint", help="tracepoint, e.g. kfree_skb or skb:kfree_skb")
     p.add_argument("exprs", nargs="+", metavar="EXPR", help="e.g. 'skb->dev->name'")
     p.add_argument("--count", action="store_true", help="count hits per distinct tuple of values")
-    p.add_argument("--duration", type=_positive, metavar="S", help="stop after S seconds")
+    p.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
     p.add_argument(
-        "--interval", type=_positive, default=5.0, metavar="S", help="seconds between counts (5)"
+        "--interval", type=seconds, default=5.0, metavar="S", help="seconds between counts (5)"
     )
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.add_argument(
@@ -64,15 +55,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "guessed offsets",
     )
     return p
-
-
-def _netns(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    try:
-        return os.stat(text).st_ino
-    except OSError as exc:
-        raise UsageError(f"--filter-netns {text}: {exc.strerror}") from None
 
 
 def _resolve(args: argparse.Namespace, tp: str) -> tuple[list[AccessPath], AccessPath | None, str]:
@@ -109,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     tp = tracepoint_name(args.tracepoint)
     if not tp:
         raise UsageError(f"bad tracepoint {args.tracepoint!r} (want e.g. kfree_skb)")
-    inum = _netns(args.filter_netns) if args.filter_netns is not None else None
+    inum = netns_inode(args.filter_netns, "--filter-netns")
     paths, flt, source = _resolve(args, tp)
     install_signal_handlers()
     mode = "count" if args.count else "events"
