@@ -38,8 +38,9 @@ from nettracer.tracers.conns_model import (
     history,
     is_local,
     tcp_data_bytes,
+    wire_addresses,
 )
-from nettracer.tracers.conns_record import AF_INET6, END_NAMES, IDX, IPPROTO_TCP, STATE_NAMES, Flag
+from nettracer.tracers.conns_record import END_NAMES, IDX, IPPROTO_TCP, STATE_NAMES, Flag
 from nettracer.tracers.conns_table import Interval
 
 
@@ -203,8 +204,6 @@ _R = IDX
         "state", "opened", "flags", "end_reason", "saddr6", "daddr6", "comm",
     )
 )  # fmt: skip
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
-_ZERO16 = b"\0" * 16
 _OPENED = ("unknown", "active", "passive")
 _DIRECTION = ("unknown", "outgoing", "incoming")
 
@@ -222,14 +221,7 @@ def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_n
     building a :class:`Conn`: the hot path of a host closing thousands of connections a
     second (every lookup it can avoid, it avoids).  The tests check it against
     :func:`conn_json` for every kind of record."""
-    if rec[_R_FAMILY] == AF_INET6:
-        s_raw, d_raw = rec[_R_SADDR6], rec[_R_DADDR6]
-        if d_raw.startswith(_V4_MAPPED) and (s_raw.startswith(_V4_MAPPED) or s_raw == _ZERO16):
-            family, s_raw, d_raw = 4, s_raw[12:], d_raw[12:]
-        else:
-            family = 6
-    else:
-        family, s_raw, d_raw = 4, rec[_R_SADDR4], rec[_R_DADDR4]
+    family, s_raw, d_raw = wire_addresses(rec)
     opened = rec[_R_OPENED]
     if opened > 2:
         opened = 0

@@ -204,18 +204,21 @@ def history(value: int) -> tuple[list[int], tuple[str, ...]]:
     return got
 
 
-def decode(rec: tuple, bytes_from_tcp_sock: bool = False) -> Conn:
-    """A :class:`Conn` from an unpacked record (:data:`~conns_record.RECORD`)."""
-    proto = rec[_PROTO]
+def wire_addresses(rec: tuple) -> tuple[int, bytes, bytes]:
+    """(family, source bytes, destination bytes) of an unpacked record as on the wire:
+    an IPv4 peer of a dual-stack socket (v4-mapped ``::ffff:a.b.c.d``) is IPv4."""
     if rec[_FAMILY] == AF_INET6:
         s_raw, d_raw = rec[_SADDR6], rec[_DADDR6]
         if d_raw.startswith(_V4_MAPPED) and (s_raw.startswith(_V4_MAPPED) or s_raw == _ZERO16):
-            # an IPv4 peer of a dual-stack socket: IPv4 on the wire
-            family, s_raw, d_raw = 4, s_raw[12:], d_raw[12:]
-        else:
-            family = 6
-    else:
-        family, s_raw, d_raw = 4, rec[_SADDR4], rec[_DADDR4]
+            return 4, s_raw[12:], d_raw[12:]
+        return 6, s_raw, d_raw
+    return 4, rec[_SADDR4], rec[_DADDR4]
+
+
+def decode(rec: tuple, bytes_from_tcp_sock: bool = False) -> Conn:
+    """A :class:`Conn` from an unpacked record (:data:`~conns_record.RECORD`)."""
+    proto = rec[_PROTO]
+    family, s_raw, d_raw = wire_addresses(rec)
     opened = rec[_OPENED]
     if opened > 2:
         opened = 0
