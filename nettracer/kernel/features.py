@@ -27,25 +27,26 @@ KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
 _UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524, errno.E2BIG)
 
 
-def _loads(prog_type: ProgType) -> bool:
+def _load_minimal(prog_type: ProgType) -> bpf_prog.Prog | None:
+    """A two-instruction program of ``prog_type``, or None when the kernel refuses the type."""
     try:
-        bpf_prog.load([mov64(R0, 0), exit_()], prog_type=prog_type, name="nt_probe").close()
+        return bpf_prog.load([mov64(R0, 0), exit_()], prog_type=prog_type, name="nt_probe")
     except bpf_prog.VerifierError:
-        return False
+        return None
     except BpfSyscallError as exc:
         if exc.errno in _UNSUPPORTED:
-            return False
+            return None
         raise
-    return True
 
 
 def has_raw_tracepoint() -> bool:
     """Raw tracepoint programs load and attach (Linux 4.17)."""
-    if not _loads(ProgType.RAW_TRACEPOINT):
+    prog = _load_minimal(ProgType.RAW_TRACEPOINT)
+    if prog is None:
         return False
-    with bpf_prog.load([mov64(R0, 0), exit_()], name="nt_probe") as p:
+    with prog:
         try:
-            attach_raw_tracepoint(p, "kfree_skb").close()
+            attach_raw_tracepoint(prog, "kfree_skb").close()
         except UnknownTracepoint:
             return False
     return True
@@ -53,7 +54,11 @@ def has_raw_tracepoint() -> bool:
 
 def has_tracepoint_programs() -> bool:
     """Classic (perf) tracepoint programs load (Linux 4.7)."""
-    return _loads(ProgType.TRACEPOINT)
+    prog = _load_minimal(ProgType.TRACEPOINT)
+    if prog is None:
+        return False
+    prog.close()
+    return True
 
 
 def has_ringbuf() -> bool:
