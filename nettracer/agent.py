@@ -1,7 +1,7 @@
 """``nettracer agent``: the drop monitor and the connection tracer behind a Prometheus endpoint.
 
-One :class:`Agent` owns a :class:`~nettracer.tracers.drops.DropMonitor` and a
-:class:`~nettracer.tracers.conns.ConnMonitor` and turns what they report into
+One :class:`Agent` owns a :class:`~nettracer.tracers.drops.monitor.DropMonitor` and a
+:class:`~nettracer.tracers.conns.monitor.ConnMonitor` and turns what they report into
 cumulative :class:`Totals`; :mod:`nettracer.output.prometheus` exposes them.
 
 Who reads the monitors, and when
@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 from nettracer.errors import NettracerError
 
 if TYPE_CHECKING:
-    from nettracer.tracers.conns import ConnMonitor
-    from nettracer.tracers.drops import DropMonitor
-    from nettracer.tracers.drops_groups import Names
+    from nettracer.tracers.conns.monitor import ConnMonitor
+    from nettracer.tracers.drops.groups import Names
+    from nettracer.tracers.drops.monitor import DropMonitor
 
 #: drop label sets kept as their own series before the rest is folded into "other"
 MAX_DROP_SERIES = 1000
@@ -137,7 +137,7 @@ class Agent:
     def start(self) -> None:
         """Load and attach the monitors' programs."""
         if self.drops is not None:
-            from nettracer.tracers.drops_groups import Names
+            from nettracer.tracers.drops.groups import Names
 
             self.drops.start()
             self.names = Names(self._reasons, self.drops.device_name)
@@ -242,7 +242,7 @@ class Agent:
             self._cond.notify_all()
 
     def _read_drops(self) -> tuple[dict[DropLabels, int], int]:
-        from nettracer.tracers.drops_groups import group_counts
+        from nettracer.tracers.drops.groups import group_counts
 
         assert self.drops is not None and self.names is not None
         sample = self.drops.collect()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from nettracer.layout import btf_cache
+from nettracer.kernel import btf_cache
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +225,7 @@ def test_kfree_skb_args_and_reasons_from_the_cache_match_btf(
 ) -> None:
     _need_btf()
     from nettracer.kernel.btf import Btf
-    from nettracer.tracers import drops
+    from nettracer.tracers.drops import monitor as drops
 
     btf = Btf.vmlinux()
     args = drops.kfree_skb_args(btf)

@@ -842,7 +842,8 @@ def test_usage_errors(argv: list[str], env: dict[str, str], message: str) -> Non
 def test_full_ring_buffer_loses_nothing(ns: Netns) -> None:
     """A one-page ring buffer (22 records) and 40 connections closed between two reads:
     what the ring refused comes through the overflow hash, nothing is lost or evicted."""
-    from nettracer.tracers import conns, conns_prog
+    from nettracer.tracers.conns import monitor as conns
+    from nettracer.tracers.conns import program as conns_prog
 
     tracer = conns.ConnTracer(
         conns.load_offsets("btf"), conns_prog.Options(netns=ns.inode), ring_bytes=4096

@@ -16,9 +16,9 @@ from nettracer.bpf.insn import JMP32, resolve
 from nettracer.layout.catalogue import CATALOGUE
 from nettracer.layout.offsets import Field, Offsets
 from nettracer.output import conns as out
-from nettracer.tracers import conns_prog as cp
-from nettracer.tracers.conns_model import Conn, decode, tcp_data_bytes
-from nettracer.tracers.conns_record import (
+from nettracer.tracers.conns import program as cp
+from nettracer.tracers.conns.model import Conn, decode, tcp_data_bytes
+from nettracer.tracers.conns.records import (
     RECORD,
     ConnValue,
     EndReason,
@@ -27,7 +27,7 @@ from nettracer.tracers.conns_record import (
     TcpState,
     history_states,
 )
-from nettracer.tracers.conns_table import ConnTable
+from nettracer.tracers.conns.table import ConnTable
 
 S = TcpState
 

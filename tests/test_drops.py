@@ -537,8 +537,8 @@ def test_drops_duration_and_empty_intervals(topo: Topo) -> None:
 @pytest.mark.kernel
 def test_drops_without_reason_argument(topo: Topo) -> None:
     """A program for kernels before 5.17 (kfree_skb(skb, location)) still counts, reason None."""
-    from nettracer.tracers import drops
-    from nettracer.tracers.drops_program import Filters, KfreeSkbArgs, ProgramSpec
+    from nettracer.tracers.drops import monitor as drops
+    from nettracer.tracers.drops.program import Filters, KfreeSkbArgs, ProgramSpec
 
     spec = ProgramSpec(
         drops.layout_for(drops.load_offsets("btf"), False),
@@ -576,8 +576,8 @@ def test_drops_user_errors() -> None:
 
 
 def _monitor(topo: Topo, **kw: int):  # -> DropMonitor
-    from nettracer.tracers import drops
-    from nettracer.tracers.drops_program import Filters, ProgramSpec
+    from nettracer.tracers.drops import monitor as drops
+    from nettracer.tracers.drops.program import Filters, ProgramSpec
 
     spec = ProgramSpec(
         drops.layout_for(drops.load_offsets("btf"), False),

@@ -21,8 +21,8 @@ from conftest import kernel_skip
 from nettracer.errors import UsageError
 from nettracer.output import drops as out
 from nettracer.output.table import Column, render
-from nettracer.tracers import drops
-from nettracer.tracers.drops_program import (
+from nettracer.tracers.drops import monitor as drops
+from nettracer.tracers.drops.program import (
     DropEvent,
     DropKey,
     DropLayout,

@@ -20,7 +20,7 @@ import pytest
 from conftest import kernel_skip
 
 from nettracer.layout.catalogue import BY_KEY, CATALOGUE
-from nettracer.layout.match import Exact, Observation, Shifted, decide, resolve, u16, u32
+from nettracer.layout.guess.matchers import Exact, Observation, Shifted, decide, resolve, u16, u32
 
 pytestmark = []
 
@@ -71,7 +71,8 @@ def test_ambiguous_and_contradictory_observations_are_unresolved() -> None:
 
 def test_probe_programs_assemble() -> None:
     from nettracer.bpf.insn import assemble
-    from nettracer.layout import guess, probes
+    from nettracer.layout.guess import run as guess
+    from nettracer.layout.guess import probes
 
     for spec in (guess.SOCK_RECV, guess.START_XMIT, guess.NETIF_RX, *guess.FALLBACK):
         code = assemble(probes.build(spec), {"ctl": 3, "events": 4, "lost": 5})
@@ -83,7 +84,7 @@ def test_probe_programs_assemble() -> None:
 
 
 def test_rtnetlink_attributes_are_padded() -> None:
-    from nettracer.layout.rtnl import attr
+    from nettracer.layout.guess.rtnl import attr
 
     a = attr(3, b"lo\0")
     assert a == b"\x07\x00\x03\x00lo\x00\x00" and len(a) % 4 == 0
@@ -251,7 +252,8 @@ def test_without_veth_name_and_ifindex_are_unresolved_not_wrong(
 ) -> None:
     import errno
 
-    from nettracer.layout import guess, rtnl
+    from nettracer.layout.guess import run as guess
+    from nettracer.layout.guess import rtnl
 
     def no_veth(self, *args) -> None:  # type: ignore[no-untyped-def]
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
@@ -267,7 +269,8 @@ def test_without_veth_name_and_ifindex_are_unresolved_not_wrong(
 
 @pytest.mark.kernel
 def test_without_ipv6_nothing_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nettracer.layout import guess, traffic
+    from nettracer.layout.guess import run as guess
+    from nettracer.layout.guess import traffic
 
     real = traffic.Traffic.udp
 
@@ -306,7 +309,7 @@ def test_timeout_leaves_nothing_behind() -> None:
 @pytest.mark.kernel
 def test_unknown_required_tracepoint_is_not_supported(monkeypatch: pytest.MonkeyPatch) -> None:
     from nettracer.errors import NotSupported
-    from nettracer.layout import probes
+    from nettracer.layout.guess import probes
 
     tp = probes.Tracepoint("no_such_tracepoint_ntg", ("sk",), "99.0")
     monkeypatch.setitem(probes.TRACEPOINTS, tp.name, tp)
@@ -323,7 +326,8 @@ def test_namespace_failure_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) 
     import errno
 
     from nettracer.bpf.fd import live_objects
-    from nettracer.layout import guess, netns
+    from nettracer.layout.guess import run as guess
+    from nettracer.layout.guess import netns
 
     def refuse(flags: int) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
@@ -338,7 +342,7 @@ def test_namespace_failure_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) 
 
 def test_not_root_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from nettracer.errors import PermissionError_
-    from nettracer.layout import guess
+    from nettracer.layout.guess import run as guess
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(PermissionError_, match="needs root"):

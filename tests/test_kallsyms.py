@@ -193,9 +193,19 @@ def test_matches_proc_pid_stack(kallsyms: Kallsyms) -> None:
 
 
 @pytest.mark.kernel
-def test_module_symbols_show_module(kallsyms: Kallsyms) -> None:
-    """Every ``[mod]`` line of /proc/kallsyms resolves to its own module."""
-    text = Path("/proc/kallsyms").read_text()
+def test_module_symbols_show_module(tmp_path: Path) -> None:
+    """Every ``[mod]`` line of /proc/kallsyms resolves to its own module.
+
+    A program of our own is loaded first, so that at least its JIT image
+    (``bpf_prog_<tag>_<name> [bpf]``) is there on a kernel without modules."""
+    from nettracer.bpf.insn import R0, exit_, mov64
+    from nettracer.bpf.prog import load
+
+    with load([mov64(R0, 0), exit_()], name="nt_ksym_test"):
+        text = Path("/proc/kallsyms").read_text()
+    snapshot = tmp_path / "kallsyms"
+    snapshot.write_text(text)
+    kallsyms = Kallsyms(str(snapshot))
     rows = re.findall(r"^([0-9a-f]+) \S (\S+)\t\[(\S+)\]$", text, re.M)
     if not rows:
         kernel_skip("no module, BPF or ftrace symbols in /proc/kallsyms")

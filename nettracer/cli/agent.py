@@ -88,7 +88,7 @@ def _run(args: argparse.Namespace, cfg: object, address: tuple[str, int]) -> int
     collector = AgentCollector(agent, __version__, kernel_release())
     server, _thread = serve(collector, *address)
     try:
-        from nettracer.tracers import drops as drops_mod
+        from nettracer.tracers.drops import monitor as drops_mod
 
         offsets = drops_mod.load_offsets(source, cache_dir, timeout_ms)
         agent.offsets_source = offsets.source
@@ -119,8 +119,8 @@ def _run(args: argparse.Namespace, cfg: object, address: tuple[str, int]) -> int
 
 def _drop_monitor(offsets: Any, cache_dir: str) -> tuple[Any, Any]:
     """The drop monitor (not started) with no filters, and its reason names' loader."""
-    from nettracer.tracers import drops
-    from nettracer.tracers.drops_program import ProgramSpec
+    from nettracer.tracers.drops import monitor as drops
+    from nettracer.tracers.drops.program import ProgramSpec
 
     cache = cache_dir or None
     kargs = drops.cached_kfree_skb_args(cache)
@@ -132,7 +132,8 @@ def _drop_monitor(offsets: Any, cache_dir: str) -> tuple[Any, Any]:
 def _conn_monitor(offsets: Any, c: Any) -> Any:
     """The connection monitor (not started), every namespace, no gateway lookups (the
     metrics carry no per-connection labels)."""
-    from nettracer.tracers import conns, conns_prog
+    from nettracer.tracers.conns import monitor as conns
+    from nettracer.tracers.conns import program as conns_prog
 
     opts = conns_prog.Options(
         collect_tcp=bool(c["network.collect_tcp"]),

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a number of rows >= 1")
     netns = netns_inode(args.netns) or 0
-    from nettracer.tracers import conns
+    from nettracer.tracers.conns import monitor as conns
 
     conns.require_root()
     return _Session(args, config, netns, fmt == "json").run()
@@ -112,7 +112,8 @@ class _Session:
 
     def run(self) -> int:
         from nettracer.bpf.fd import install_signal_handlers
-        from nettracer.tracers import conns, conns_prog
+        from nettracer.tracers.conns import monitor as conns
+        from nettracer.tracers.conns import program as conns_prog
 
         cfg = self.config
         args = self.args

@@ -19,7 +19,7 @@ from nettracer.errors import UsageError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
-    from nettracer.tracers.drops_program import DropEvent, ProgramSpec
+    from nettracer.tracers.drops.program import DropEvent, ProgramSpec
 
 OFFSET_MODES = ("auto", "btf", "guess")
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = str(config["output.format"])
     if fmt not in ("text", "json"):
         raise UsageError(f"nettracer drops prints text or json, not {fmt} (output.format)")
-    from nettracer.tracers import drops
+    from nettracer.tracers.drops import monitor as drops
 
     interval = float(config["drops.interval_s"])  # type: ignore[arg-type]
     by = drops.parse_by(config["drops.group_by"])  # type: ignore[arg-type]
@@ -136,12 +136,12 @@ class _Session:
 
         Only what the program needs is read before attaching: the offsets, whether
         ``kfree_skb`` has a reason and, for ``--reason``, the reason names; from BTF
-        through its cache (:mod:`nettracer.layout.btf_cache`: no BTF parse once this
+        through its cache (:mod:`nettracer.kernel.btf_cache`: no BTF parse once this
         boot's BTF was read), or the tracefs format without BTF.  The names are
         otherwise read when first printed.
         """
-        from nettracer.tracers import drops
-        from nettracer.tracers.drops_program import ProgramSpec
+        from nettracer.tracers.drops import monitor as drops
+        from nettracer.tracers.drops.program import ProgramSpec
 
         args = self.args
         source, cache_dir, timeout_ms = self.offsets
@@ -172,7 +172,7 @@ class _Session:
 
     def run(self) -> int:
         from nettracer.bpf.fd import Terminated, install_signal_handlers
-        from nettracer.tracers import drops
+        from nettracer.tracers.drops import monitor as drops
 
         args = self.args
         spec, reasons, source = self._prepare()
@@ -233,7 +233,7 @@ class _Session:
     def _report_counts(self, now: float) -> None:
         from nettracer.output import drops as out
         from nettracer.output.jsonlines import write
-        from nettracer.tracers.drops import group_counts
+        from nettracer.tracers.drops.monitor import group_counts
 
         sample = self.monitor.collect()
         stacks = self.monitor.stack if self.args.stack else None

@@ -2,7 +2,7 @@
 
 ``btf``
     read from ``/sys/kernel/btf/vmlinux`` (:func:`nettracer.layout.btf_offsets.btf_offsets`),
-    or what that gave before on this very BTF (:mod:`nettracer.layout.btf_cache`,
+    or what that gave before on this very BTF (:mod:`nettracer.kernel.btf_cache`,
     under the cache directory: no BTF parse at start-up);
 ``guess``
     guessed now (:func:`nettracer.layout.guess.guess`); a complete guess refreshes the
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from nettracer.errors import UsageError
-from nettracer.layout.btf_cache import BTF_VMLINUX
+from nettracer.kernel.btf_cache import BTF_VMLINUX
 from nettracer.layout.profile import DEFAULT_CACHE_DIR, ProfileError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -94,7 +94,7 @@ def offsets_for(
 
 def _btf(btf_path: str, cache_dir: str | None) -> Offsets:
     """The catalogue's offsets from the BTF at ``btf_path``, through the BTF cache."""
-    from nettracer.layout import btf_cache
+    from nettracer.kernel import btf_cache
 
     start = time.perf_counter()
     computed: list[Offsets] = []

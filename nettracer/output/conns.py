@@ -30,7 +30,7 @@ import sys
 from typing import Any, TextIO
 
 from nettracer.output.jsonlines import clock_time, iso_time
-from nettracer.tracers.conns_model import (
+from nettracer.tracers.conns.model import (
     ADDR_TEXT,
     Conn,
     addr_text,
@@ -40,8 +40,8 @@ from nettracer.tracers.conns_model import (
     tcp_data_bytes,
     wire_addresses,
 )
-from nettracer.tracers.conns_record import END_NAMES, IDX, IPPROTO_TCP, STATE_NAMES, Flag
-from nettracer.tracers.conns_table import Interval
+from nettracer.tracers.conns.records import END_NAMES, IDX, IPPROTO_TCP, STATE_NAMES, Flag
+from nettracer.tracers.conns.table import Interval
 
 
 def conn_json(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False) -> dict[str, Any]:

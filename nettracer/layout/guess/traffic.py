@@ -1,11 +1,11 @@
 """The traffic the guesser makes in its private namespaces
-(:mod:`nettracer.layout.netns`), step by step, and the log of what each step did.
+(:mod:`nettracer.layout.guess.netns`), step by step, and the log of what each step did.
 
 A round builds a few dozen sockets (TCP with data both ways, retransmissions by
 drop-and-SACK and by tail loss probe, UDP connected/unconnected/broadcast/corked/
 multicast-bound, raw, IPv6 and v4-mapped, AF_UNIX), then, each step tagged for the
 kernel side: one marked packet through each device, and one snapshot-making
-``recv(MSG_PEEK|MSG_DONTWAIT)`` per socket. Ground truth (:mod:`nettracer.layout.truth`)
+``recv(MSG_PEEK|MSG_DONTWAIT)`` per socket. Ground truth (:mod:`nettracer.layout.guess.expected`)
 is read from each socket right before its step; ``TCP_INFO`` also right after, and a
 moving value that changed meanwhile is not used. A :class:`TrafficThread` runs it all
 in the thread that owns the namespaces.
@@ -25,9 +25,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nettracer.layout.match import Exact, Matcher
-from nettracer.layout.netns import VETH_A, VETH_B, VETH_NOBODY, Device, NamespaceError, PrivateNet
-from nettracer.layout.truth import sock_expectations, tcp_expectations, tcp_info, v4_of
+from nettracer.layout.guess.expected import sock_expectations, tcp_expectations, tcp_info, v4_of
+from nettracer.layout.guess.matchers import Exact, Matcher
+from nettracer.layout.guess.netns import (
+    VETH_A,
+    VETH_B,
+    VETH_NOBODY,
+    Device,
+    NamespaceError,
+    PrivateNet,
+)
 
 RAW_PROTO = 253  # IANA "use for experimentation and testing"
 SO_NO_CHECK, SO_ATTACH_FILTER, SO_DETACH_FILTER = 11, 26, 27

@@ -3,15 +3,15 @@ without kprobes, in a handful of round trips.
 
 How it beats the classic one-offset-per-round-trip state machine:
 
-1. the programs (:mod:`nettracer.layout.probes`) are loaded and attached in this
-   thread while a second one (:class:`nettracer.layout.traffic.TrafficThread`) builds
+1. the programs (:mod:`nettracer.layout.guess.probes`) are loaded and attached in this
+   thread while a second one (:class:`nettracer.layout.guess.traffic.TrafficThread`) builds
    two private network namespaces, a veth pair between them and a few dozen sockets
    whose every address, port, state, counter and namespace it knows;
 2. one round of traffic: a ``recv(MSG_PEEK|MSG_DONTWAIT)`` on every socket (the kernel
    copies 4 KiB of its ``struct sock`` and 512 bytes behind each pointer in its first
    256 bytes) and one marked UDP datagram through each device (the kernel copies the
    ``sk_buff``, 256 bytes behind each of its pointers and the ``net_device``);
-3. user space (:mod:`nettracer.layout.guess_analysis`) searches all offsets at once
+3. user space (:mod:`nettracer.layout.guess.analysis`) searches all offsets at once
    and keeps a field only when a single offset agrees with every observation and the
    observations disagree on the value. Values that move (RTT, counters) are only used
    when ``TCP_INFO`` read before and after the snapshot is unchanged.
@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 
 from nettracer.errors import NettracerError
 from nettracer.layout.catalogue import CATALOGUE
-from nettracer.layout.guess_analysis import analyse
-from nettracer.layout.match import Verdict
-from nettracer.layout.netns import PrivateNet
+from nettracer.layout.guess.analysis import analyse
+from nettracer.layout.guess.matchers import Verdict
+from nettracer.layout.guess.netns import PrivateNet
+from nettracer.layout.guess.probes import Deref, ProbeSet, ProbeSpec, Record, Snapshot, require_root
+from nettracer.layout.guess.traffic import RoundLog, Traffic, TrafficThread
 from nettracer.layout.offsets import Field, Offsets
-from nettracer.layout.probes import Deref, ProbeSet, ProbeSpec, Record, Snapshot, require_root
-from nettracer.layout.traffic import RoundLog, Traffic, TrafficThread
 
 DEFAULT_TIMEOUT_MS = 2000
 MAX_ROUNDS = 4
@@ -141,7 +141,7 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
 
     Raises :class:`nettracer.errors.PermissionError_` when not root,
     :class:`nettracer.errors.NotSupported` without raw tracepoints,
-    :class:`nettracer.layout.netns.NamespaceError` when the private namespaces
+    :class:`nettracer.layout.guess.netns.NamespaceError` when the private namespaces
     cannot be made and :class:`GuessTimeout` after ``timeout_ms``; in every case nothing
     stays attached and the namespaces are gone. ``force_fallback`` uses the pre-6.3
     tracepoints even where ``sock_recv_length`` exists (to test that path).

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from nettracer.bpf.syscall import CLONE_NEWNET, setns, unshare
 from nettracer.errors import NettracerError
-from nettracer.layout.rtnl import Rtnl
+from nettracer.layout.guess.rtnl import Rtnl
 
 LOOPBACK_IFINDEX = 1  # include/net/flow.h: lo is ifindex 1 in every namespace
 VETH_A, VETH_B = "192.0.2.1", "192.0.2.2"  # TEST-NET-1, only ever inside our namespaces

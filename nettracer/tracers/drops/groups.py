@@ -1,6 +1,6 @@
 """What the drop monitor's reports are made of: counts, names and groups.
 
-:meth:`nettracer.tracers.drops.DropMonitor.collect` returns a :class:`Sample` of
+:meth:`nettracer.tracers.drops.monitor.DropMonitor.collect` returns a :class:`Sample` of
 :class:`DropCount`\\ s (one per kernel key); :func:`group_counts` sums them over the
 keys the user asked for (``--by``) into :class:`DropGroup`\\ s, named with
 :class:`Names` (kallsyms for locations, the kernel's own ``enum skb_drop_reason`` for

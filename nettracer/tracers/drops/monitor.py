@@ -1,14 +1,14 @@
 """The drop monitor: where, why and on which interface the kernel drops packets.
 
-:class:`DropMonitor` loads the program of :mod:`nettracer.tracers.drops_program` on
+:class:`DropMonitor` loads the program of :mod:`nettracer.tracers.drops.program` on
 the ``kfree_skb`` raw tracepoint and reads its maps;
-:func:`nettracer.tracers.drops_groups.group_counts` turns the per-key counts into the
+:func:`nettracer.tracers.drops.groups.group_counts` turns the per-key counts into the
 groups the user asked for (``--by``), named with
-:class:`nettracer.tracers.drops_groups.Names` (kallsyms for locations, the kernel's
+:class:`nettracer.tracers.drops.groups.Names` (kallsyms for locations, the kernel's
 own ``enum skb_drop_reason`` for reasons, the side map for device names); both are
 also reachable here (``drops.group_counts``), imported when first used.  What is
 needed to attach comes first: offsets and the tracepoint's arguments from the BTF
-cache (:mod:`nettracer.layout.btf_cache`), names of reasons and symbols only when
+cache (:mod:`nettracer.kernel.btf_cache`), names of reasons and symbols only when
 printed (start-up).
 
 Reading each interval without losing counts
@@ -48,7 +48,7 @@ from nettracer.bpf.link import Link, attach_raw_tracepoint
 from nettracer.bpf.prog import Prog, load
 from nettracer.bpf.syscall import BpfSyscallError, MapType
 from nettracer.errors import NettracerError, NotSupported, UsageError
-from nettracer.tracers.drops_program import (
+from nettracer.tracers.drops.program import (
     STACK_NONE,
     DevKey,
     DevName,
@@ -68,11 +68,11 @@ if TYPE_CHECKING:
     from nettracer.bpf.ringbuf import RingBuf, RingBufReader
     from nettracer.kernel.tracefs import TracepointFormat
     from nettracer.layout.offsets import Offsets
-    from nettracer.tracers.drops_groups import Sample
+    from nettracer.tracers.drops.groups import Sample
 
     _Obj = TypeVar("_Obj", bound=FdObject)
 
-#: what :mod:`nettracer.tracers.drops_groups` holds, still reachable as ``drops.<name>``
+#: what :mod:`nettracer.tracers.drops.groups` holds, still reachable as ``drops.<name>``
 _GROUPS = frozenset(
     ("DropCount", "DropGroup", "Location", "Names", "Sample", "SymbolSource", "group_counts")
 )
@@ -81,7 +81,7 @@ _GROUPS = frozenset(
 def __getattr__(name: str) -> Any:
     """The reports' pieces, imported only when first asked for (start-up)."""
     if name in _GROUPS:
-        from nettracer.tracers import drops_groups
+        from nettracer.tracers.drops import groups as drops_groups
 
         return getattr(drops_groups, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -155,12 +155,12 @@ def reason_names(btf: object | None = None) -> dict[int, str]:
 
 def cached_kfree_skb_args(cache_dir: str | None, btf_path: str = VMLINUX) -> KfreeSkbArgs:
     """:func:`kfree_skb_args` as start-up wants it: from BTF through the BTF cache
-    (:mod:`nettracer.layout.btf_cache`: no BTF parse when this very BTF was read
+    (:mod:`nettracer.kernel.btf_cache`: no BTF parse when this very BTF was read
     before; ``cache_dir`` None reads BTF), or from the tracefs format on a kernel
     without BTF or without ``btf_trace_kfree_skb`` in it (before 5.5)."""
     if not os.path.exists(btf_path):
         return kfree_skb_args(None)
-    from nettracer.layout import btf_cache
+    from nettracer.kernel import btf_cache
 
     def compute() -> KfreeSkbArgs:
         from nettracer.kernel.btf import Btf, BtfLookupError
@@ -191,7 +191,7 @@ def cached_reason_names(cache_dir: str | None, btf_path: str = VMLINUX) -> dict[
     a BTF parse and its memory), or from the tracefs format without BTF."""
     if not os.path.exists(btf_path):
         return reason_names(None)
-    from nettracer.layout import btf_cache
+    from nettracer.kernel import btf_cache
 
     def compute() -> dict[int, str]:
         from nettracer.kernel.btf import Btf
@@ -357,7 +357,7 @@ class DropMonitor:
 
     def collect(self) -> Sample:
         """Counts since the previous call (see the module docstring for why nothing is lost)."""
-        from nettracer.tracers.drops_groups import DropCount, Sample
+        from nettracer.tracers.drops.groups import DropCount, Sample
         from nettracer.tracers.packet import ethertype_from_skb
 
         assert self.counts is not None

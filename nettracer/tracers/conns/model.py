@@ -24,7 +24,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from nettracer.tracers.conns_record import (
+from nettracer.tracers.conns.records import (
     AF_INET6,
     END_NAMES,
     IDX,

@@ -24,7 +24,7 @@ The programs share one LRU hash ``conns`` (``struct sock *`` -> :class:`ConnValu
 Every struct field comes from an :class:`~nettracer.layout.offsets.Offsets`; fields that
 lie close together are read with one ``bpf_probe_read_kernel`` (:func:`plan_reads`).
 Entry ids come from one counter (``ids[0]``, atomic fetch-and-add) so that user space
-can account for every entry the LRU map evicted (:mod:`nettracer.tracers.conns_table`).
+can account for every entry the LRU map evicted (:mod:`nettracer.tracers.conns.table`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from nettracer.bpf.insn import (
     stx,
 )
 from nettracer.layout.offsets import Offsets
-from nettracer.tracers.conns_record import (
+from nettracer.tracers.conns.records import (
     AF_INET,
     AF_INET6,
     BPF_RB_NO_WAKEUP,

@@ -1,6 +1,6 @@
 """Ground truth about our own sockets, as the kernel tells it to their owner:
 ``getsockname``/``getpeername``, ``SO_TYPE``/``SO_PROTOCOL`` and ``TCP_INFO``, turned
-into what each catalogue field must hold (:mod:`nettracer.layout.match` matchers).
+into what each catalogue field must hold (:mod:`nettracer.layout.guess.matchers` matchers).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from nettracer.layout.match import Exact, Matcher, Shifted, be16, u16, u32, u64
+from nettracer.layout.guess.matchers import Exact, Matcher, Shifted, be16, u16, u32, u64
 
 #: ``struct tcp_info`` (include/uapi/linux/tcp.h): field -> (offset, struct format)
 TCP_INFO_FIELDS: dict[str, tuple[int, str]] = {

@@ -1,8 +1,8 @@
 """The connection tracer: TCP and UDP, IPv4 and IPv6, in every network namespace.
 
 :class:`ConnTracer` owns the kernel side (maps, the programs of
-:mod:`nettracer.tracers.conns_prog`, their links) and hands out raw records;
-:class:`ConnMonitor` turns them into one :class:`~nettracer.tracers.conns_table.Interval`
+:mod:`nettracer.tracers.conns.program`, their links) and hands out raw records;
+:class:`ConnMonitor` turns them into one :class:`~nettracer.tracers.conns.table.Interval`
 per interval: open connections with their deltas, connections closed during the
 interval (each exactly once), evictions and lost records, gateways from a
 :class:`~nettracer.net.gateway.GatewayResolver`.
@@ -34,10 +34,10 @@ from nettracer.bpf.link import Link, UnknownTracepoint, attach_raw_tracepoint
 from nettracer.bpf.syscall import BpfSyscallError, Cmd
 from nettracer.errors import NettracerError, NotSupported
 from nettracer.layout.offsets import Offsets
-from nettracer.tracers import conns_prog as cp
-from nettracer.tracers.conns_model import Conn, decode, record_is_local
-from nettracer.tracers.conns_record import IDX, RECORD, RECORD_SIZE, EndReason, Flag
-from nettracer.tracers.conns_table import ConnTable, Interval
+from nettracer.tracers.conns import program as cp
+from nettracer.tracers.conns.model import Conn, decode, record_is_local
+from nettracer.tracers.conns.records import IDX, RECORD, RECORD_SIZE, EndReason, Flag
+from nettracer.tracers.conns.table import ConnTable, Interval
 
 if TYPE_CHECKING:
     from nettracer.net.gateway import GatewayResolver

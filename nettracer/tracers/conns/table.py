@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from nettracer.tracers.conns_model import Conn
+from nettracer.tracers.conns.model import Conn
 
 
 @dataclass

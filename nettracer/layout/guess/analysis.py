@@ -1,9 +1,9 @@
 """From records and ground truth to offsets: the user-space half of the guesser.
 
-The kernel side (:mod:`nettracer.layout.probes`) hands over snapshots tagged with
-the step that caused them; the traffic side (:mod:`nettracer.layout.traffic`) says
+The kernel side (:mod:`nettracer.layout.guess.probes`) hands over snapshots tagged with
+the step that caused them; the traffic side (:mod:`nettracer.layout.guess.traffic`) says
 what each step did and what is true about it. This module pairs the two and applies
-:func:`nettracer.layout.match.decide` field by field:
+:func:`nettracer.layout.guess.matchers.decide` field by field:
 
 * ``sock_common``/``sock``/``tcp_sock`` fields: the snapshot of ``struct sock`` taken
   while each socket of ours was asked to ``recv()``; ``skc_net`` and ``net.ns.inum``
@@ -25,10 +25,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from nettracer.layout.catalogue import CATALOGUE
-from nettracer.layout.match import Exact, Observation, Verdict, decide, resolve, u32, u64
-from nettracer.layout.netns import VETH_A, VETH_NOBODY
-from nettracer.layout.probes import Record
-from nettracer.layout.traffic import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MarkerSend, RoundLog
+from nettracer.layout.guess.matchers import Exact, Observation, Verdict, decide, resolve, u32, u64
+from nettracer.layout.guess.netns import VETH_A, VETH_NOBODY
+from nettracer.layout.guess.probes import Record
+from nettracer.layout.guess.traffic import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MarkerSend, RoundLog
 
 ETH_P_ARP = 0x0806
 #: struct arphdr for Ethernet/IPv4 (RFC 826): htype 1, ptype 0x0800, hlen 6, plen 4, request
