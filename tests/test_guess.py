@@ -71,8 +71,8 @@ def test_ambiguous_and_contradictory_observations_are_unresolved() -> None:
 
 def test_probe_programs_assemble() -> None:
     from nettracer.bpf.insn import assemble
-    from nettracer.layout.guess import run as guess
     from nettracer.layout.guess import probes
+    from nettracer.layout.guess import run as guess
 
     for spec in (guess.SOCK_RECV, guess.START_XMIT, guess.NETIF_RX, *guess.FALLBACK):
         code = assemble(probes.build(spec), {"ctl": 3, "events": 4, "lost": 5})
@@ -252,8 +252,8 @@ def test_without_veth_name_and_ifindex_are_unresolved_not_wrong(
 ) -> None:
     import errno
 
-    from nettracer.layout.guess import run as guess
     from nettracer.layout.guess import rtnl
+    from nettracer.layout.guess import run as guess
 
     def no_veth(self, *args) -> None:  # type: ignore[no-untyped-def]
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
@@ -326,8 +326,8 @@ def test_namespace_failure_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) 
     import errno
 
     from nettracer.bpf.fd import live_objects
-    from nettracer.layout.guess import run as guess
     from nettracer.layout.guess import netns
+    from nettracer.layout.guess import run as guess
 
     def refuse(flags: int) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
