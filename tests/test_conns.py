@@ -846,7 +846,7 @@ def test_full_ring_buffer_loses_nothing(ns: Netns) -> None:
     from nettracer.tracers.conns import program as conns_prog
 
     tracer = conns.ConnTracer(
-        conns.load_offsets("btf"), conns_prog.Options(netns=ns.inode), ring_bytes=4096
+        conns.load_offsets("btf"), conns_prog.ConnSpec(netns=ns.inode), ring_bytes=4096
     )
     monitor = conns.ConnMonitor(tracer)
     script = None

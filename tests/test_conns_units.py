@@ -78,11 +78,11 @@ def test_plan_reads_splits_wide_spans() -> None:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda o: cp.build_state(o, cp.Options()),
-        lambda o: cp.build_length(o, cp.Options(), True),
-        lambda o: cp.build_length(o, cp.Options(), False),
-        lambda o: cp.build_destroy(o, cp.Options()),
-        lambda o: cp.build_refresh(o, cp.Options()),
+        lambda o: cp.build_state(o, cp.ConnSpec()),
+        lambda o: cp.build_length(o, cp.ConnSpec(), True),
+        lambda o: cp.build_length(o, cp.ConnSpec(), False),
+        lambda o: cp.build_destroy(o, cp.ConnSpec()),
+        lambda o: cp.build_refresh(o, cp.ConnSpec()),
     ],
 )
 def test_programs_follow_the_offsets(build: object) -> None:
@@ -97,7 +97,7 @@ def test_program_without_field_says_which() -> None:
     o = fake_offsets()
     del o.fields["tcp_sock.srtt_us"]
     with pytest.raises(Exception, match=r"tcp_sock\.srtt_us"):
-        cp.build_destroy(o, cp.Options())
+        cp.build_destroy(o, cp.ConnSpec())
 
 
 def test_history_nibbles() -> None:
@@ -351,6 +351,6 @@ def test_record_line_equals_decoded(fields: dict[str, object], tcp_sock: bool) -
 def test_netns_filter_is_a_32_bit_compare() -> None:
     """Namespace inodes are above 2**31: a 64-bit compare would sign-extend them."""
     inode = 4026532178
-    prog = cp.build_state(fake_offsets(), cp.Options(netns=inode))
+    prog = cp.build_state(fake_offsets(), cp.ConnSpec(netns=inode))
     [cmp] = [i for i in prog.insns if i.imm == inode]
     assert cmp.cls == JMP32

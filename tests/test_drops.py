@@ -538,9 +538,9 @@ def test_drops_duration_and_empty_intervals(topo: Topo) -> None:
 def test_drops_without_reason_argument(topo: Topo) -> None:
     """A program for kernels before 5.17 (kfree_skb(skb, location)) still counts, reason None."""
     from nettracer.tracers.drops import monitor as drops
-    from nettracer.tracers.drops.program import Filters, KfreeSkbArgs, ProgramSpec
+    from nettracer.tracers.drops.program import DropSpec, Filters, KfreeSkbArgs
 
-    spec = ProgramSpec(
+    spec = DropSpec(
         drops.layout_for(drops.load_offsets("btf"), False),
         KfreeSkbArgs(("skb", "location")),
         Filters(netns=topo.inode),
@@ -577,9 +577,9 @@ def test_drops_user_errors() -> None:
 
 def _monitor(topo: Topo, **kw: int):  # -> DropMonitor
     from nettracer.tracers.drops import monitor as drops
-    from nettracer.tracers.drops.program import Filters, ProgramSpec
+    from nettracer.tracers.drops.program import DropSpec, Filters
 
-    spec = ProgramSpec(
+    spec = DropSpec(
         drops.layout_for(drops.load_offsets("btf"), False),
         drops.kfree_skb_args(None),
         Filters(netns=topo.inode, protocol=0x0800),

@@ -26,9 +26,9 @@ from nettracer.tracers.drops.program import (
     DropEvent,
     DropKey,
     DropLayout,
+    DropSpec,
     Filters,
     KfreeSkbArgs,
-    ProgramSpec,
     _Reads,
     build,
 )
@@ -301,14 +301,14 @@ def test_build_assembles(events: bool, stack: bool, nargs: int) -> None:
         device=b"averylongname12", netns=1, protocol=0x86DD, reason=3 if nargs > 2 else None
     )
     for f in (Filters(), flt):
-        prog = build(ProgramSpec(LAYOUT, args, f, stack=stack, events=events))
+        prog = build(DropSpec(LAYOUT, args, f, stack=stack, events=events))
         maps = {"counts": 3, "devnames": 4, "lost": 5, "stacks": 6, "events": 7}
         assert prog.assemble(maps)
 
 
 def test_reason_filter_needs_the_reason_argument() -> None:
     with pytest.raises(ValueError, match="no reason"):
-        build(ProgramSpec(LAYOUT, KfreeSkbArgs(("skb", "location")), Filters(reason=3)))
+        build(DropSpec(LAYOUT, KfreeSkbArgs(("skb", "location")), Filters(reason=3)))
 
 
 # -- kernel -------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_every_variant_passes_the_verifier(
         flt = Filters(
             device=b"eth0", netns=4026531840, protocol=0x0800, reason=3 if reasons else None
         )
-    with drops.DropMonitor(ProgramSpec(layout, args, flt, stack=stack, events=events)) as mon:
+    with drops.DropMonitor(DropSpec(layout, args, flt, stack=stack, events=events)) as mon:
         assert mon.link is not None and mon.prog is not None
 
 
@@ -377,7 +377,7 @@ def test_device_filter_matches_after_a_rename() -> None:
 
         btf = Btf.vmlinux()
         layout = drops.layout_for(drops.load_offsets("btf"), events=False)
-        spec = ProgramSpec(
+        spec = DropSpec(
             layout, drops.kfree_skb_args(btf), Filters(device=short.encode(), netns=inode)
         )
         with drops.DropMonitor(spec) as mon:

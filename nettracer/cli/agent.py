@@ -120,12 +120,12 @@ def _run(args: argparse.Namespace, cfg: object, address: tuple[str, int]) -> int
 def _drop_monitor(offsets: Any, cache_dir: str) -> tuple[Any, Any]:
     """The drop monitor (not started) with no filters, and its reason names' loader."""
     from nettracer.tracers.drops import monitor as drops
-    from nettracer.tracers.drops.program import ProgramSpec
+    from nettracer.tracers.drops.program import DropSpec
 
     cache = cache_dir or None
     kargs = drops.cached_kfree_skb_args(cache)
     reasons = (lambda: drops.cached_reason_names(cache)) if kargs.has_reason else None
-    spec = ProgramSpec(drops.layout_for(offsets, False), kargs)
+    spec = DropSpec(drops.layout_for(offsets, False), kargs)
     return drops.DropMonitor(spec), reasons
 
 
@@ -135,7 +135,7 @@ def _conn_monitor(offsets: Any, c: Any) -> Any:
     from nettracer.tracers.conns import monitor as conns
     from nettracer.tracers.conns import program as conns_prog
 
-    opts = conns_prog.Options(
+    opts = conns_prog.ConnSpec(
         collect_tcp=bool(c["network.collect_tcp"]),
         collect_udp=bool(c["network.collect_udp"]),
         collect_ipv6=bool(c["network.collect_ipv6"]),

@@ -122,7 +122,7 @@ class _Session:
             cache_dir=str(cfg["offsets.cache_dir"]),  # type: ignore[index]
             timeout_ms=int(cfg["offsets.guess_timeout_ms"]),  # type: ignore[index]
         )
-        opts = conns_prog.Options(
+        opts = conns_prog.ConnSpec(
             collect_tcp=bool(cfg["network.collect_tcp"]),  # type: ignore[index]
             collect_udp=bool(cfg["network.collect_udp"]),  # type: ignore[index]
             collect_ipv6=bool(cfg["network.collect_ipv6"]),  # type: ignore[index]

@@ -19,7 +19,7 @@ from nettracer.errors import UsageError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
-    from nettracer.tracers.drops.program import DropEvent, ProgramSpec
+    from nettracer.tracers.drops.program import DropEvent, DropSpec
 
 OFFSET_MODES = ("auto", "btf", "guess")
 
@@ -131,7 +131,7 @@ class _Session:
 
     def _prepare(
         self,
-    ) -> tuple[ProgramSpec, dict[int, str] | Callable[[], dict[int, str]] | None, str]:
+    ) -> tuple[DropSpec, dict[int, str] | Callable[[], dict[int, str]] | None, str]:
         """(program spec, reason names or their loader, offsets source).
 
         Only what the program needs is read before attaching: the offsets, whether
@@ -141,7 +141,7 @@ class _Session:
         otherwise read when first printed.
         """
         from nettracer.tracers.drops import monitor as drops
-        from nettracer.tracers.drops.program import ProgramSpec
+        from nettracer.tracers.drops.program import DropSpec
 
         args = self.args
         source, cache_dir, timeout_ms = self.offsets
@@ -161,7 +161,7 @@ class _Session:
             args.protocol,
             reasons if isinstance(reasons, dict) else None,
         )
-        spec = ProgramSpec(
+        spec = DropSpec(
             drops.layout_for(offsets, args.events),
             kargs,
             filters,

@@ -9,7 +9,7 @@ interval (each exactly once), evictions and lost records, gateways from a
 
 Typical use::
 
-    tracer = ConnTracer(load_offsets("auto"), Options(), max_conns=65536)
+    tracer = ConnTracer(load_offsets("auto"), ConnSpec(), max_conns=65536)
     monitor = ConnMonitor(tracer, tcp_timeout_s=120, udp_timeout_s=30)
     monitor.start()
     while ...:
@@ -154,7 +154,7 @@ class ConnTracer:
     def __init__(
         self,
         offsets: Offsets,
-        opts: cp.Options | None = None,
+        opts: cp.ConnSpec | None = None,
         *,
         max_conns: int = 65536,
         bytes_source: str = "auto",
@@ -163,7 +163,7 @@ class ConnTracer:
         if bytes_source not in BYTES_SOURCES:
             raise ValueError(f"bytes_source must be one of {BYTES_SOURCES}")
         self.offsets = offsets
-        self.opts = opts or cp.Options()
+        self.opts = opts or cp.ConnSpec()
         self.max_conns = max_conns
         self.bytes_source = bytes_source
         self.ring_bytes = ring_bytes

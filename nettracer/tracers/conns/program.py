@@ -184,7 +184,7 @@ def plan_reads(offsets: Offsets, keys: Iterable[str], max_span: int = 128) -> Re
 
 
 @dataclass(frozen=True)
-class Options:
+class ConnSpec:
     """What the programs collect; baked into the instructions as constants."""
 
     collect_tcp: bool = True
@@ -220,7 +220,7 @@ class _Builder:
     """Snippet emitters over one :class:`Program`; all snippets clobber R0-R5."""
 
     offsets: Offsets
-    opts: Options
+    opts: ConnSpec
     name: str
     p: Program = field(default_factory=Program)
     _labels: itertools.count = field(default_factory=itertools.count)
@@ -401,7 +401,7 @@ class _Builder:
         self.p += [mov64(R0, 0), exit_()]
 
 
-def tuple_plan(offsets: Offsets, opts: Options) -> ReadPlan:
+def tuple_plan(offsets: Offsets, opts: ConnSpec) -> ReadPlan:
     keys = [*TUPLE_V4, "sock.sk_protocol"]
     if opts.collect_ipv6:
         keys += TUPLE_V6
@@ -418,7 +418,7 @@ def _layout(plan: ReadPlan) -> tuple[int, int]:
     return buf, val
 
 
-def build_state(offsets: Offsets, opts: Options) -> Program:
+def build_state(offsets: Offsets, opts: ConnSpec) -> Program:
     """The ``inet_sock_set_state`` program (see the module docstring)."""
     b = _Builder(offsets, opts, "state")
     p = b.p
@@ -535,12 +535,12 @@ def _apply_transition(b: _Builder, buf: int, plan: ReadPlan | None) -> None:
     p += mov64(R0, 0)
 
 
-def build_length(offsets: Offsets, opts: Options, send: bool) -> Program:
+def build_length(offsets: Offsets, opts: ConnSpec, send: bool) -> Program:
     """The ``sock_send_length`` (``send``) or ``sock_recv_length`` program."""
     return _build_socket_event(offsets, opts, "send" if send else "recv")
 
 
-def build_owner(offsets: Offsets, opts: Options) -> Program:
+def build_owner(offsets: Offsets, opts: ConnSpec) -> Program:
     """The ``tcp:tcp_rcv_space_adjust (struct sock *sk)`` program, for kernels without
     ``sock_recv_length``: ``tcp_recvmsg`` calls it in the reader's process context, so
     it names the owner of an accepted connection (and creates entries for TCP
@@ -548,7 +548,7 @@ def build_owner(offsets: Offsets, opts: Options) -> Program:
     return _build_socket_event(offsets, replace(opts, collect_udp=False), "owner")
 
 
-def _build_socket_event(offsets: Offsets, opts: Options, kind: str) -> Program:
+def _build_socket_event(offsets: Offsets, opts: ConnSpec, kind: str) -> Program:
     """Programs on tracepoints that run in the socket owner's context: ``send``/``recv``
     count bytes (``ret``) and datagrams; ``owner`` only records the owner."""
     b = _Builder(offsets, opts, kind)
@@ -682,7 +682,7 @@ def _build_socket_event(offsets: Offsets, opts: Options, kind: str) -> Program:
     return p
 
 
-def build_destroy(offsets: Offsets, opts: Options) -> Program:
+def build_destroy(offsets: Offsets, opts: ConnSpec) -> Program:
     """The ``tcp_destroy_sock`` program: final stats to the ring buffer, entry deleted."""
     b = _Builder(offsets, opts, "destroy")
     p = b.p
@@ -695,7 +695,7 @@ def build_destroy(offsets: Offsets, opts: Options) -> Program:
     return p
 
 
-def build_refresh(offsets: Offsets, opts: Options) -> Program:
+def build_refresh(offsets: Offsets, opts: ConnSpec) -> Program:
     """Run by user space (``BPF_PROG_TEST_RUN``, args ``[sk]``): copy the current
     ``tcp_sock`` stats into the entry; bump ``last_ns`` when segments moved.  Returns 1
     when the entry exists, 0 when it is gone."""
@@ -724,6 +724,6 @@ def build_refresh(offsets: Offsets, opts: Options) -> Program:
     return p
 
 
-def needed_fields(opts: Options) -> tuple[str, ...]:
+def needed_fields(opts: ConnSpec) -> tuple[str, ...]:
     """The catalogue keys the programs read with these options."""
     return NEEDED_FIELDS + (IPV6_FIELDS if opts.collect_ipv6 else ())

@@ -55,9 +55,9 @@ from nettracer.tracers.drops.program import (
     DropEvent,
     DropKey,
     DropLayout,
+    DropSpec,
     Filters,
     KfreeSkbArgs,
-    ProgramSpec,
     build,
 )
 
@@ -261,7 +261,7 @@ class DropMonitor:
 
     def __init__(
         self,
-        spec: ProgramSpec,
+        spec: DropSpec,
         *,
         max_keys: int = 8192,
         max_devices: int = 4096,

@@ -333,7 +333,7 @@ _E = {name: getattr(DropEvent, name).offset for name, *_ in DropEvent._fields_}
 _CTX, _SKB, _DEV, _NETNS = R6, R7, R8, R9
 
 
-class ProgramSpec(Value):
+class DropSpec(Value):
     """Everything that shapes the generated program."""
 
     __slots__ = ("layout", "args", "filters", "stack", "events")  # noqa: RUF023 - field order
@@ -353,7 +353,7 @@ class ProgramSpec(Value):
         self.events = events
 
 
-def build(spec: ProgramSpec) -> Program:
+def build(spec: DropSpec) -> Program:
     """The instructions for ``spec``; maps referenced by name: ``counts``, ``devnames``,
     ``lost``, and ``stacks`` (with ``stack``) or ``events`` (with ``events``)."""
     lay, flt = spec.layout, spec.filters
