@@ -20,7 +20,8 @@ import pytest
 from conftest import kernel_skip
 
 from nettracer.layout.catalogue import BY_KEY, CATALOGUE
-from nettracer.layout.guess.matchers import Exact, Observation, Shifted, decide, resolve, u16, u32
+from nettracer.layout.guess.matchers import Exact, Shifted, u16, u32
+from nettracer.layout.guess.verdicts import Observation, decide, resolve
 
 pytestmark = []
 

@@ -214,6 +214,51 @@ def _decode_btf(btf: Btf, tid: int, expr: str) -> tuple[str, int]:
     return "bytes", size
 
 
+def _root_arg(expr: str, root: Token, args: list[tuple[str, int]]) -> int:
+    """Index of the tracepoint argument ``root`` names."""
+    names = [n for n, _ in args]
+    if root.name not in names:
+        raise _error(
+            expr, root, f"no argument {root.name!r} (arguments: {', '.join(names) or 'none'})"
+        )
+    return names.index(root.name)
+
+
+def _btf_member(btf: Btf, sid: int, tok: Token, expr: str, where: str) -> tuple[int, int, int]:
+    """``(type id, bit offset, bitfield size or 0)`` of member ``tok.name`` of the struct
+    or union ``sid`` (anonymous members looked through, as C does)."""
+    from nettracer.kernel.btf import Kind
+
+    t = btf.type(sid)
+    members = _visible_members(btf, sid)
+    found = next((m for m in members if m[0] == tok.name), None)
+    if found is None:
+        owner = f"{t.kind.name.lower()} {t.name}" if t.name else f"{where}'s type"
+        raise AccessError(
+            f"{expr}: at column {tok.pos + 1}: {owner} has no member {tok.name!r}"
+            + _did_you_mean(tok.name, [m[0] for m in members])
+        )
+    _, tid, moff, bsize = found
+    if not bsize:  # pre-kind_flag BTF keeps bitfields in the INT encoding
+        it = btf.type(btf.strip(tid))
+        if it.kind == Kind.INT:
+            _, ioff, nbits = btf.int_encoding(it.id)
+            if ioff or nbits != 8 * it.size_or_type:
+                moff, bsize = moff + ioff, nbits
+    return tid, moff, bsize
+
+
+def _bitfield_unit(btf: Btf, tid: int, bit: int, bsize: int) -> tuple[int, int, int]:
+    """``(byte offset, size, shift)`` of the smallest read that holds a ``bsize``-bit
+    field at bit ``bit``: its declared type's unit, or the bytes it spans when it
+    straddles one (packed structs)."""
+    size = btf.sizeof(tid)
+    unit = bit // (8 * size) * size
+    if bit + bsize > 8 * (unit + size):
+        unit, size = bit // 8, (bit + bsize + 7) // 8 - bit // 8
+    return unit, size, bit - 8 * unit
+
+
 def resolve_btf(expr: str, btf: Btf, args: list[tuple[str, int]]) -> AccessPath:
     """Resolve ``expr`` against tracepoint arguments ``args`` (from
     :func:`tracepoint_args_btf`) with BTF.  Errors are one-line :class:`AccessError`\\ s."""
@@ -221,12 +266,7 @@ def resolve_btf(expr: str, btf: Btf, args: list[tuple[str, int]]) -> AccessPath:
 
     tokens = parse(expr)
     root = tokens[0]
-    names = [n for n, _ in args]
-    if root.name not in names:
-        raise _error(
-            expr, root, f"no argument {root.name!r} (arguments: {', '.join(names) or 'none'})"
-        )
-    index = names.index(root.name)
+    index = _root_arg(expr, root, args)
     tid = args[index][1]
     where = root.name
     derefs: list[int] = []
@@ -250,32 +290,14 @@ def resolve_btf(expr: str, btf: Btf, args: list[tuple[str, int]]) -> AccessPath:
             raise _error(expr, tok, f"{where} is a pointer ({tname}); use '->'")
         if t.kind not in (Kind.STRUCT, Kind.UNION):
             raise _error(expr, tok, f"{where} is {tname}, not a struct or union")
-        members = _visible_members(btf, t.id)
-        found = next((m for m in members if m[0] == tok.name), None)
-        if found is None:
-            owner = f"{t.kind.name.lower()} {t.name}" if t.name else f"{where}'s type"
-            raise AccessError(
-                f"{expr}: at column {tok.pos + 1}: {owner} has no member {tok.name!r}"
-                + _did_you_mean(tok.name, [m[0] for m in members])
-            )
-        _, tid, moff, bsize = found
-        if not bsize:  # pre-kind_flag BTF keeps bitfields in the INT encoding
-            it = btf.type(btf.strip(tid))
-            if it.kind == Kind.INT:
-                _, ioff, nbits = btf.int_encoding(it.id)
-                if ioff or nbits != 8 * it.size_or_type:
-                    moff, bsize = moff + ioff, nbits
+        tid, moff, bsize = _btf_member(btf, t.id, tok, expr, where)
         bit += moff
         where = f"{where}{tok.op}{tok.name}"
     decode, size = _decode_btf(btf, tid, expr)
     offset: int | None = bit // 8 if in_mem else None
     shift = 0
     if bsize:
-        size = btf.sizeof(tid)
-        unit = bit // (8 * size) * size
-        if bit + bsize > 8 * (unit + size):
-            unit, size = bit // 8, (bit + bsize + 7) // 8 - bit // 8
-        offset, shift = unit, bit - 8 * unit
+        offset, size, shift = _bitfield_unit(btf, tid, bit, bsize)
         decode = "int" if decode == "int" else "uint"
     if offset is None:
         size = min(size, 8)

@@ -3,7 +3,7 @@
 The kernel side (:mod:`nettracer.layout.guess.probes`) hands over snapshots tagged with
 the step that caused them; the traffic side (:mod:`nettracer.layout.guess.traffic`) says
 what each step did and what is true about it. This module pairs the two and applies
-:func:`nettracer.layout.guess.matchers.decide` field by field:
+:func:`nettracer.layout.guess.verdicts.decide` field by field:
 
 * ``sock_common``/``sock``/``tcp_sock`` fields: the snapshot of ``struct sock`` taken
   while each socket of ours was asked to ``recv()``; ``skc_net`` and ``net.ns.inum``
@@ -25,10 +25,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from nettracer.layout.catalogue import CATALOGUE
-from nettracer.layout.guess.matchers import Exact, Observation, Verdict, decide, resolve, u32, u64
+from nettracer.layout.guess.matchers import Exact, u32, u64
 from nettracer.layout.guess.netns import VETH_A, VETH_NOBODY
 from nettracer.layout.guess.probes import Record
 from nettracer.layout.guess.traffic import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MarkerSend, RoundLog
+from nettracer.layout.guess.verdicts import Observation, Verdict, decide, resolve
 
 ETH_P_ARP = 0x0806
 #: struct arphdr for Ethernet/IPv4 (RFC 826): htype 1, ptype 0x0800, hlen 6, plen 4, request
@@ -294,12 +295,9 @@ def _eth_framed(r: Record, hits: list[Hit], family: int) -> bool:
     return any(h.nh >= ETH_HLEN and blocks[h.slot][h.nh - 2 : h.nh] == ethertype for h in hits)
 
 
-def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], list[str]]:
-    """Verdicts for every catalogue field from one round."""
-    ev = collect(log, records)
-    verdicts: dict[str, Verdict] = {}
-
-    # struct sk_buff (first: skb->sk then shows the start of each sender's struct sock)
+def _skb_verdicts(ev: RoundEvidence) -> tuple[dict[str, Verdict], dict[int, set[str]]]:
+    """``struct sk_buff`` fields from every transmitted and received packet, and the
+    identity (device key) of each ``struct net_device *`` our marked packets went out on."""
     skb_obs: list[Observation] = []
     dev_identity: dict[int, set[str]] = defaultdict(set)
     for r, m in ev.tx:
@@ -324,17 +322,23 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
             "sk_buff.protocol": Exact(struct.pack(">H", eth), 2),
         }
         skb_obs.append(Observation(r.snapshot(0), expect, f"{m.sender.name} rx"))
-    for key in ("sk_buff.dev", "sk_buff.len", "sk_buff.protocol", "sk_buff.sk"):
-        verdicts[key] = resolve(key, skb_obs)
+    verdicts = {
+        key: resolve(key, skb_obs)
+        for key in ("sk_buff.dev", "sk_buff.len", "sk_buff.protocol", "sk_buff.sk")
+    }
     for name, v in _skb_pointer_fields(ev).items():
         verdicts[f"sk_buff.{name}"] = v
+    return verdicts, dev_identity
 
-    # struct sock: the recv() snapshots, and the first bytes of each marked datagram's
-    # sender as the kernel copied them from behind skb->sk (sock_common only: the copy
-    # is 256 bytes, and struct sock_common, the first member of struct sock, is 136 on
-    # Linux 6.18; this is what tells skc_v6_rcv_saddr from ipv6_pinfo.saddr before 6.3)
+
+def _sock_verdicts(ev: RoundEvidence, log: RoundLog, sk_v: Verdict) -> dict[str, Verdict]:
+    """``struct sock`` fields: the recv() snapshots, and the first bytes of each marked
+    datagram's sender as the kernel copied them from behind ``skb->sk`` (``sk_v``).
+
+    Those copies hold sock_common only: 256 bytes, and struct sock_common, the first
+    member of struct sock, is 136 on Linux 6.18; they are what tells
+    skc_v6_rcv_saddr from ipv6_pinfo.saddr before 6.3."""
     sock_obs = [s.obs for s in ev.socks]
-    sk_v = verdicts["sk_buff.sk"]
     if sk_v.ok:
         for r, m in ev.tx:
             if m is None or not m.expect or not _packet_hits(r, m):
@@ -342,21 +346,30 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
             block = r.derefs().get(sk_v.offset)  # type: ignore[arg-type]
             if block is not None:
                 sock_obs.append(Observation(block, m.expect, f"{m.sender.name} skb->sk"))
-    for key in SOCK_FIELDS:
-        if key not in POINTER_FIELDS:
-            verdicts[key] = resolve(key, sock_obs)
+    verdicts = {key: resolve(key, sock_obs) for key in SOCK_FIELDS if key not in POINTER_FIELDS}
     verdicts.update(_sock_pointer_fields(ev, log.netns_inode))
+    return verdicts
 
-    # struct net * of each namespace, as skc_net holds it
-    net_ptr: dict[str, int] = {}
-    net_v = verdicts["sock_common.skc_net"]
-    if net_v.ok:
-        seen: dict[str, set[int]] = defaultdict(set)
-        for s in ev.socks:
-            seen[s.ns].add(struct.unpack_from("<Q", s.obs.buf, net_v.offset)[0])
-        net_ptr = {ns: next(iter(v)) for ns, v in seen.items() if len(v) == 1}
 
-    # struct net_device
+def _net_pointers(ev: RoundEvidence, net_v: Verdict) -> dict[str, int]:
+    """The ``struct net *`` of each namespace, as ``skc_net`` (``net_v``) holds it."""
+    if not net_v.ok:
+        return {}
+    seen: dict[str, set[int]] = defaultdict(set)
+    for s in ev.socks:
+        seen[s.ns].add(struct.unpack_from("<Q", s.obs.buf, net_v.offset)[0])
+    return {ns: next(iter(v)) for ns, v in seen.items() if len(v) == 1}
+
+
+def _dev_verdicts(
+    ev: RoundEvidence,
+    log: RoundLog,
+    dev_identity: dict[int, set[str]],
+    net_v: Verdict,
+) -> dict[str, Verdict]:
+    """``struct net_device`` fields from the device argument of each transmission
+    whose device is known (one device key per pointer)."""
+    net_ptr = _net_pointers(ev, net_v)
     dev_obs: list[Observation] = []
     for r, _ in ev.tx:
         keys = dev_identity.get(r.arg("dev"))
@@ -370,14 +383,34 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
         if d.ns in net_ptr:
             expect["net_device.nd_net"] = u64(net_ptr[d.ns])
         dev_obs.append(Observation(r.snapshot(1), expect, d.key))
-    for key in ("net_device.name", "net_device.ifindex", "net_device.nd_net"):
-        verdicts[key] = resolve(key, dev_obs)
+    verdicts = {
+        key: resolve(key, dev_obs)
+        for key in ("net_device.name", "net_device.ifindex", "net_device.nd_net")
+    }
     if not net_v.ok:
         verdicts["net_device.nd_net"] = Verdict(None, f"needs sock_common.skc_net ({net_v.why})", 0)
-    for note in ev.notes:  # say why nothing was observed where the kernel lacks a feature
+    return verdicts
+
+
+def _explain_missing(verdicts: dict[str, Verdict], notes: list[str]) -> None:
+    """Say why nothing was observed where the kernel lacks a feature (no IPv6, no veth)."""
+    for note in notes:
         for prefix, keys in (("no IPv6", V6_FIELDS), ("no veth pair", VETH_FIELDS)):
             if note.startswith(prefix):
                 for key in keys:
                     if not verdicts[key].ok:
                         verdicts[key] = Verdict(None, f"{verdicts[key].why}: {note}", 0)
+
+
+def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], list[str]]:
+    """Verdicts for every catalogue field from one round.
+
+    ``struct sk_buff`` comes first: ``skb->sk`` then shows the start of each sender's
+    ``struct sock``, whose ``skc_net`` in turn gives ``net_device.nd_net``."""
+    ev = collect(log, records)
+    verdicts, dev_identity = _skb_verdicts(ev)
+    verdicts.update(_sock_verdicts(ev, log, verdicts["sk_buff.sk"]))
+    net_v = verdicts["sock_common.skc_net"]
+    verdicts.update(_dev_verdicts(ev, log, dev_identity, net_v))
+    _explain_missing(verdicts, ev.notes)
     return verdicts, ev.notes

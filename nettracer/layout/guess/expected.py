@@ -1,6 +1,7 @@
-"""Ground truth about our own sockets, as the kernel tells it to their owner:
-``getsockname``/``getpeername``, ``SO_TYPE``/``SO_PROTOCOL`` and ``TCP_INFO``, turned
-into what each catalogue field must hold (:mod:`nettracer.layout.guess.matchers` matchers).
+"""Expected values: ground truth about our own sockets, as the kernel tells it to their
+owner (``getsockname``/``getpeername``, ``SO_TYPE``/``SO_PROTOCOL`` and ``TCP_INFO``),
+turned into what each catalogue field must hold, as
+:mod:`nettracer.layout.guess.matchers` matchers keyed by catalogue key.
 """
 
 from __future__ import annotations

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from nettracer.errors import NettracerError
 from nettracer.layout.catalogue import CATALOGUE
 from nettracer.layout.guess.analysis import analyse
-from nettracer.layout.guess.matchers import Verdict
 from nettracer.layout.guess.netns import PrivateNet
 from nettracer.layout.guess.probes import Deref, ProbeSet, ProbeSpec, Record, Snapshot, require_root
 from nettracer.layout.guess.traffic import RoundLog, Traffic, TrafficThread
+from nettracer.layout.guess.verdicts import Verdict
 from nettracer.layout.offsets import Field, Offsets
 
 DEFAULT_TIMEOUT_MS = 2000
@@ -136,6 +136,74 @@ def _round(net: PrivateNet, arm: Callable[[int], None], sync: _Sync) -> RoundLog
         t.close()
 
 
+@dataclass
+class _Rounds:
+    """What the rounds so far found: the best verdict per field, notes, the last log."""
+
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    count: int = 0
+    log: RoundLog = field(default_factory=RoundLog)
+
+    def merge(self, got: dict[str, Verdict]) -> None:
+        """Keep a resolved verdict; replace an unresolved one with this round's."""
+        for key, v in got.items():
+            if not (key in self.verdicts and self.verdicts[key].ok):
+                self.verdicts[key] = v
+                if not v.ok:
+                    self.notes.append(f"round {self.count}: {key} unresolved: {v.why}")
+
+    def done(self) -> bool:
+        return all(v.ok for v in self.verdicts.values()) or self.count >= MAX_ROUNDS
+
+
+def _run_rounds(
+    ps: ProbeSet,
+    worker: TrafficThread,
+    resubmit: Callable[[], None],
+    timeout_ms: int,
+    remaining: Callable[[], float],
+) -> _Rounds:
+    """Collect the rounds the traffic thread makes (the first one already submitted)
+    until every field is resolved, :data:`MAX_ROUNDS` or a quarter of the time is left."""
+    rs = _Rounds()
+    while True:
+        rs.count += 1
+        try:
+            rs.log = worker.result(remaining())
+        except TimeoutError:
+            raise _timeout(timeout_ms, f"round {rs.count} of traffic") from None
+        except RoundFailed as exc:
+            rs.notes.append(f"round {rs.count}: {exc}")
+            if rs.count >= MAX_ROUNDS or remaining() < 0.25 * timeout_ms / 1000:
+                raise
+            ps.drain(lambda r: None)
+            resubmit()
+            continue
+        records: list[Record] = []
+        ps.drain(records.append)
+        got, round_notes = analyse(rs.log, records)
+        rs.notes += [f"round {rs.count}: {n}" for n in round_notes]
+        if ps.lost:
+            rs.notes.append(f"round {rs.count}: {ps.lost} records did not fit the ring buffer")
+        rs.merge(got)
+        if rs.done() or remaining() < 0.25 * timeout_ms / 1000:
+            return rs
+        resubmit()
+
+
+def _offsets(verdicts: dict[str, Verdict]) -> Offsets:
+    """Every catalogue field: its offset where resolved, else why not."""
+    out = Offsets(source="guess")
+    for spec in CATALOGUE:
+        v = verdicts.get(spec.key)
+        if v is not None and v.ok and v.offset is not None:
+            out.fields[spec.key] = Field(v.offset, spec.size)
+        else:
+            out.unresolved[spec.key] = v.why if v is not None else "not observed"
+    return out
+
+
 def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) -> GuessResult:
     """Guess every catalogue field on the running kernel (see the module docstring).
 
@@ -163,62 +231,27 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
         elif probes:
             probes[0].disarm()
 
+    def resubmit() -> None:
+        worker.submit(_round, arm, sync)
+
     worker.start()
-    worker.submit(_round, arm, sync)
+    resubmit()
     try:
         ps = ProbeSet()
         probes.append(ps)
         _attach(ps, sync, force_fallback)
         if remaining() <= 0:  # attaching can wait for RCU grace periods
             raise _timeout(timeout_ms, "loading and attaching the programs")
-        verdicts: dict[str, Verdict] = {}
-        notes: list[str] = []
-        rounds = 0
-        log = RoundLog()
-        while True:
-            rounds += 1
-            try:
-                log = worker.result(remaining())
-            except TimeoutError:
-                raise _timeout(timeout_ms, f"round {rounds} of traffic") from None
-            except RoundFailed as exc:
-                notes.append(f"round {rounds}: {exc}")
-                if rounds >= MAX_ROUNDS or remaining() < 0.25 * timeout_ms / 1000:
-                    raise
-                ps.drain(lambda r: None)
-                worker.submit(_round, arm, sync)
-                continue
-            records: list[Record] = []
-            ps.drain(records.append)
-            got, round_notes = analyse(log, records)
-            notes += [f"round {rounds}: {n}" for n in round_notes]
-            if ps.lost:
-                notes.append(f"round {rounds}: {ps.lost} records did not fit the ring buffer")
-            for key, v in got.items():
-                if not (key in verdicts and verdicts[key].ok):
-                    verdicts[key] = v
-                    if not v.ok:
-                        notes.append(f"round {rounds}: {key} unresolved: {v.why}")
-            if all(v.ok for v in verdicts.values()) or rounds >= MAX_ROUNDS:
-                break
-            if remaining() < 0.25 * timeout_ms / 1000:
-                break
-            worker.submit(_round, arm, sync)
-        out = Offsets(source="guess")
-        for spec in CATALOGUE:
-            v = verdicts.get(spec.key)
-            if v is not None and v.ok and v.offset is not None:
-                out.fields[spec.key] = Field(v.offset, spec.size)
-            else:
-                out.unresolved[spec.key] = v.why if v is not None else "not observed"
+        rs = _run_rounds(ps, worker, resubmit, timeout_ms, remaining)
+        out = _offsets(rs.verdicts)
         out.elapsed_ms = (time.perf_counter() - start) * 1e3
         return GuessResult(
             out,
-            rounds,
+            rs.count,
             sync.fallback,
-            notes,
-            tuple(log.netns_inode.values()),
-            tuple(d.name for d in log.devices.values() if d.name != "lo"),
+            rs.notes,
+            tuple(rs.log.netns_inode.values()),
+            tuple(d.name for d in rs.log.devices.values() if d.name != "lo"),
         )
     finally:
         sync.cancel.set()
@@ -235,5 +268,5 @@ def guess_offsets(timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Offsets:
 def _timeout(timeout_ms: int, during: str) -> GuessTimeout:
     return GuessTimeout(
         f"guessing offsets timed out after {timeout_ms} ms ({during}); raise "
-        f"offsets.guess_timeout_ms (--timeout-ms) or use --source btf"
+        f"offsets.guess_timeout_ms or set offsets.source to btf"
     )

@@ -362,7 +362,8 @@ class Traffic:
 
     # -- the recorded steps ----------------------------------------------------
     def markers(self) -> None:
-        """One marked UDP datagram through each device, in both namespaces."""
+        """One marked UDP datagram through each device, in both namespaces, an ARP
+        request out of veth/A and one TCP segment."""
         sends: list[tuple[socket.socket, str, str, tuple | None]] = [
             (self.u1, "udp-tx", "lo/A", None)
         ]
@@ -382,44 +383,54 @@ class Traffic:
             self.u5.sendto(b"arp", (VETH_NOBODY, 9))
             self.log.arp_steps.append(step)
         for i, (sock, name, dev, to) in enumerate(sends):
-            marker = os.urandom(16)
-            payload = marker + b"\xa5" * (5 + 11 * i + self.rnd.randrange(7))
-            local, peer = sock.getsockname(), to or sock.getpeername()
-            src4, dst4 = v4_of(local[0]), v4_of(peer[0])
-            if src4 is not None and dst4 is not None:
-                fam, src, dst, iphl = socket.AF_INET, src4, dst4, 20
-            else:
-                fam, iphl = socket.AF_INET6, 40
-                dst = socket.inet_pton(fam, peer[0])
-                src = dst if to else socket.inet_pton(fam, local[0])  # lo: from ::1 to ::1
-            sender = self._sock(name)
-            expect = {
-                k: m
-                for k, m in sock_expectations(sock, sender.peer).items()
-                if k.startswith("sock_common.")
-            }
-            step = self.next_step()
-            if to:
-                sock.sendto(payload, to)
-            else:
-                sock.send(payload)
-            self.log.markers.append(
-                MarkerSend(
-                    step,
-                    sender,
-                    self.net.devices[dev],
-                    marker,
-                    iphl + 8 + len(payload),
-                    fam,
-                    src,
-                    dst,
-                    local[1],
-                    peer[1],
-                    expect=expect,
-                )
+            self._udp_marker(i, sock, name, dev, to)
+        self._tcp_marker()
+        self.arm(0)
+
+    def _udp_marker(
+        self, i: int, sock: socket.socket, name: str, dev: str, to: tuple | None
+    ) -> None:
+        """The ``i``-th marked datagram: 16 random bytes, then a length of its own."""
+        marker = os.urandom(16)
+        payload = marker + b"\xa5" * (5 + 11 * i + self.rnd.randrange(7))
+        local, peer = sock.getsockname(), to or sock.getpeername()
+        src4, dst4 = v4_of(local[0]), v4_of(peer[0])
+        if src4 is not None and dst4 is not None:
+            fam, src, dst, iphl = socket.AF_INET, src4, dst4, 20
+        else:
+            fam, iphl = socket.AF_INET6, 40
+            dst = socket.inet_pton(fam, peer[0])
+            src = dst if to else socket.inet_pton(fam, local[0])  # lo: from ::1 to ::1
+        sender = self._sock(name)
+        expect = {
+            k: m
+            for k, m in sock_expectations(sock, sender.peer).items()
+            if k.startswith("sock_common.")
+        }
+        step = self.next_step()
+        if to:
+            sock.sendto(payload, to)
+        else:
+            sock.send(payload)
+        self.log.markers.append(
+            MarkerSend(
+                step,
+                sender,
+                self.net.devices[dev],
+                marker,
+                iphl + 8 + len(payload),
+                fam,
+                src,
+                dst,
+                local[1],
+                peer[1],
+                expect=expect,
             )
-        # a TCP segment: MAX_TCP_HEADER of headroom, so network_header and
-        # transport_header take values no UDP datagram gives them (IPv4 only included)
+        )
+
+    def _tcp_marker(self) -> None:
+        """A TCP segment: MAX_TCP_HEADER of headroom, so network_header and
+        transport_header take values no UDP datagram gives them (IPv4 only included)."""
         c, _ = self.tcp1
         local, peer = c.getsockname(), c.getpeername()
         expect = {k: m for k, m in sock_expectations(c).items() if k.startswith("sock_common.")}
@@ -441,7 +452,6 @@ class Traffic:
                 expect=expect,
             )
         )
-        self.arm(0)
 
     def probes(self) -> None:
         """A snapshot of every socket: ``recv(MSG_PEEK|MSG_DONTWAIT)`` fires
