@@ -123,6 +123,8 @@ _END = {
 }
 _json_strings: dict[object, str] = {}
 _seconds: dict[int, tuple[str, str]] = {}
+#: [second, text before the fraction, text after it] of the last start time written
+_last_second: list[Any] = [None, "", ""]
 
 
 def _cached_json(value: object, key: object = None) -> str:
@@ -138,15 +140,19 @@ def _cached_json(value: object, key: object = None) -> str:
 
 def _start_time(epoch_ns: int) -> str:
     """ISO-8601 local time with microseconds, as ``iso_time(..., "microseconds")`` gives,
-    with the second's text computed once per second."""
+    with the second's text computed once per second (the last second is checked first:
+    records arrive about in time order)."""
     sec, ns = divmod(epoch_ns, 1_000_000_000)
-    parts = _seconds.get(sec)
-    if parts is None:
-        if len(_seconds) >= 4096:
-            _seconds.clear()
-        text = iso_time(float(sec), "seconds")
-        parts = _seconds[sec] = (text[:19], text[19:])
-    return f"{parts[0]}.{ns // 1000:06d}{parts[1]}"
+    last = _last_second
+    if last[0] != sec:
+        parts = _seconds.get(sec)
+        if parts is None:
+            if len(_seconds) >= 4096:
+                _seconds.clear()
+            text = iso_time(float(sec), "seconds")
+            parts = _seconds[sec] = (text[:19], text[19:])
+        last[0], last[1], last[2] = sec, parts[0], parts[1]
+    return f"{last[1]}.{ns // 1000:06d}{last[2]}"
 
 
 def conn_line(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False) -> str:
@@ -212,7 +218,6 @@ _END_BY_REASON = (',"end":null', ',"end":"closed"', ',"end":"reused"', ',"end":"
 _comm_json: dict[bytes, str] = {}
 _hist_json: dict[int, tuple[list[int], str]] = {}
 _STATE_TEXT = tuple(STATE_NAMES.get(i, str(i)) for i in range(256))
-_last_second: list[Any] = [None, "", ""]
 
 
 def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_ns: int) -> str:
@@ -227,21 +232,9 @@ def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_n
         opened = 0
     flags = rec[_R_FLAGS]
     if rec[_R_PROTO] == IPPROTO_TCP:
-        h = rec[_R_HIST]
-        hj = _hist_json.get(h)
-        if hj is None:
-            if len(_hist_json) >= 4096:
-                _hist_json.clear()
-            hist, states = history(h)
-            hj = _hist_json[h] = (hist, json.dumps(list(states)))
-        if bytes_from_tcp_sock:
-            sent, got = tcp_data_bytes(rec[_R_ACKED], rec[_R_TCPRECV], opened, hj[0])
-        else:
-            sent, got = rec[_R_SENT], rec[_R_RECV]
-        proto, state = "tcp", _STATE_TEXT[rec[_R_STATE]]
-        retrans = rec[_R_RETRANS]
-        rtt, rtt_var = rec[_R_SRTT] >> 3, rec[_R_MDEV] >> 2
-        states_json = hj[1]
+        proto, state, sent, got, retrans, rtt, rtt_var, states_json = _tcp_record(
+            rec, bytes_from_tcp_sock, opened
+        )
     else:
         states_json = "[]"
         sent, got = rec[_R_SENT], rec[_R_RECV]
@@ -249,17 +242,10 @@ def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_n
         state = "ESTABLISHED" if rec[_R_STATE] == 1 else "UNCONN"
         retrans, rtt, rtt_var = 0, "null", "null"
     if flags & Flag.PID_KNOWN:
-        pid = rec[_R_PID]
         raw = rec[_R_COMM]
-        comm = _comm_json.get(raw)
-        if comm is None:
-            if len(_comm_json) >= 4096:
-                _comm_json.clear()
-            comm = _comm_json[raw] = json.dumps(comm_text(raw), ensure_ascii=False)
+        pid, comm = rec[_R_PID], _comm_json.get(raw) or _comm_text_json(raw)
     else:
         pid, comm = "null", '""'
-    saddr = ADDR_TEXT.get(s_raw) or addr_text(s_raw)
-    daddr = ADDR_TEXT.get(d_raw) or addr_text(d_raw)
     if family == 4:
         local = d_raw[0] == 127 or (d_raw == s_raw and d_raw != b"\0\0\0\0")
     else:
@@ -269,20 +255,14 @@ def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_n
     start = rec[_R_START]
     end_ns = rec[_R_END]
     reason = rec[_R_END_REASON]
-    # the start time's text: the second's part is computed once per second
-    sec, ns = divmod(start + mono_to_epoch_ns, 1_000_000_000)
-    last = _last_second
-    if last[0] != sec:
-        text = iso_time(float(sec), "seconds")
-        last[0], last[1], last[2] = sec, text[:19], text[19:]
     return _CONN % (
         pid,
         comm,
         proto,
         family,
-        saddr,
+        ADDR_TEXT.get(s_raw) or addr_text(s_raw),
         rec[_R_SPORT],
-        daddr,
+        ADDR_TEXT.get(d_raw) or addr_text(d_raw),
         ((dport & 0xFF) << 8) | (dport >> 8),
         rec[_R_NETNS],
         "local" if local else _DIRECTION[opened],
@@ -296,7 +276,7 @@ def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_n
         rtt_var,
         ((end_ns - start + 500) // 1000 if end_ns > start else 0) / 1000,
         "null",
-        f"{last[1]}.{ns // 1000:06d}{last[2]}",
+        _start_time(start + mono_to_epoch_ns),
         states_json,
         _OPENED[opened],
         "true" if flags & Flag.PARTIAL else "false",
@@ -308,6 +288,42 @@ def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_n
         retrans,
         _END_BY_REASON[reason] if reason < 4 else f',"end":{json.dumps(END_NAMES.get(reason))}',
     )
+
+
+def _tcp_record(
+    rec: tuple[Any, ...], bytes_from_tcp_sock: bool, opened: int
+) -> tuple[str, str, int, int, int, int, int, str]:
+    """(proto, state, sent, received, retransmits, rtt, rtt_var, states as JSON) of a
+    TCP record for :func:`record_line`; the history's JSON is remembered by value."""
+    h = rec[_R_HIST]
+    hj = _hist_json.get(h)
+    if hj is None:
+        if len(_hist_json) >= 4096:
+            _hist_json.clear()
+        hist, states = history(h)
+        hj = _hist_json[h] = (hist, json.dumps(list(states)))
+    if bytes_from_tcp_sock:
+        sent, got = tcp_data_bytes(rec[_R_ACKED], rec[_R_TCPRECV], opened, hj[0])
+    else:
+        sent, got = rec[_R_SENT], rec[_R_RECV]
+    return (
+        "tcp",
+        _STATE_TEXT[rec[_R_STATE]],
+        sent,
+        got,
+        rec[_R_RETRANS],
+        rec[_R_SRTT] >> 3,
+        rec[_R_MDEV] >> 2,
+        hj[1],
+    )
+
+
+def _comm_text_json(raw: bytes) -> str:
+    """``comm`` (``char[16]``, NUL-padded) as a JSON string, remembered by value."""
+    if len(_comm_json) >= 4096:
+        _comm_json.clear()
+    comm = _comm_json[raw] = json.dumps(comm_text(raw), ensure_ascii=False)
+    return comm
 
 
 def interval_line(

@@ -261,6 +261,18 @@ class _Builder:
             call(Helper.map_lookup_elem),
         ]
 
+    def insert_new(self, value: Reg) -> None:
+        """``R0 = bpf_map_update_elem(&conns, &sk, value, BPF_NOEXIST)``: 0 when the
+        entry was created, -EEXIST when another CPU created one first."""
+        self.p += [
+            ld_map_fd(R1, MAP_CONNS),
+            mov64(R2, FP),
+            add64(R2, KEY),
+            mov64(R3, value),
+            mov64(R4, BPF_NOEXIST),
+            call(Helper.map_update_elem),
+        ]
+
     def bump(self, map_name: str, width: int = 8) -> None:
         """``map_name[0] += 1`` for a (per-CPU) array of counters."""
         skip = self.label("bump")
@@ -424,7 +436,6 @@ def build_state(offsets: Offsets, opts: ConnSpec) -> Program:
     p = b.p
     plan = tuple_plan(offsets, opts)
     buf, val = _layout(plan)
-    w = plan.where
     p += [
         mov64(R6, R1),
         ldx(8, R9, R6, 16),  # newstate
@@ -439,14 +450,25 @@ def build_state(offsets: Offsets, opts: ConnSpec) -> Program:
     p.label("not_listener")
     b.lookup(MAP_CONNS, KEY)
     p += [jeq(R0, 0, "new"), mov64(R7, R0)]
-    # CLOSE -> SYN_SENT on a tracked socket: connect() again on the same socket
+    _state_known(b, buf, plan)
+    p.label("new")
+    _state_new(b, buf, val, plan)
+    b.insert_new(R7)
+    b.out()
+    return p
+
+
+def _state_known(b: _Builder, buf: int, plan: ReadPlan) -> None:
+    """R7 = a tracked socket's entry: a CLOSE -> SYN_SENT on it is connect() again on
+    the same socket (the old connection ends as reused, jump to ``new``); else record
+    the transition.  The tuple is re-read only when the socket becomes ESTABLISHED (a
+    connecting socket gets its port after entering SYN_SENT); nothing else changes it."""
+    p = b.p
     p += [ldx(8, R1, FP, TMP), jne(R1, TcpState.CLOSE, "known")]
     p += jne(R9, TcpState.SYN_SENT, "known")
     b.snapshot_tcp(R7, R6)
     b.emit_closed(R7, EndReason.REUSED)
     p += ja("new")
-    # a tracked socket: the tuple is re-read only when it becomes ESTABLISHED (a
-    # connecting socket gets its port after entering SYN_SENT); nothing else changes it
     p.label("known")
     p += jne(R9, TcpState.ESTABLISHED, "known_no_tuple")
     b.read_plan(plan, buf, R6)
@@ -456,7 +478,12 @@ def build_state(offsets: Offsets, opts: ConnSpec) -> Program:
     _apply_transition(b, buf, None)
     p += ja("out")
 
-    p.label("new")
+
+def _state_new(b: _Builder, buf: int, val: int, plan: ReadPlan) -> None:
+    """An untracked TCP socket changing state: build its entry at FP+``val`` (R7) with
+    how it was opened (CLOSE -> SYN_SENT active, SYN_RECV passive, else partial)."""
+    p = b.p
+    w = plan.where
     b.read_plan(plan, buf, R6)
     p += [ldx(2, R1, FP, buf + w["sock.sk_protocol"]), jne(R1, IPPROTO_TCP, "out")]
     p += ldx(2, R1, FP, buf + w["sock_common.skc_family"])
@@ -488,16 +515,6 @@ def build_state(offsets: Offsets, opts: ConnSpec) -> Program:
     p += st(1, R7, off("flags"), Flag.PARTIAL)
     p.label("apply_new")
     _apply_transition(b, buf, plan)
-    p += [
-        ld_map_fd(R1, MAP_CONNS),
-        mov64(R2, FP),
-        add64(R2, KEY),
-        mov64(R3, R7),
-        mov64(R4, BPF_NOEXIST),
-        call(Helper.map_update_elem),
-    ]
-    b.out()
-    return p
 
 
 def _apply_transition(b: _Builder, buf: int, plan: ReadPlan | None) -> None:
@@ -548,20 +565,62 @@ def build_owner(offsets: Offsets, opts: ConnSpec) -> Program:
     return _build_socket_event(offsets, replace(opts, collect_udp=False), "owner")
 
 
+@dataclass(frozen=True)
+class _Event:
+    """Which socket-owner tracepoint a program runs on: ``send`` and ``recv`` count
+    bytes (``ret``) and datagrams, ``owner`` only records the owner."""
+
+    kind: str
+
+    @property
+    def send(self) -> bool:
+        return self.kind == "send"
+
+    @property
+    def counts(self) -> bool:
+        return self.kind != "owner"
+
+    @property
+    def nbytes(self) -> str:
+        """The ConnValue field ``ret`` is added to."""
+        return "bytes_sent" if self.send else "bytes_received"
+
+    @property
+    def segs(self) -> str:
+        """The ConnValue field a UDP datagram is counted in."""
+        return "segs_out" if self.send else "segs_in"
+
+
 def _build_socket_event(offsets: Offsets, opts: ConnSpec, kind: str) -> Program:
     """Programs on tracepoints that run in the socket owner's context: ``send``/``recv``
-    count bytes (``ret``) and datagrams; ``owner`` only records the owner."""
+    count bytes (``ret``) and datagrams; ``owner`` only records the owner.
+
+    R6 = sk, R7 = its entry, R8 = bytes (0 for ``owner``), R9 = protocol (on a miss)."""
     b = _Builder(offsets, opts, kind)
-    p = b.p
+    ev = _Event(kind)
     plan = tuple_plan(offsets, opts)
     buf, val = _layout(plan)
-    w = plan.where
-    send = kind == "send"
-    counts = kind != "owner"
-    nbytes = "bytes_sent" if send else "bytes_received"
-    segs = "segs_out" if send else "segs_in"
+    _event_args(b, ev)
+    b.lookup(MAP_CONNS, KEY)
+    b.p += [jeq(R0, 0, "miss"), mov64(R7, R0)]
+    if opts.collect_udp:
+        _udp_reused(b, buf)
+    _event_add(b, ev)
+    b.p.label("miss")
+    _event_classify(b, buf, plan)
+    b.p.label("create")
+    _event_create(b, ev, buf, val, plan)
+    _event_insert(b)
+    b.out()
+    return b.p
+
+
+def _event_args(b: _Builder, ev: _Event) -> None:
+    """R6 = sk (also at FP+KEY), R8 = ``ret`` as u32; leave on ``ret <= 0`` and on
+    ``recv(MSG_PEEK)`` (the same bytes are read again later)."""
+    p = b.p
     p += mov64(R6, R1)
-    if counts:
+    if ev.counts:
         p += [
             ldx(8, R8, R6, 8),  # ret (int)
             jsle32(R8, 0, "out"),
@@ -569,41 +628,49 @@ def _build_socket_event(offsets: Offsets, opts: ConnSpec, kind: str) -> Program:
         ]
     else:
         p += mov64(R8, 0)
-    if kind == "recv":
+    if ev.kind == "recv":
         p += [ldx(8, R1, R6, 16), jset(R1, MSG_PEEK, "out")]
     p += [ldx(8, R6, R6, 0), stx(8, FP, KEY, R6)]
-    b.lookup(MAP_CONNS, KEY)
-    p += [jeq(R0, 0, "miss"), mov64(R7, R0)]
-    if opts.collect_udp:
-        # a UDP entry whose socket now has another tuple: a new flow (connect, rebind,
-        # or the struct sock was freed and reused)
-        rplan = plan_reads(offsets, REUSE_KEYS)
-        rw = rplan.where
-        p += [ldx(1, R1, R7, off("proto")), jne(R1, IPPROTO_UDP, "add")]
-        b.read_plan(rplan, buf, R6)
-        p += [
-            ldx(2, R1, FP, buf + rw["sock_common.skc_num"]),
-            ldx(2, R2, R7, off("sport")),
-            jne(R1, R2, "reused"),
-            ldx(2, R1, FP, buf + rw["sock_common.skc_dport"]),
-            ldx(2, R2, R7, off("dport")),
-            jne(R1, R2, "reused"),
-            ldx(4, R1, FP, buf + rw["sock_common.skc_daddr"]),
-            ldx(4, R2, R7, off("daddr4")),
-            jeq(R1, R2, "add"),
-        ]
-        p.label("reused")
-        b.emit_closed(R7, EndReason.REUSED)
-        p += ja("miss")
+
+
+def _udp_reused(b: _Builder, buf: int) -> None:
+    """A UDP entry whose socket now has another tuple is a new flow (connect, rebind,
+    or the struct sock was freed and reused): end the old entry as reused, go to
+    ``miss``.  Anything else continues at ``add``."""
+    p = b.p
+    rplan = plan_reads(b.offsets, REUSE_KEYS)
+    rw = rplan.where
+    p += [ldx(1, R1, R7, off("proto")), jne(R1, IPPROTO_UDP, "add")]
+    b.read_plan(rplan, buf, R6)
+    p += [
+        ldx(2, R1, FP, buf + rw["sock_common.skc_num"]),
+        ldx(2, R2, R7, off("sport")),
+        jne(R1, R2, "reused"),
+        ldx(2, R1, FP, buf + rw["sock_common.skc_dport"]),
+        ldx(2, R2, R7, off("dport")),
+        jne(R1, R2, "reused"),
+        ldx(4, R1, FP, buf + rw["sock_common.skc_daddr"]),
+        ldx(4, R2, R7, off("daddr4")),
+        jeq(R1, R2, "add"),
+    ]
+    p.label("reused")
+    b.emit_closed(R7, EndReason.REUSED)
+    p += ja("miss")
+
+
+def _event_add(b: _Builder, ev: _Event) -> None:
+    """``add``: count R8 bytes (and one datagram for UDP) into the entry R7, bump
+    ``last_ns``, take the owner when it is not known yet; then ``out``."""
+    p = b.p
     p.label("add")
-    if counts:
-        p += atomic_add(8, R7, off(nbytes), R8)
-    if opts.collect_udp:
+    if ev.counts:
+        p += atomic_add(8, R7, off(ev.nbytes), R8)
+    if b.opts.collect_udp:
         p += [
             ldx(1, R1, R7, off("proto")),
             jne(R1, IPPROTO_UDP, "segs_done"),
             mov64(R1, 1),
-            atomic_add(4, R7, off(segs), R1),
+            atomic_add(4, R7, off(ev.segs), R1),
         ]
         p.label("segs_done")
     b.now(R7, "last_ns")
@@ -611,14 +678,19 @@ def _build_socket_event(offsets: Offsets, opts: ConnSpec, kind: str) -> Program:
     b.pid_comm(R7)
     p += ja("out")
 
-    # -- no entry: a UDP socket's first datagram, or a TCP connection older than us --
-    p.label("miss")
+
+def _event_classify(b: _Builder, buf: int, plan: ReadPlan) -> None:
+    """No entry: a UDP socket's first datagram, or a TCP connection older than us (not
+    closed, not a listener).  Read the tuple; R9 = protocol; go to ``create`` or
+    ``out``."""
+    p = b.p
+    w = plan.where
     b.read_plan(plan, buf, R6)
     p += ldx(2, R1, FP, buf + w["sock_common.skc_family"])
     b.family_ok(R1, "family_ok", "out")
     p.label("family_ok")
     p += ldx(2, R9, FP, buf + w["sock.sk_protocol"])
-    if opts.collect_tcp:
+    if b.opts.collect_tcp:
         p += [
             jne(R9, IPPROTO_TCP, "not_tcp"),
             ldx(1, R1, FP, buf + w["sock_common.skc_state"]),
@@ -627,11 +699,16 @@ def _build_socket_event(offsets: Offsets, opts: ConnSpec, kind: str) -> Program:
             ja("create"),
         ]
         p.label("not_tcp")
-    if opts.collect_udp:
+    if b.opts.collect_udp:
         p += jeq(R9, IPPROTO_UDP, "create")
     p += ja("out")
 
-    p.label("create")
+
+def _event_create(b: _Builder, ev: _Event, buf: int, val: int, plan: ReadPlan) -> None:
+    """Build the new entry at FP+``val`` (R7) from the tuple buffer: UDP is opened by
+    its first datagram's direction, TCP is partial (open before the tracer)."""
+    p = b.p
+    w = plan.where
     b.netns(buf, plan, R1, "out")
     p += stx(4, FP, TMP, R1)
     p += [mov64(R7, FP), add64(R7, val)]
@@ -645,7 +722,7 @@ def _build_socket_event(offsets: Offsets, opts: ConnSpec, kind: str) -> Program:
         stx(1, R7, off("proto"), R9),
         ldx(1, R1, FP, buf + w["sock_common.skc_state"]),
         stx(1, R7, off("state"), R1),
-        stx(8, R7, off(nbytes), R8),
+        stx(8, R7, off(ev.nbytes), R8),
     ]
     b.now(R7, "start_ns")
     p += stx(8, R7, off("last_ns"), R0)
@@ -653,8 +730,8 @@ def _build_socket_event(offsets: Offsets, opts: ConnSpec, kind: str) -> Program:
     b.pid_comm(R7)
     p += [jne(R9, IPPROTO_UDP, "tcp_partial")]
     p += [
-        st(1, R7, off("opened"), Opened.ACTIVE if send else Opened.PASSIVE),
-        st(4, R7, off(segs), 1),
+        st(1, R7, off("opened"), Opened.ACTIVE if ev.send else Opened.PASSIVE),
+        st(4, R7, off(ev.segs), 1),
         ja("insert"),
     ]
     p.label("tcp_partial")
@@ -665,21 +742,17 @@ def _build_socket_event(offsets: Offsets, opts: ConnSpec, kind: str) -> Program:
         or64(R1, Flag.PARTIAL),
         stx(1, R7, off("flags"), R1),
     ]
+
+
+def _event_insert(b: _Builder) -> None:
+    """``insert``: add the new entry R7 unless another CPU created one meanwhile; then
+    count into that one (``add``)."""
+    p = b.p
     p.label("insert")
-    p += [
-        ld_map_fd(R1, MAP_CONNS),
-        mov64(R2, FP),
-        add64(R2, KEY),
-        mov64(R3, R7),
-        mov64(R4, BPF_NOEXIST),
-        call(Helper.map_update_elem),
-        jeq(R0, 0, "out"),
-    ]
-    # another CPU created it meanwhile: add to that one
+    b.insert_new(R7)
+    p += jeq(R0, 0, "out")
     b.lookup(MAP_CONNS, KEY)
     p += [jeq(R0, 0, "out"), mov64(R7, R0), ja("add")]
-    b.out()
-    return p
 
 
 def build_destroy(offsets: Offsets, opts: ConnSpec) -> Program:

@@ -79,20 +79,14 @@ class ConnTable:
             if c.id in closed_ids:
                 continue  # the same record twice cannot happen, but never report twice
             closed_ids.add(c.id)
-            prev = self.open.pop(c.id, None)
-            if prev is not None:
-                c.prev = prev.counters()
-                c.gateway = c.gateway or prev.gateway
+            self._carry(c, self.open.pop(c.id, None))
             self._see(c.id, created, seen_new, early)
             reported_closed.append(c)
         live_now: dict[int, Conn] = {}
         for c in live:
             if c.id in closed_ids:
                 continue  # closed after the walk: reported as closed only
-            prev = self.open.get(c.id)
-            if prev is not None:
-                c.prev = prev.counters()
-                c.gateway = c.gateway or prev.gateway
+            self._carry(c, self.open.get(c.id))
             self._see(c.id, created, seen_new, early)
             live_now[c.id] = c
         vanished = sum(1 for i in self.open if i not in live_now)
@@ -114,6 +108,14 @@ class ConnTable:
         self.lost_total = max(self.lost_total, lost_total)
         self.evicted_total += evicted
         return Interval(conns=conns, closed=reported_closed, evicted=evicted, lost=lost)
+
+    @staticmethod
+    def _carry(c: Conn, prev: Conn | None) -> None:
+        """``c`` continues ``prev`` (the same id at the last interval): its delta starts
+        from ``prev``'s counters and it keeps ``prev``'s gateway when it has none."""
+        if prev is not None:
+            c.prev = prev.counters()
+            c.gateway = c.gateway or prev.gateway
 
     def _see(self, cid: int, created: int, seen_new: set[int], early: set[int]) -> None:
         if cid >= created:
