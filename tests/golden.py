@@ -1,7 +1,9 @@
-"""Golden files: generated text compared with a file under ``tests/golden/``.
+"""Golden listings: a generated program's :meth:`Program.listing` compared with
+``tests/golden/<name>.txt``.
 
 ``NETTRACER_UPDATE_GOLDEN=1`` rewrites the files instead of comparing (review the
-``git diff`` of ``tests/golden/`` before committing it).
+diff with ``git diff tests/golden`` before committing); a mismatch fails with a
+unified diff of the listing.
 """
 
 from __future__ import annotations
@@ -12,22 +14,31 @@ from pathlib import Path
 
 import pytest
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("NETTRACER_UPDATE_GOLDEN") == "1"
 
 
-def check_golden(name: str, text: str) -> None:
-    """Fail with a unified diff unless ``text`` equals ``tests/golden/<name>``."""
-    path = GOLDEN_DIR / name
+def check_golden(name: str, listing: str) -> None:
+    """Fail with a readable diff unless ``listing`` equals ``tests/golden/<name>.txt``."""
+    path = GOLDEN / f"{name}.txt"
+    text = listing.rstrip("\n") + "\n"
     if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.mkdir(exist_ok=True)
         path.write_text(text)
         return
     if not path.exists():
-        pytest.fail(f"{path} does not exist: run with NETTRACER_UPDATE_GOLDEN=1 to write it")
+        pytest.fail(f"{path} does not exist: run with NETTRACER_UPDATE_GOLDEN=1", pytrace=False)
     want = path.read_text()
-    if text != want:
-        diff = difflib.unified_diff(
-            want.splitlines(), text.splitlines(), str(path), "generated", lineterm="", n=2
+    if want != text:
+        diff = "".join(
+            difflib.unified_diff(
+                want.splitlines(keepends=True),
+                text.splitlines(keepends=True),
+                f"{path.name} (golden)",
+                f"{path.name} (generated)",
+            )
         )
-        pytest.fail(f"{name} differs from its golden file:\n" + "\n".join(diff), pytrace=False)
+        pytest.fail(
+            f"listing {name} differs from {path} (NETTRACER_UPDATE_GOLDEN=1 rewrites it):\n{diff}",
+            pytrace=False,
+        )

@@ -124,7 +124,7 @@ SPREAD_OFFSETS = Offsets(
 def _check_listing(name: str, prog: Program) -> None:
     """The listing matches its golden file, and the program assembles to that many slots."""
     assert len(prog.assemble(MAPS)) == 8 * len(prog)
-    check_golden(f"conns/{name}.txt", prog.listing() + "\n")
+    check_golden(f"conns/{name}", prog.listing())
 
 
 @pytest.mark.parametrize("spec", SPECS)
