@@ -74,6 +74,7 @@ from nettracer.bpf.insn import (
     st,
     stx,
 )
+from nettracer.bpf.syscall import BPF_ANY, BPF_NOEXIST
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers.conns.records import (
     AF_INET,
@@ -100,8 +101,6 @@ MAP_ENDED = "ended"
 #: entries of the ``ended`` overflow hash (records the ring buffer refused)
 ENDED_ENTRIES = 4096
 
-#: BPF_NOEXIST for bpf_map_update_elem
-BPF_NOEXIST = 1
 #: BPF_FETCH: an atomic op that also returns the old value in ``src``
 BPF_FETCH = 0x01
 
@@ -393,7 +392,7 @@ class _Builder:
             mov64(R2, FP),
             add64(R2, TMP2),
             mov64(R3, value),
-            mov64(R4, 0),  # BPF_ANY
+            mov64(R4, BPF_ANY),
             call(Helper.map_update_elem),
             jeq(R0, 0, ok),
         ]
