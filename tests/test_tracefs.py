@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shutil
@@ -16,6 +15,7 @@ from conftest import kernel_skip
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nettracer.bpf import syscall
 from nettracer.errors import NettracerError
 from nettracer.kernel.tracefs import (
     Tracefs,
@@ -205,14 +205,13 @@ def test_mount_tracefs_with_libc(tmp_path: Path) -> None:
     """Mount a second tracefs with mount(2) and unmount it again."""
     target = tmp_path / "tracing"
     target.mkdir()
-    libc = ctypes.CDLL(None, use_errno=True)
     try:
         assert mount_tracefs(str(target)) == str(target)
         assert (target / "events" / "skb" / "kfree_skb" / "format").exists()
         mounts = Path("/proc/mounts").read_text()
         assert re.search(rf"^\S+ {re.escape(str(target))} tracefs ", mounts, re.M)
     finally:
-        libc.umount2(os.fsencode(target), 2)  # MNT_DETACH
+        syscall.umount2(str(target), syscall.MNT_DETACH)
 
 
 def _btf_raw() -> str:
@@ -379,14 +378,14 @@ def test_trace_pipe(tracefs: Tracefs) -> None:
 
 
 _IN_PRIVATE_NS = """
-import ctypes, os, sys
+import os, sys
+from nettracer.bpf import syscall
 from nettracer.errors import NettracerError
 from nettracer.kernel.tracefs import find_tracefs, mount_tracefs, open_tracefs
-libc = ctypes.CDLL(None, use_errno=True)
 def umount_all(fstype):
     for line in reversed(open("/proc/mounts").read().splitlines()):
         if line.split()[2] == fstype:
-            assert libc.umount2(os.fsencode(line.split()[1]), 2) == 0, line
+            syscall.umount2(line.split()[1], syscall.MNT_DETACH)
 umount_all("tracefs")
 umount_all("debugfs")  # its tracing/ would automount tracefs again
 assert find_tracefs() is None

@@ -23,14 +23,6 @@ from nettracer.bpf.syscall import BpfSyscallError, ProgType
 from nettracer.errors import NettracerError
 from nettracer.value import Value
 
-#: offsets in ``struct bpf_prog_info`` (include/uapi/linux/bpf.h); run_time_ns/run_cnt since 5.1
-_INFO_SIZE = 216
-_INFO_ID = 4
-_INFO_NAME = 64
-_INFO_RUN_TIME_NS = 192
-_INFO_RUN_CNT = 200
-_INFO_RECURSION_MISSES = 208
-
 _LOG_START = 1 << 16
 _LOG_MAX = (1 << 30) - 1  # the kernel caps log_size at UINT_MAX >> 2
 
@@ -124,17 +116,23 @@ class Prog(FdObject):
         self.insns = insns
         self.log = log
 
-    def info(self) -> bytes:
-        return syscall.obj_get_info(self.fd, _INFO_SIZE)
+    def info(self) -> syscall.ProgInfo:
+        """``struct bpf_prog_info``; members a kernel does not fill stay zero."""
+        info = syscall.ProgInfo()
+        syscall.obj_get_info(self.fd, info)
+        return info
 
     @property
     def id(self) -> int:
-        return struct.unpack_from("<I", self.info(), _INFO_ID)[0]
+        return self.info().id
 
     def stats(self) -> ProgStats:
         info = self.info()
-        t, n, miss = struct.unpack_from("<QQQ", info, _INFO_RUN_TIME_NS)
-        return ProgStats(run_cnt=n, run_time_ns=t, recursion_misses=miss)
+        return ProgStats(
+            run_cnt=info.run_cnt,
+            run_time_ns=info.run_time_ns,
+            recursion_misses=info.recursion_misses,
+        )
 
     def test_run(self, args: Iterable[int] = ()) -> int:
         """BPF_PROG_TEST_RUN on a raw tracepoint program with ``args`` as its u64 context

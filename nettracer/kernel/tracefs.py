@@ -10,7 +10,7 @@ so that a kernel without BTF still names its drop reasons).
 tracefs lives at ``/sys/kernel/tracing`` since Linux 4.1, and under
 ``/sys/kernel/debug/tracing`` (an automount inside debugfs) before that and as a
 compatibility path after.  It is not always mounted: :func:`open_tracefs` mounts it
-with ``mount(2)`` (through libc, no ``mount`` binary) when it has to.
+with ``mount(2)`` (:func:`nettracer.bpf.syscall.mount`, no ``mount`` binary) when it has to.
 
 :class:`TraceBuffer` enables events in a trace instance (``instances/<name>``,
 Linux 3.12+, so nothing else's tracing is disturbed) and reads the text the kernel
@@ -20,7 +20,6 @@ formats from the ``print fmt`` (the ``trace`` file, or ``trace_pipe``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import operator
@@ -31,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+from nettracer.bpf import syscall
 from nettracer.errors import NettracerError
 
 TRACEFS_MOUNT = "/sys/kernel/tracing"
@@ -83,18 +83,12 @@ def mount_tracefs(target: str = TRACEFS_MOUNT) -> str:
     Falls back to ``/sys/kernel/debug/tracing`` when that exists.  Returns the
     directory; raises :class:`NettracerError` when neither works.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_ulong,
-        ctypes.c_void_p,
-    ]
-    libc.mount.restype = ctypes.c_int
-    rc = libc.mount(b"nodev", os.fsencode(target), b"tracefs", 0, None)
-    err = ctypes.get_errno() if rc != 0 else 0
-    if rc == 0 and os.path.isdir(os.path.join(target, "events")):
+    try:
+        syscall.mount("nodev", target, "tracefs")
+        err = 0
+    except OSError as exc:
+        err = exc.errno or 0
+    if not err and os.path.isdir(os.path.join(target, "events")):
         return target
     # Someone else may have mounted it meanwhile.
     found = find_tracefs()

@@ -15,29 +15,14 @@ calling thread: ``setns(2)`` with ``CLONE_NEWNET`` changes only the calling thre
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import socket
 import threading
 
-#: ``CLONE_NEWNET`` from ``<linux/sched.h>``
-CLONE_NEWNET = 0x40000000
+from nettracer.bpf.syscall import CLONE_NEWNET, setns
 
 #: where ``ip netns add`` bind-mounts named namespaces (``/var/run`` is usually ``/run``)
 NETNS_RUN_DIRS: tuple[str, ...] = ("/run/netns", "/var/run/netns")
-
-_libc: ctypes.CDLL | None = None
-
-
-def _setns(fd: int, nstype: int) -> None:
-    """``int setns(int fd, int nstype)`` (glibc 2.14+; ``os.setns`` only from Python 3.12)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if _libc.setns(fd, nstype) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 def netns_inode(path: str = "/proc/self/ns/net") -> int:
@@ -136,7 +121,7 @@ def netlink_socket_in(
 
     def enter() -> None:
         try:
-            _setns(ns_fd, CLONE_NEWNET)
+            setns(ns_fd, CLONE_NEWNET)
             result.append(socket.socket(socket.AF_NETLINK, sock_type, protocol))
         except BaseException as exc:
             result.append(exc)
