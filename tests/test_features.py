@@ -38,3 +38,18 @@ def test_require_raises_typed_not_supported(monkeypatch: pytest.MonkeyPatch) -> 
     ):
         features.require("ringbuf")
     features.require("raw_tracepoint")
+
+
+def test_memcg_accounting_matches_kallsyms() -> None:
+    """Before 5.11 programs are charged to RLIMIT_MEMLOCK by ``__bpf_prog_charge()``
+    (kernel/bpf/syscall.c; removed with rlimit accounting in 5.11), so the function
+    exists exactly when memcg accounting does not."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    with open("/proc/kallsyms") as f:
+        charges = any(line.rstrip().endswith(" __bpf_prog_charge") for line in f)
+    assert features.has_memcg_accounting() == (not charges)
+    after = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    inf = resource.RLIM_INFINITY
+    assert after == ((inf, inf) if charges else before)  # raised only where it matters

@@ -300,7 +300,7 @@ def test_memlock_not_raisable_names_the_limit() -> None:
         assert got.get("ok"), got
         return
     assert got["limit"] == [0, 0]
-    assert got["error"].startswith("PermissionError_: bpf(MAP_CREATE) not permitted: ")
+    assert got["error"].startswith("MemlockError: bpf(MAP_CREATE) not permitted: ")
     assert "RLIMIT_MEMLOCK (0 bytes here)" in got["error"]
     assert "ulimit -l unlimited" in got["error"] and "\n" not in got["error"]
 

@@ -368,6 +368,11 @@ class BpfSyscallError(NettracerError):
         )
 
 
+class MemlockError(PermissionError_):
+    """``EPERM`` because the kernel charges BPF memory to ``RLIMIT_MEMLOCK`` (Linux < 5.11)
+    and the process may not raise the limit."""
+
+
 def syscall_number(name: str) -> int:
     """The number of syscall ``name`` on this machine; NotSupported elsewhere."""
     machine = os.uname().machine
@@ -418,7 +423,7 @@ def raise_memlock(cmd: str = "MAP_CREATE") -> bool:
     False when the limit cannot be the cause (not root, or already unlimited). Before
     Linux 5.11 BPF maps and programs are charged to ``RLIMIT_MEMLOCK`` (8 MiB or 64 KiB
     by default) and root gets ``EPERM`` past it; since 5.11 memory cgroups account them
-    and the limit does not matter. Raises :class:`PermissionError_` naming the limit
+    and the limit does not matter. Raises :class:`MemlockError` naming the limit
     when the process may not raise it (no ``CAP_SYS_RESOURCE``).
     """
     import resource  # only on this error path
@@ -430,7 +435,7 @@ def raise_memlock(cmd: str = "MAP_CREATE") -> bool:
     try:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, unlimited)
     except (ValueError, OSError):
-        raise PermissionError_(
+        raise MemlockError(
             f"bpf({cmd}) not permitted: this kernel charges BPF memory to RLIMIT_MEMLOCK "
             f"({_kib(soft)} here) and nettracer may not raise it: run `ulimit -l unlimited` "
             f"first (systemd: LimitMEMLOCK=infinity)"

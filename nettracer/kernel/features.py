@@ -14,10 +14,11 @@ import os
 from collections.abc import Callable
 
 from nettracer.bpf import prog as bpf_prog
+from nettracer.bpf import syscall
 from nettracer.bpf.insn import R0, exit_, mov64
 from nettracer.bpf.link import UnknownTracepoint, attach_raw_tracepoint
 from nettracer.bpf.ringbuf import RingBuf
-from nettracer.bpf.syscall import BpfSyscallError, ProgType
+from nettracer.bpf.syscall import BpfSyscallError, MapType, MemlockError, ProgType
 from nettracer.errors import NotSupported
 
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -77,6 +78,29 @@ def has_btf() -> bool:
     return os.path.exists(BTF_VMLINUX)
 
 
+def has_memcg_accounting() -> bool:
+    """BPF memory is charged to the memory cgroup, not to ``RLIMIT_MEMLOCK`` (Linux 5.11).
+
+    Conclusive: a one-element array map is created with the soft ``RLIMIT_MEMLOCK`` at
+    0. A kernel that charges memlock refuses it (``EPERM``) and
+    :func:`nettracer.bpf.syscall.bpf` then raises the limit to infinity and retries, so
+    the limit afterwards says which happened; it is restored unless it was raised.
+    """
+    import resource  # only here and on bpf's EPERM path
+
+    before = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, before[1]))
+    try:
+        os.close(syscall.map_create(MapType.ARRAY, 4, 4, 1, name="nt_probe"))
+    except MemlockError:
+        return False
+    finally:
+        raised = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] == resource.RLIM_INFINITY
+        if not raised:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, before)
+    return not raised
+
+
 def has_kprobes() -> bool:
     """CONFIG_KPROBES: the kprobe perf PMU is registered. nettracer never needs it."""
     return os.path.isdir(KPROBE_PMU)
@@ -88,6 +112,7 @@ FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
     "tracepoint_programs": (has_tracepoint_programs, "4.7"),
     "ringbuf": (has_ringbuf, "5.8"),
     "btf": (has_btf, "5.4"),
+    "memcg_accounting": (has_memcg_accounting, "5.11"),
     "kprobes": (has_kprobes, "2.6.9"),
 }
 
