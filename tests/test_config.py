@@ -414,3 +414,77 @@ def test_cli_show_text_lists_every_key_and_source(tmp_path):
     assert set(rows) == set(SCHEMA)
     assert rows["network.collect_udp"][1:] == ["false", f"file {f}:2"]
     assert rows["drops.group_by"][1:] == ["[location, device, reason, protocol]", "default"]
+
+
+# -- hostile files: bounded in time and memory -------------------------------------------
+
+
+def alias_bomb(depth: int, width: int = 9) -> str:
+    """A "billion laughs" config: anchors nested ``depth`` deep under drops.group_by,
+    each repeating the one before ``width`` times (``width ** depth`` strings)."""
+    items = ", ".join(["x"] * width)
+    lines = ["drops:", "  group_by:", f"    - &a0 [{items}]"]
+    for i in range(1, depth + 1):
+        refs = ", ".join([f"*a{i - 1}"] * width)
+        lines.append(f"    - &a{i} [{refs}]")
+    return "\n".join(lines) + "\n"
+
+
+def run_cli_bounded(*args: str, memory_mb: int = 512):
+    """``run_cli`` with an address-space limit: a blow-up fails instead of swapping."""
+    import resource
+
+    def limit() -> None:
+        size = memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+    return subprocess.run(
+        [sys.executable, "-m", "nettracer", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=REPO,
+        timeout=30,
+        preexec_fn=limit,
+    )
+
+
+@pytest.mark.parametrize("depth", [8, 9, 30])
+def test_cli_alias_bomb_refused(tmp_path, depth):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb(depth))
+    r = run_cli_bounded("config", "show", "--config", str(bomb))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "MemoryError" not in r.stderr and "internal error" not in r.stderr
+    assert "expected aliases (*name) that add at most 1000 values, found more" in r.stderr
+    assert f"{bomb} line" in r.stderr
+
+
+def test_recursive_alias_refused(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, "drops:\n  group_by: &a [device, *a]\n")
+    assert "expected no alias inside its own anchor, found *a" in str(info.value)
+    assert "line 2" in str(info.value)
+
+
+def test_small_aliases_are_fine(tmp_path):
+    text = (
+        "network:\n  tcp_conn_timeout_s: &t 30\n  udp_conn_timeout_s: *t\n"
+        "drops:\n  group_by: &g [device, reason]\n"
+    )
+    cfg = load(tmp_path, text)
+    assert cfg["network.udp_conn_timeout_s"] == 30
+    assert cfg["drops.group_by"] == ["device", "reason"]
+
+
+def test_long_values_are_described_briefly(tmp_path):
+    long = "y" * 100_000
+    for text in (
+        f"drops:\n  group_by: [device, {long}]\n",
+        f"output:\n  format: {long}\n",
+        f"drops:\n  group_by: {[long] * 50}\n",
+    ):
+        with pytest.raises(ConfigError) as info:
+            load(tmp_path, text)
+        assert len(str(info.value)) < 400, str(info.value)[:400]

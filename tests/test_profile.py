@@ -144,3 +144,32 @@ def test_profile_and_btf_source_exclude_each_other(tmp_path) -> None:  # type: i
         offsets_for("btf", profile=str(tmp_path / "p.json"))
     with pytest.raises(UsageError, match="unknown offsets source"):
         offsets_for("kprobe")
+
+
+def test_save_never_creates_directories(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    missing = tmp_path / "missing" / "dir"
+    with pytest.raises(prof.ProfileError, match=f"directory {missing} does not exist"):
+        prof.save_profile(str(missing / "p.json"), _offsets(), ME)
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "nettracer", "offsets", "--source", "btf"),
+            *("--config", os.devnull, "--save", str(missing / "p.json")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (
+        f"nettracer: cannot write profile {missing / 'p.json'}: directory {missing} "
+        f"does not exist\n"
+    )
+    assert r.stdout == ""
+    assert not (tmp_path / "missing").exists()
+    # the cache directory is the one nettracer makes itself
+    prof.store_cached(str(missing), ME, _offsets())
+    assert prof.load_cached(str(missing), ME).fields == _offsets().fields

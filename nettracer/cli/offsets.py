@@ -139,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
         source = "guess"
     if args.force and args.profile is None:
         raise UsageError("--force only applies to --profile FILE")
+    if args.save:
+        from nettracer.layout.profile import save_dir
+
+        save_dir(args.save)  # refused before any work is done
     from nettracer.kernel.identity import current
     from nettracer.layout.source import offsets_for
 

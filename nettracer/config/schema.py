@@ -124,8 +124,24 @@ class Invalid(ValueError):
         self.found = found
 
 
+#: longest repr of a value quoted in a message
+MAX_REPR = 60
+
+
+def short_repr(value: object, limit: int = MAX_REPR) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, built without ever making the
+    whole repr (a list may share itself a million times through YAML aliases)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 6, 4, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def describe(value: object) -> str:
-    """Describe a raw value for "found ...": its repr and, when not obvious, its type."""
+    """Describe a raw value for "found ...": its (shortened) repr and, when not
+    obvious, its type."""
     if value is None:
         return "nothing (null)"
     if isinstance(value, bool):
@@ -133,10 +149,11 @@ def describe(value: object) -> str:
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
-        return f"a list {value!r}" if len(repr(value)) <= 60 else "a list"
+        text = short_repr(value)
+        return f"a list {text}" if "..." not in text else "a list"
     if isinstance(value, str):
-        return f"the string {value!r}"
-    return repr(value)
+        return f"the string {short_repr(value)}"
+    return short_repr(value)
 
 
 _TRUE = frozenset({"true", "yes", "on", "1"})
@@ -219,16 +236,23 @@ def _check_bounds(key: Key, value: object, raw: object) -> None:
         if key.choices is not None:
             bad = [x for x in value if x not in key.choices]
             if bad:
-                raise Invalid(f"{describe(raw)} with unknown item {bad[0]!r}")
+                raise Invalid(f"{describe(raw)} with unknown item {short_repr(bad[0])}")
         if len(value) < key.min_items:
             raise Invalid(describe(raw) if value else "an empty list")
         if key.unique_items and len(set(value)) != len(value):
-            dup = next(x for x in value if value.count(x) > 1)
-            raise Invalid(f"{describe(raw)} with {dup!r} twice")
+            raise Invalid(f"{describe(raw)} with {short_repr(_first_repeat(value))} twice")
     elif key.type == "address":
         assert isinstance(value, str)
         if parse_address(value) is None:
             raise Invalid(describe(raw))
+
+
+def _first_repeat(items: list[str]) -> str:
+    """The first item of ``items`` that appears again later."""
+    from collections import Counter
+
+    counts = Counter(items)
+    return next(x for x in items if counts[x] > 1)
 
 
 def parse_address(text: str) -> tuple[str, int] | None:

@@ -9,9 +9,10 @@ YAML value.  Readers reject unknown keys and malformed input with
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
-from nettracer.config.schema import SCHEMA, SECTIONS
+from nettracer.config.schema import SCHEMA, SECTIONS, short_repr
 from nettracer.config.settings import Origin
 from nettracer.errors import ConfigError
 
@@ -23,6 +24,14 @@ if TYPE_CHECKING:
 Raw = dict[str, tuple[object, Origin, bool]]
 
 ENV_PREFIX = "NETTRACER_"
+
+#: values that aliases (``*name``) may add to a config file once expanded.  A config
+#: of sections and keys never needs many; a "billion laughs" file of 450 bytes
+#: (anchors nested 8 deep, each repeated 9 times) expands to 43 million, and every
+#: value is checked and described after loading.
+MAX_ALIAS_VALUES = 1000
+#: largest config file read (PyYAML's pure-Python parser takes seconds per MiB)
+MAX_FILE_BYTES = 1 << 20
 
 
 def suggest(path: str) -> str | None:
@@ -71,24 +80,32 @@ def read_file(path: str) -> Raw:
     """Read a YAML file of sections and keys, remembering the line of every key."""
     import yaml
 
+    from nettracer.files import FileTooLarge, NotRegularFile, read_regular
+
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_regular(path, MAX_FILE_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(
             f"config file {path}: expected an existing file, found none (check the --config path)"
         ) from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path}: expected a YAML file, found a directory") from None
+    except NotRegularFile as exc:
+        raise ConfigError(f"config file {path}: expected a YAML file, found {exc.kind}") from None
+    except FileTooLarge as exc:
+        raise ConfigError(
+            f"config file {path}: expected a YAML file of at most {MAX_FILE_BYTES >> 10} KiB, "
+            f"found {exc.size} bytes"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(
             f"config file {path}: expected a readable file, found: {reason}"
         ) from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_alias_bounded_loader())
     except yaml.YAMLError as exc:
         raise _syntax_error(path, exc) from None
+    except _AliasError as exc:
+        raise ConfigError(f"config file {path}: {exc} (in {path} line {exc.line})") from None
     raw: Raw = {}
     if root is None:
         return raw  # empty file
@@ -137,11 +154,85 @@ def read_file(path: str) -> Raw:
     return raw
 
 
+class _AliasError(Exception):
+    """An alias the config refuses; ``line`` is where it is (1-based)."""
+
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for once every alias in it is expanded
+    (memoised in ``sizes`` by node identity; the nodes are complete)."""
+    import yaml
+
+    stack = [(node, False)]
+    while stack:
+        n, children_done = stack.pop()
+        if id(n) in sizes:
+            continue
+        if isinstance(n, yaml.ScalarNode):
+            sizes[id(n)] = 1
+            continue
+        kids = [x for pair in n.value for x in pair] if isinstance(n, yaml.MappingNode) else n.value
+        if children_done:
+            sizes[id(n)] = 1 + sum(sizes[id(k)] for k in kids)
+        else:
+            stack.append((n, True))
+            stack.extend((k, False) for k in kids)
+    return sizes[id(node)]
+
+
+@functools.cache
+def _alias_bounded_loader() -> type:
+    """``yaml.SafeLoader`` that refuses an alias inside its own anchor, and aliases
+    that together add more than :data:`MAX_ALIAS_VALUES` values once expanded
+    (counted on the composed nodes, which aliases share: nothing is expanded)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self.open_anchors: set[str] = set()
+            self.alias_values = 0
+            self.sizes: dict[int, int] = {}
+
+        def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+            event = self.peek_event()
+            anchor = event.anchor
+            line = event.start_mark.line + 1
+            if isinstance(event, yaml.AliasEvent):
+                if anchor in self.open_anchors:
+                    raise _AliasError(
+                        f"expected no alias inside its own anchor, found *{anchor}", line
+                    )
+                if anchor in self.anchors:
+                    self.alias_values += _expanded_size(self.anchors[anchor], self.sizes)
+                    if self.alias_values > MAX_ALIAS_VALUES:
+                        raise _AliasError(
+                            f"expected aliases (*name) that add at most {MAX_ALIAS_VALUES} "
+                            f"values, found more at *{anchor}",
+                            line,
+                        )
+                return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            if anchor is not None:
+                self.open_anchors.add(anchor)
+            try:
+                return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            finally:
+                self.open_anchors.discard(anchor)
+
+    return Loader
+
+
 def _scalar_key(node: yaml.Node, path: str, what: str) -> str:
     import yaml
 
     if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:str":
-        found = _node_kind(node) if not isinstance(node, yaml.ScalarNode) else repr(node.value)
+        found = (
+            _node_kind(node) if not isinstance(node, yaml.ScalarNode) else short_repr(node.value)
+        )
         raise ConfigError(
             f"config file {path}: expected {what}, found {found} "
             f"(in {path} line {node.start_mark.line + 1})"
@@ -158,7 +249,7 @@ def _node_kind(node: yaml.Node) -> str:
         return "a list"
     if node.tag == "tag:yaml.org,2002:null":
         return "nothing (null)"
-    return f"the value {node.value!r}"
+    return f"the value {short_repr(node.value)}"
 
 
 def _syntax_error(path: str, exc: yaml.YAMLError) -> ConfigError:

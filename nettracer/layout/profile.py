@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 FORMAT = "nettracer-offsets"
 VERSION = 1
 DEFAULT_CACHE_DIR = "/var/cache/nettracer"
+#: largest profile read (one is about 3 KiB)
+MAX_PROFILE_BYTES = 1 << 20
 
 
 class ProfileError(NettracerError):
@@ -58,16 +60,31 @@ def to_json(offsets: Offsets, identity: KernelIdentity) -> dict[str, Any]:
     }
 
 
-def save_profile(path: str, offsets: Offsets, identity: KernelIdentity) -> None:
-    """Write ``offsets`` as a profile for ``identity`` to ``path`` (atomically)."""
+def save_dir(path: str) -> str:
+    """The existing directory a profile saved as ``path`` goes to; ProfileError when it
+    does not exist (a profile the user names never creates directories)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ProfileError(f"cannot write profile {path}: directory {directory} does not exist")
+    return directory
+
+
+def save_profile(
+    path: str, offsets: Offsets, identity: KernelIdentity, *, make_dirs: bool = False
+) -> None:
+    """Write ``offsets`` as a profile for ``identity`` to ``path`` (atomically); the
+    directory must exist unless ``make_dirs`` (the cache directory is made on demand)."""
     import contextlib
     import json
     import tempfile
 
     data = json.dumps(to_json(offsets, identity), indent=2, sort_keys=False) + "\n"
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(directory, exist_ok=True)
+        if make_dirs:
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+        else:
+            directory = save_dir(path)
         fd, tmp = tempfile.mkstemp(prefix=".offsets-", suffix=".tmp", dir=directory)
         try:
             with os.fdopen(fd, "w") as f:
@@ -149,10 +166,11 @@ def load_profile(path: str, identity: KernelIdentity, force: bool = False) -> Of
     :class:`ProfileError` when it cannot be read or is not a profile;
     :class:`ForeignProfile` when it was made on another kernel and ``force`` is False.
     """
+    from nettracer.files import read_regular
+
     start = time.perf_counter()
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular(path, MAX_PROFILE_BYTES)
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
     import json
@@ -201,5 +219,5 @@ def load_cached(cache_dir: str, identity: KernelIdentity) -> Offsets | None:
 def store_cached(cache_dir: str, identity: KernelIdentity, offsets: Offsets) -> str:
     """Cache ``offsets`` for ``identity``; returns the path (ProfileError on failure)."""
     path = cache_path(cache_dir, identity)
-    save_profile(path, offsets, identity)
+    save_profile(path, offsets, identity, make_dirs=True)
     return path
