@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 from conftest import kernel_skip
+from golden import check_golden
 
 from nettracer.access.compile import FAULT, NULL, OK, Record, compile_reads
 from nettracer.access.path import (
@@ -251,6 +252,25 @@ def test_record_too_large() -> None:
         Record.of([big] * 6)
 
 
+# -- generated programs (listings) ----------------------------------------------------
+
+#: fixed paths (the offsets of 6.x, written out) so the listings do not follow the kernel
+NAME = AccessPath("skb->dev->name", 0, (16,), 304, 16, "char[16]", "str")
+LEN = AccessPath("skb->len", 0, (), 112, 4, "unsigned int", "uint")
+INUM = AccessPath("skb->dev->nd_net.net->ns.inum", 0, (16, 280), 176, 4, "unsigned int", "uint")
+
+
+@pytest.mark.parametrize("mode", ["count", "events"])
+def test_read_program_listing(mode: str) -> None:
+    prog = build_program(Record.of([NAME, LEN]), mode)
+    check_golden(f"read_{mode}", prog.listing())
+
+
+def test_read_program_with_netns_filter_listing() -> None:
+    prog = build_program(Record.of([LEN]), "count", (Record.of([INUM]), 4026531840))
+    check_golden("read_count_netns", prog.listing())
+
+
 # -- compiled programs, run by the kernel -------------------------------------------
 
 
@@ -261,15 +281,15 @@ def test_null_and_fault_markers_by_test_run(btf, kfree_args) -> None:
 
     from nettracer.access.reader import key_type
     from nettracer.bpf import prog
+    from nettracer.bpf.counters import lost_counter
     from nettracer.bpf.maps import hash_map
-    from nettracer.bpf.ringbuf import lost_counter
 
     paths = [resolve_btf(e, btf, kfree_args) for e in ("skb->dev->name", "skb->len", "location")]
     rec = Record.of(paths)
     with (
         hash_map(key_type(rec), ctypes.c_uint64, 16, "out") as out,
         lost_counter("lost") as lost,
-        prog.load(build_program(rec, "count"), maps={"out": out, "lost": lost}) as p,
+        prog.load(build_program(rec, "count").insns, maps={"out": out, "lost": lost}) as p,
     ):
         p.test_run([0, 0x1234, 0, 0])
         p.test_run([0, 0x1234, 0, 0])
@@ -287,20 +307,20 @@ def test_null_and_fault_markers_by_test_run(btf, kfree_args) -> None:
 
 @pytest.mark.kernel
 def test_compile_reads_twice_in_one_program(btf, kfree_args) -> None:
-    """Two records with distinct label prefixes assemble and load together."""
+    """Two records in one program get labels of their own, assemble and load."""
     from nettracer.bpf import prog
-    from nettracer.bpf.insn import R0, R1, R6, exit_, mov64
+    from nettracer.bpf.insn import R0, R1, R6, Program, exit_, mov64
 
     a = Record.of([resolve_btf("skb->dev->name", btf, kfree_args)])
     b = Record.of([resolve_btf("skb->sk->__sk_common.skc_dport", btf, kfree_args)])
-    insns = [mov64(R6, R1)]
-    insns += compile_reads(a, -a.size, prefix="a")
-    insns += compile_reads(b, -a.size - b.size, prefix="b")
-    insns += [mov64(R0, 0), exit_()]
-    with prog.load(insns, name="acc_twice") as p:
-        assert p.test_run([0]) == 0
+    p = Program([mov64(R6, R1)])
+    compile_reads(p, a, -a.size)
+    compile_reads(p, b, -a.size - b.size)
+    p += [mov64(R0, 0), exit_()]
+    with prog.load(p.insns, name="acc_twice") as pr:
+        assert pr.test_run([0]) == 0
     with pytest.raises(ValueError):
-        compile_reads(a, -4)
+        compile_reads(Program(), a, -4)
 
 
 # -- nettracer read, on traffic the test sends ----------------------------------------

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from nettracer.bpf import maps, prog
+from nettracer.bpf.channel import event_channel
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
     FP,
@@ -21,6 +22,7 @@ from nettracer.bpf.insn import (
     R4,
     R6,
     R7,
+    R8,
     Program,
     add64,
     atomic_add,
@@ -35,7 +37,6 @@ from nettracer.bpf.insn import (
     stx,
 )
 from nettracer.bpf.link import UnknownTracepoint, attach_raw_tracepoint, attach_tracepoint
-from nettracer.bpf.ringbuf import RingBuf, RingBufReader, lost_counter, reserve
 from nettracer.bpf.syscall import MapType, ProgType
 from nettracer.kernel import tracefs
 
@@ -213,19 +214,18 @@ def test_stats_count_runs() -> None:
     assert stats.run_time_ns > 0
 
 
-def test_ring_buffer_delivers_records_and_counts_what_did_not_fit() -> None:
-    rb = RingBuf(4096, "events")
-    lost = lost_counter("lost")
+def test_event_channel_delivers_records_and_counts_what_did_not_fit() -> None:
+    ch = event_channel("events", "lost")
     size = 1024  # 1024 + 8-byte header: three fit in 4 KiB, the rest are lost
     p = Program()
-    p += [ldx(8, R6, R1, 0)]
-    p += reserve(R7, "events", size, "lost", on_fail="out")
-    p += [stx(8, R7, 0, R6), mov64(R1, R7), mov64(R2, 0), call(Helper.ringbuf_submit)]
+    p += [mov64(R6, R1), ldx(8, R8, R1, 0)]
+    ch.reserve(p, R7, size, on_fail="out", scratch_off=-8)
+    p += stx(8, R7, 0, R8)
+    ch.submit(p, R7, ctx=R6, size=size, scratch_off=-8)
     p.label("out")
     p += [mov64(R0, 0), exit_()]
     got: list[int] = []
-    with rb, lost, prog.load(p.insns, maps={"events": rb, "lost": lost}, name="nt_test_rb") as pr:
-        reader = RingBufReader(rb, lost)
+    with ch.open(4096) as reader, prog.load(p.insns, maps=reader.maps, name="nt_test_rb") as pr:
         for i in range(10):
             pr.test_run([1000 + i])
         reader.poll(0.1, lambda rec: got.append(int.from_bytes(rec[:8], "little")))
@@ -235,4 +235,4 @@ def test_ring_buffer_delivers_records_and_counts_what_did_not_fit() -> None:
             pr.test_run([2000 + i])
         reader.poll(0.1, lambda rec: got.append(int.from_bytes(rec[:8], "little")))
         assert got[3:] == [2000, 2001]
-        reader.close()
+        assert reader.records == 5

@@ -17,19 +17,22 @@ from pathlib import Path
 
 import pytest
 from conftest import kernel_skip
+from golden import check_golden
 
+from nettracer.access.plan import plan_fields
+from nettracer.bpf.memory import KernelReads
 from nettracer.errors import UsageError
 from nettracer.output import drops as out
 from nettracer.output.table import Column, render
 from nettracer.tracers.drops import monitor as drops
 from nettracer.tracers.drops.program import (
+    MAX_SPAN,
     DropEvent,
     DropKey,
     DropLayout,
     DropSpec,
     Filters,
     KfreeSkbArgs,
-    _Reads,
     build,
 )
 from nettracer.tracers.packet import (
@@ -283,27 +286,40 @@ def test_records_have_the_sizes_the_program_assumes() -> None:
 
 
 def test_read_planning_merges_close_fields_and_splits_far_ones() -> None:
-    r = _Reads({"dev": (16, 8), "protocol": (176, 2), "sk": (24, 8)})
-    top = r.plan(-64)
-    assert [(s.start, s.size) for s in r.spans] == [(16, 162)]
-    assert r.where["protocol"] - r.where["dev"] == 160 and top == -64 - 168
-    far = _Reads({"a": (0, 8), "b": (4000, 4)})
-    far.plan(-8)
-    assert [(s.start, s.size) for s in far.spans] == [(0, 8), (4000, 4)]
+    r = plan_fields({"dev": (16, 8), "protocol": (176, 2), "sk": (24, 8)}, MAX_SPAN)
+    assert r.reads == ((16, 162, 0),) and r.size == 168
+    assert r.where["protocol"] - r.where["dev"] == 160
+    far = plan_fields({"a": (0, 8), "b": (4000, 4)}, MAX_SPAN)
+    assert far.reads == ((0, 8, 0), (4000, 4, 8))
 
 
-@pytest.mark.parametrize("events", [False, True])
-@pytest.mark.parametrize("stack", [False, True])
-@pytest.mark.parametrize("nargs", [2, 4])
-def test_build_assembles(events: bool, stack: bool, nargs: int) -> None:
-    args = KfreeSkbArgs(("skb", "location", "reason", "rx_sk")[:nargs])
-    flt = Filters(
-        device=b"averylongname12", netns=1, protocol=0x86DD, reason=3 if nargs > 2 else None
-    )
-    for f in (Filters(), flt):
-        prog = build(DropSpec(LAYOUT, args, f, stack=stack, events=events))
-        maps = {"counts": 3, "devnames": 4, "lost": 5, "stacks": 6, "events": 7}
-        assert prog.assemble(maps)
+A4 = KfreeSkbArgs(("skb", "location", "reason", "rx_sk"))
+VARIANTS = {
+    "none": DropSpec(LAYOUT, A4),
+    "device": DropSpec(LAYOUT, A4, Filters(device=b"eth0")),
+    "device_long": DropSpec(LAYOUT, A4, Filters(device=b"averylongname12")),
+    "netns": DropSpec(LAYOUT, A4, Filters(netns=4026531840)),
+    "reason": DropSpec(LAYOUT, A4, Filters(reason=3)),
+    "protocol": DropSpec(LAYOUT, A4, Filters(protocol=0x86DD)),
+    "stack": DropSpec(LAYOUT, A4, stack=True),
+    "events": DropSpec(LAYOUT, A4, events=True),
+    "no_reason_arg": DropSpec(LAYOUT, KfreeSkbArgs(("skb", "location"))),
+    "legacy_reads": DropSpec(LAYOUT, A4, events=True, reads=KernelReads(legacy=True)),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_drop_program_listing(name: str) -> None:
+    check_golden(f"drops_{name}", build(VARIANTS[name]).listing())
+
+
+def test_hot_path_has_three_reads_and_one_lookup() -> None:
+    """Up to the first exit of the counting path: the reads of skb, dev and the netns
+    inode (plus sk's namespace when there is no netns), one hash lookup."""
+    hot = build(VARIANTS["none"]).listing().split("goto out\n")[0]
+    assert hot.count("call probe_read_kernel#113") == 5  # skb, dev, inum; sk->net, inum
+    assert hot.count("call map_lookup_elem#1") == 1
+    assert "call" not in hot.split("havens:")[1].replace("call map_lookup_elem#1", "")
 
 
 def test_reason_filter_needs_the_reason_argument() -> None:

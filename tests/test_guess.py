@@ -18,6 +18,7 @@ import threading
 
 import pytest
 from conftest import kernel_skip
+from golden import check_golden
 
 from nettracer.layout.catalogue import BY_KEY, CATALOGUE
 from nettracer.layout.guess.matchers import Exact, Shifted, u16, u32
@@ -70,18 +71,22 @@ def test_ambiguous_and_contradictory_observations_are_unresolved() -> None:
     assert not decide("f", [], set()).ok
 
 
-def test_probe_programs_assemble() -> None:
-    from nettracer.bpf.insn import assemble
-    from nettracer.layout.guess import probes
+def _probe_specs() -> list:
     from nettracer.layout.guess import run as guess
 
-    for spec in (guess.SOCK_RECV, guess.START_XMIT, guess.NETIF_RX, *guess.FALLBACK):
-        code = assemble(probes.build(spec), {"ctl": 3, "events": 4, "lost": 5})
-        assert len(code) % 8 == 0 and len(code) > 100
-        assert spec.record_size % 8 == 0
-        assert spec.deref_offset + (spec.deref.slots * spec.deref.size if spec.deref else 0) <= (
-            spec.record_size
-        )
+    return [guess.SOCK_RECV, guess.START_XMIT, guess.NETIF_RX, *guess.FALLBACK]
+
+
+@pytest.mark.parametrize("spec", _probe_specs(), ids=lambda s: s.tracepoint)
+def test_probe_program_listings(spec) -> None:  # type: ignore[no-untyped-def]
+    from nettracer.layout.guess import probes
+
+    check_golden(f"guess_{spec.tracepoint}", probes.program(spec).listing())
+    assert probes.build(spec) == tuple(probes.program(spec).insns)
+    assert spec.record_size % 8 == 0
+    assert spec.deref_offset + (spec.deref.slots * spec.deref.size if spec.deref else 0) <= (
+        spec.record_size
+    )
 
 
 def test_rtnetlink_attributes_are_padded() -> None:

@@ -22,38 +22,19 @@ from nettracer.access.path import (
     resolve_offsets,
     tracepoint_args_btf,
 )
-from nettracer.bpf.helpers import Helper
-from nettracer.bpf.insn import (
-    FP,
-    R0,
-    R1,
-    R2,
-    R3,
-    R4,
-    R6,
-    Insn,
-    JmpOp,
-    add64,
-    atomic_add,
-    call,
-    exit_,
-    ja,
-    jeq,
-    jmp32,
-    ld_map_fd,
-    ldx,
-    mov64,
-    st,
-)
+from nettracer.bpf.channel import event_channel
+from nettracer.bpf.counters import count_in_hash, lost_counter
+from nettracer.bpf.insn import FP, R0, R1, R6, JmpOp, Program, exit_, jmp32, ldx, mov64
 
 if TYPE_CHECKING:
+    from nettracer.bpf.channel import ChannelReader
     from nettracer.bpf.maps import Map
+    from nettracer.bpf.memory import KernelReads
     from nettracer.kernel.btf import Btf
     from nettracer.layout.offsets import Offsets
 
-BPF_NOEXIST = 1
 #: stack: fp-8 holds the constant 1 for new hash entries, fp-16 the u32 key of ``lost``
-_ONE, _ZERO_KEY = -8, -16
+_ONE, _SCRATCH = -8, -16
 
 
 def tracepoint_name(name: str) -> str:
@@ -115,75 +96,40 @@ def build_program(
     netns_filter: tuple[Record, int] | None = None,
     out_map: str = "out",
     lost_map: str = "lost",
-) -> list[Insn]:
-    """The raw tracepoint program: optional netns filter, the reads, then either
-    ``bpf_ringbuf_output`` of the record (``mode="events"``) or ``out[record] += 1``
-    (``mode="count"``). What does not fit (ring buffer full, hash map full) is counted
-    in ``lost[0]``."""
-    buf = _ZERO_KEY - record.size
-    insns: list[Insn] = [mov64(R6, R1), st(8, FP, _ONE, 1), st(8, FP, _ZERO_KEY, 0)]
+    reads: KernelReads | None = None,
+) -> Program:
+    """The raw tracepoint program: optional netns filter, the reads, then either the
+    record to the event channel ``out_map`` (``mode="events"``) or ``out[record] += 1``
+    (``mode="count"``). What does not fit (channel full, hash map full) is counted
+    in ``lost[0]``. ``reads`` chooses the helper (:mod:`nettracer.bpf.memory`)."""
+    if mode not in ("events", "count"):
+        raise ValueError(f"mode must be 'events' or 'count', not {mode!r}")
+    buf = _SCRATCH - record.size
+    p = Program(reads=reads)
+    p += mov64(R6, R1)
     if netns_filter is not None:
         frec, inum = netns_filter
         fbuf = buf - frec.size
-        slot = fbuf + frec.slots[0]
         imm = inum - (1 << 32) if inum >= 1 << 31 else inum
-        insns += compile_reads(frec, fbuf, prefix="netns")
-        insns += [
+        compile_reads(p, frec, fbuf)
+        p += [
             ldx(1, R0, FP, fbuf),
             jmp32(JmpOp.JNE, R0, OK, "out"),
-            ldx(4, R0, FP, slot),
+            ldx(4, R0, FP, fbuf + frec.slots[0]),
             jmp32(JmpOp.JNE, R0, imm, "out"),
         ]
-    insns += compile_reads(record, buf, prefix="val")
+    compile_reads(p, record, buf)
     if mode == "events":
-        insns += [
-            ld_map_fd(R1, out_map),
-            mov64(R2, FP),
-            add64(R2, buf),
-            mov64(R3, record.size),
-            mov64(R4, 0),
-            call(Helper.ringbuf_output),
-            jeq(R0, 0, "out"),
-            ja("lost"),
-        ]
-    elif mode == "count":
-        lookup = [ld_map_fd(R1, out_map), mov64(R2, FP), add64(R2, buf)]
-        insns += [
-            *lookup,
-            call(Helper.map_lookup_elem),
-            jeq(R0, 0, "new"),
-            mov64(R1, 1),
-            atomic_add(8, R0, 0, R1),
-            ja("out"),
-            ld_map_fd(R1, out_map).at("new"),
-            mov64(R2, FP),
-            add64(R2, buf),
-            mov64(R3, FP),
-            add64(R3, _ONE),
-            mov64(R4, BPF_NOEXIST),
-            call(Helper.map_update_elem),
-            jeq(R0, 0, "out"),
-            *lookup,  # another CPU created it meanwhile, or the map is full
-            call(Helper.map_lookup_elem),
-            jeq(R0, 0, "lost"),
-            mov64(R1, 1),
-            atomic_add(8, R0, 0, R1),
-            ja("out"),
-        ]
+        event_channel(out_map, lost_map).output(
+            p, ctx=R6, buf_off=buf, size=record.size, done="out", scratch_off=_SCRATCH
+        )
     else:
-        raise ValueError(f"mode must be 'events' or 'count', not {mode!r}")
-    insns += [
-        ld_map_fd(R1, lost_map).at("lost"),
-        mov64(R2, FP),
-        add64(R2, _ZERO_KEY),
-        call(Helper.map_lookup_elem),
-        jeq(R0, 0, "out"),
-        mov64(R1, 1),
-        atomic_add(8, R0, 0, R1),
-        mov64(R0, 0).at("out"),
-        exit_(),
-    ]
-    return insns
+        count_in_hash(
+            p, out_map, buf, one_off=_ONE, lost=lost_map, scratch_off=_SCRATCH, done="out"
+        )
+    p.label("out")
+    p += [mov64(R0, 0), exit_()]
+    return p
 
 
 class Reader:
@@ -205,28 +151,24 @@ class Reader:
     ) -> None:
         from nettracer.bpf import link, prog
         from nettracer.bpf.maps import hash_map
-        from nettracer.bpf.ringbuf import RingBuf, RingBufReader, lost_counter
 
         self.record = Record.of(paths)
         self.mode = mode
         self._objs: list = []
-        self.reader: RingBufReader | None = None
+        self.reader: ChannelReader | None = None
         try:
             self.lost_map: Map = lost_counter("lost")
             self._objs.append(self.lost_map)
             if mode == "events":
-                rb = RingBuf(ringbuf_size, "out")
-                self._objs.append(rb)
-                self.out: Map = rb
-                self.reader = RingBufReader(rb, self.lost_map)
+                self.reader = event_channel("out", "lost").open(ringbuf_size, self.lost_map)
+                maps = self.reader.maps
             else:
                 self.out = hash_map(key_type(self.record), ctypes.c_uint64, max_entries, "out")
                 self._objs.append(self.out)
+                maps = {"out": self.out, "lost": self.lost_map}
             flt = (Record.of([netns[0]]), netns[1]) if netns else None
-            insns = build_program(self.record, mode, flt)
-            self.prog = prog.load(
-                insns, maps={"out": self.out, "lost": self.lost_map}, name="nt_read"
-            )
+            insns = build_program(self.record, mode, flt).insns
+            self.prog = prog.load(insns, maps=maps, name="nt_read")
             self._objs.append(self.prog)
             self.link = link.attach_raw_tracepoint(self.prog, tracepoint)
             self._objs.append(self.link)

@@ -17,6 +17,10 @@ from enum import IntEnum
 from nettracer.bpf.helpers import Helper
 from nettracer.value import Value
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    from nettracer.bpf.memory import KernelReads
+
 # instruction classes
 LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = range(8)
 # sizes
@@ -27,6 +31,9 @@ BYTES_SIZE = {v: k for k, v in SIZE_BYTES.items()}
 IMM, ABS, IND, MEM, MEMSX, ATOMIC = 0x00, 0x20, 0x40, 0x60, 0x80, 0xC0
 # source
 K, X = 0x00, 0x08
+#: ``imm`` bit of a ``BPF_ATOMIC`` instruction: also load the old value into ``src``
+#: (Linux 5.12; 5.10 knows only ``BPF_ADD`` without it)
+BPF_FETCH = 0x01
 
 
 class AluOp(IntEnum):
@@ -232,6 +239,18 @@ def atomic_add(size: int, dst: Reg, off: int, src: Reg) -> Insn:
     return Insn(STX | ATOMIC | _size(size), dst, src, off, AluOp.ADD)
 
 
+def atomic_fetch_add(size: int, dst: Reg, off: int, src: Reg) -> Insn:
+    """``src = atomic_fetch_add((size *)(dst + off), src)``: add and load the old value
+    (BPF_ATOMIC | BPF_ADD | BPF_FETCH, Linux 5.12); size 4 or 8.
+
+    >>> atomic_fetch_add(8, R0, 0, R1).encode().hex()
+    'db10000001000000'
+    """
+    if size not in (4, 8):
+        raise AsmError(f"atomic fetch-add needs a 4- or 8-byte operand, not {size}")
+    return Insn(STX | ATOMIC | _size(size), dst, src, off, AluOp.ADD | BPF_FETCH)
+
+
 def ld_imm64(dst: Reg, value: int) -> Insn:
     """``dst = value`` for any 64-bit value (two slots)."""
     return Insn(LD_IMM64, dst, 0, 0, value)
@@ -324,11 +343,32 @@ class Program:
     """A growing list of instructions with labels; ``+=`` accepts an Insn or a list of them.
 
     ``p.label("out")`` marks the next instruction added as the target ``out``.
+    Snippets that need private jump targets take ``p`` and ask :meth:`new_label`, so
+    the same snippet can be emitted any number of times in one program::
+
+        skip = p.new_label("skip")      # "skip_0", then "skip_1", ...
+        p += jeq(R0, 0, skip)
+        ...
+        p.label(skip)
+
+    ``reads`` is how this program reads kernel memory
+    (:class:`nettracer.bpf.memory.KernelReads`, decided once per build; None means
+    ``bpf_probe_read_kernel``): :func:`nettracer.bpf.memory.read` follows it.
     """
 
-    def __init__(self, insns: Iterable[Insn] = ()) -> None:
+    def __init__(self, insns: Iterable[Insn] = (), reads: KernelReads | None = None) -> None:
         self.insns: list[Insn] = list(insns)
         self._pending: list[str] = []
+        self._serial = 0
+        self.reads = reads
+
+    def new_label(self, stem: str) -> str:
+        """A label name no other :meth:`new_label` call of this program returns:
+        ``{stem}_{n}`` with a per-program serial ``n`` (hand-written labels must not end
+        in ``_<digits>``; a clash is still caught by :func:`resolve`)."""
+        name = f"{stem}_{self._serial}"
+        self._serial += 1
+        return name
 
     def __iadd__(self, other: Insn | Iterable[Insn]) -> Program:
         for insn in _flatten([other]):
@@ -444,6 +484,9 @@ def format_insn(insn: Insn) -> str:
     if cls == LDX:
         return f"{d} = *({size} *)({s} {insn.off:+d})"
     if cls == STX and (op & 0xE0) == ATOMIC:
+        if insn.imm == AluOp.ADD | BPF_FETCH:
+            s, bits = (s, "64") if op & 0x18 == DW else (f"w{insn.src}", "")
+            return f"{s} = atomic{bits}_fetch_add(({size} *)({d} {insn.off:+d}), {s})"
         return f"lock *({size} *)({d} {insn.off:+d}) += {s}"
     if cls == STX:
         return f"*({size} *)({d} {insn.off:+d}) = {s}"

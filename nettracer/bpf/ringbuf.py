@@ -1,5 +1,7 @@
-"""BPF ring buffer (``BPF_MAP_TYPE_RINGBUF``, Linux 5.8): map, reader and the
-program-side snippet that counts what did not fit.
+"""BPF ring buffer (``BPF_MAP_TYPE_RINGBUF``, Linux 5.8): the map and its reader.
+
+Programs and tracers use it through :mod:`nettracer.bpf.channel` (reserve, submit,
+lost counting); this module is the mechanism underneath.
 
 Layout (kernel/bpf/ringbuf.c): the consumer position page is mapped read-write
 at offset 0; the producer position page followed by the data area, mapped twice
@@ -11,31 +13,13 @@ DISCARD) and ``u32 pg_off``; records are 8-byte aligned.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 import select
 import struct
 from collections.abc import Callable
 
-from nettracer.bpf.helpers import Helper
-from nettracer.bpf.insn import (
-    FP,
-    R0,
-    R1,
-    R2,
-    R3,
-    Insn,
-    Reg,
-    add64,
-    atomic_add,
-    call,
-    ja,
-    jne,
-    ld_map_fd,
-    mov64,
-    st,
-)
-from nettracer.bpf.maps import Map, percpu_array
+from nettracer.bpf.counters import lost_counter
+from nettracer.bpf.maps import Map
 from nettracer.bpf.syscall import MapType
 
 BUSY = 1 << 31
@@ -124,32 +108,4 @@ class RingBufReader:
         return self.consume(callback)
 
 
-def lost_counter(name: str = "lost") -> Map:
-    """The per-CPU u64 counter (index 0) for records that did not fit."""
-    return percpu_array(ctypes.c_uint64, 1, name)
-
-
-def reserve(
-    dst: Reg, ringbuf: str, size: int, lost: str, on_fail: str, scratch_off: int = -8
-) -> list[Insn]:
-    """``dst = bpf_ringbuf_reserve(&ringbuf, size, 0)``; on NULL, ``lost[0] += 1`` and jump
-    to ``on_fail``. Clobbers R0-R5; uses ``*(u32 *)(fp + scratch_off)`` as the key."""
-    ok = f"__rb_ok_{ringbuf}_{id(dst)}_{scratch_off}_{size}"
-    return [
-        ld_map_fd(R1, ringbuf),
-        mov64(R2, size),
-        mov64(R3, 0),
-        call(Helper.ringbuf_reserve),
-        jne(R0, 0, ok),
-        st(4, FP, scratch_off, 0),
-        ld_map_fd(R1, lost),
-        mov64(R2, FP),
-        add64(R2, scratch_off),
-        call(Helper.map_lookup_elem),
-        jne(R0, 0, f"{ok}_inc"),
-        ja(on_fail),
-        mov64(R1, 1).at(f"{ok}_inc"),
-        atomic_add(8, R0, 0, R1),
-        ja(on_fail),
-        mov64(dst, R0).at(ok),
-    ]
+__all__ = ["BUSY", "DISCARD", "HDR", "RingBuf", "RingBufReader", "lost_counter"]

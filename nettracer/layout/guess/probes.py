@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nettracer.bpf import link, maps, prog
+from nettracer.bpf.channel import ChannelReader, event_channel
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
     FP,
@@ -42,6 +43,7 @@ from nettracer.bpf.insn import (
     R8,
     R9,
     Insn,
+    Program,
     add64,
     call,
     exit_,
@@ -58,7 +60,7 @@ from nettracer.bpf.insn import (
     st,
     stx,
 )
-from nettracer.bpf.ringbuf import RingBuf, RingBufReader, lost_counter, reserve
+from nettracer.bpf.memory import read
 from nettracer.bpf.syscall import BpfSyscallError
 from nettracer.errors import NotSupported, PermissionError_
 
@@ -179,11 +181,21 @@ class ProbeSpec:
         return (self.deref_offset + extra + 7) & ~7
 
 
+#: the channel every probe program writes to (maps ``events`` and ``lost``)
+CHANNEL = event_channel("events", "lost")
+
+
 @functools.cache
 def build(spec: ProbeSpec) -> tuple[Insn, ...]:
     """The instructions of ``spec``'s program (maps ``ctl``, ``events``, ``lost``)."""
-    tp = spec.tp
-    insns: list[Insn] = [
+    return tuple(program(spec).insns)
+
+
+def program(spec: ProbeSpec) -> Program:
+    """``spec``'s program: R6 the context, R7 the tid then the struct pointer, R8 the
+    record, R9 the ``followed`` bits."""
+    p = Program()
+    p += [
         mov64(R6, R1),
         call(Helper.get_current_pid_tgid),
         mov32(R7, R0),  # tid = low 32 bits, upper half zeroed
@@ -197,7 +209,9 @@ def build(spec: ProbeSpec) -> tuple[Insn, ...]:
         jne(R1, R7, "out"),
         ldx(4, R1, R0, Ctl.step.offset),
         stx(4, FP, -8, R1),
-        *reserve(R8, "events", spec.record_size, "lost", "out", scratch_off=-12),
+    ]
+    CHANNEL.reserve(p, R8, spec.record_size, on_fail="out", scratch_off=-12)
+    p += [
         st(4, R8, RecordHeader.kind.offset, spec.kind),
         ldx(4, R1, FP, -8),
         stx(4, R8, RecordHeader.step.offset, R1),
@@ -208,50 +222,36 @@ def build(spec: ProbeSpec) -> tuple[Insn, ...]:
     for i in range(MAX_ARGS):
         off = RecordHeader.args.offset + 8 * i
         if i < spec.nargs:
-            insns += [ldx(8, R1, R6, 8 * i), stx(8, R8, off, R1)]
+            p += [ldx(8, R1, R6, 8 * i), stx(8, R8, off, R1)]
         else:
-            insns.append(st(8, R8, off, 0))
+            p += st(8, R8, off, 0)
     for i, snap in enumerate(spec.snapshots):
         base = spec.snapshot_offset(i)
-        insns.append(ldx(8, R7, R6, 8 * tp.index(snap.arg)))
+        p += ldx(8, R7, R6, 8 * spec.tp.index(snap.arg))
         for chunk in range(0, snap.size, CHUNK):
-            n = min(CHUNK, snap.size - chunk)
-            insns += [
-                mov64(R1, R8),
-                add64(R1, base + chunk),
-                mov64(R2, n),
-                mov64(R3, R7),
-                add64(R3, chunk),
-                call(Helper.probe_read_kernel),
-            ]
-    insns.append(mov64(R9, 0))
+            read(p, R8, base + chunk, min(CHUNK, snap.size - chunk), R7, chunk)
+    p += mov64(R9, 0)
     if spec.deref is not None:
-        d = spec.deref
-        src = spec.snapshot_offset(d.snapshot)
-        insns.append(ld_imm64(R7, KERNEL_MIN))
-        for j in range(d.slots):
-            skip = f"skip{j}"
-            insns += [
-                ldx(8, R3, R8, src + 8 * j),
-                jlt(R3, R7, skip),
-                mov64(R1, R8),
-                add64(R1, spec.deref_offset + d.size * j),
-                mov64(R2, d.size),
-                call(Helper.probe_read_kernel),
-                mov64(R1, 1),
-                lsh64(R1, j),
-                or64(R9, R1),
-                mov64(R0, 0).at(skip),
-            ]
-    insns += [
-        stx(8, R8, RecordHeader.followed.offset, R9),
-        mov64(R1, R8),
-        mov64(R2, 0),
-        call(Helper.ringbuf_submit),
-        mov64(R0, 0).at("out"),
-        exit_(),
-    ]
-    return tuple(insns)
+        _follow(p, spec, spec.deref)
+    p += stx(8, R8, RecordHeader.followed.offset, R9)
+    CHANNEL.submit(p, R8, ctx=R6, size=spec.record_size, scratch_off=-12)
+    p.label("out")
+    p += [mov64(R0, 0), exit_()]
+    return p
+
+
+def _follow(p: Program, spec: ProbeSpec, d: Deref) -> None:
+    """Copy what each kernel address among the first ``d.slots`` slots of snapshot
+    ``d.snapshot`` points to; set bit ``j`` of R9 for each slot ``j`` followed."""
+    src = spec.snapshot_offset(d.snapshot)
+    p += ld_imm64(R7, KERNEL_MIN)
+    for j in range(d.slots):
+        skip = p.new_label("skip")
+        p += [ldx(8, R3, R8, src + 8 * j), jlt(R3, R7, skip)]
+        read(p, R8, spec.deref_offset + d.size * j, d.size, R3)
+        p += [mov64(R1, 1), lsh64(R1, j), or64(R9, R1)]
+        p.label(skip)
+    p += mov64(R0, 0)
 
 
 @dataclass
@@ -301,19 +301,15 @@ class ProbeSet:
         self._objs: list = []
         self.by_kind: dict[int, ProbeSpec] = {}
         self.missing: list[str] = []
-        self.reader: RingBufReader | None = None
+        self.reader: ChannelReader | None = None
         try:
             self.ctl = maps.array(Ctl, 1, "ntg_ctl")
             self._objs.append(self.ctl)
-            self.events = RingBuf(ringbuf_size, "ntg_events")
-            self._objs.append(self.events)
-            self.lost_map = lost_counter("ntg_lost")
-            self._objs.append(self.lost_map)
-            self.reader = RingBufReader(self.events, self.lost_map)
+            self.reader = CHANNEL.open(ringbuf_size, prefix="ntg_")
         except BaseException:
             self.close()
             raise
-        self._maps = {"ctl": self.ctl, "events": self.events, "lost": self.lost_map}
+        self._maps = {"ctl": self.ctl, **self.reader.maps}
 
     def add(self, spec: ProbeSpec) -> bool:
         """Load ``spec``'s program and attach it; False when its tracepoint does not exist

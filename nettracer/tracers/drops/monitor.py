@@ -65,7 +65,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-u
 if TYPE_CHECKING:
     from typing import Any, TypeVar
 
-    from nettracer.bpf.ringbuf import RingBuf, RingBufReader
+    from nettracer.bpf.channel import ChannelReader
     from nettracer.kernel.tracefs import TracepointFormat
     from nettracer.layout.offsets import Offsets
     from nettracer.tracers.drops.groups import Sample
@@ -282,8 +282,7 @@ class DropMonitor:
         self.devnames: bpf_maps.Map | None = None
         self.lost_map: bpf_maps.Map | None = None
         self.stacks: bpf_maps.Map | None = None
-        self.events: RingBuf | None = None
-        self.reader: RingBufReader | None = None
+        self.reader: ChannelReader | None = None
         self._seen: dict[_KeyTuple, int] = {}
         self._idle: dict[_KeyTuple, int] = {}
         self._lost_seen = 0
@@ -314,16 +313,12 @@ class DropMonitor:
                 )
                 maps["stacks"] = self.stacks
             if self.spec.events:
-                from nettracer.bpf.ringbuf import RingBuf
+                from nettracer.tracers.drops.program import CHANNEL
 
-                self.events = self._keep(RingBuf(ringbuf_bytes, "events"))
-                maps["events"] = self.events
+                self.reader = CHANNEL.open(ringbuf_bytes, lost_map=self.lost_map)
+                maps |= self.reader.maps
             program = build(self.spec)
             self.prog = self._keep(load(program.insns, maps=maps, name="nt_drops"))
-            if self.events is not None:
-                from nettracer.bpf.ringbuf import RingBufReader
-
-                self.reader = RingBufReader(self.events, self.lost_map)
             self.link = self._keep(attach_raw_tracepoint(self.prog, TRACEPOINT))
         except BaseException:
             self.close()

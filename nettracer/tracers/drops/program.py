@@ -35,8 +35,10 @@ counting; a failed reservation increments ``lost[0]``, as does a full counter ma
 from __future__ import annotations
 
 import ctypes
-import errno
 
+from nettracer.access.plan import ReadPlan, emit_plan, plan_fields, read_chain
+from nettracer.bpf.channel import event_channel
+from nettracer.bpf.counters import count_in_hash
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
     FP,
@@ -52,12 +54,10 @@ from nettracer.bpf.insn import (
     Insn,
     JmpOp,
     Program,
-    Reg,
     add64,
     and64,
     call,
     exit_,
-    ja,
     jeq,
     jmp,
     jmp32,
@@ -69,76 +69,30 @@ from nettracer.bpf.insn import (
     st,
     stx,
 )
-from nettracer.bpf.syscall import BPF_ANY, BPF_NOEXIST
+from nettracer.bpf.memory import read
+from nettracer.bpf.syscall import BPF_ANY
+from nettracer.tracers.drops.records import (
+    HEADER_BYTES,
+    IFNAMSIZ,
+    STACK_NONE,
+    DevKey,
+    DevName,  # noqa: F401 - re-exported for the monitor
+    DropEvent,
+    DropKey,
+)
 from nettracer.value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
+    from nettracer.bpf.memory import KernelReads
     from nettracer.layout.offsets import Offsets
 
-IFNAMSIZ = 16
-#: bytes copied from ``skb->head + skb->network_header`` into each event: enough for
-#: an IPv4 header with options (60) or IPv6 with a few extension headers, plus ports
-HEADER_BYTES = 128
-#: ``DropKey.stack_id`` when no stack was taken (``--stack`` off) or it could not be
-STACK_NONE = 0xFFFF
-#: largest span of a struct read with one ``bpf_probe_read_kernel``
+#: largest span of a struct read with one helper call
 MAX_SPAN = 192
 #: ``(u16)~0U``: ``skb_reset_*_header`` was never called
 HEADER_UNSET = 0xFFFF
-
-
-class DropKey(ctypes.Structure):
-    """Key of the ``counts`` map: one drop site, reason, device, namespace, protocol, stack.
-
-    ``protocol`` is ``skb->protocol`` as it lies in memory (``__be16``); ``stack_id``
-    is the ``BPF_MAP_TYPE_STACK_TRACE`` id (< 65535) or :data:`STACK_NONE`.
-    """
-
-    _fields_ = (
-        ("location", ctypes.c_uint64),
-        ("reason", ctypes.c_uint32),
-        ("ifindex", ctypes.c_uint32),
-        ("netns", ctypes.c_uint32),
-        ("protocol", ctypes.c_uint16),
-        ("stack_id", ctypes.c_uint16),
-    )
-
-
-class DevKey(ctypes.Structure):
-    """Key of the ``devnames`` side map."""
-
-    _fields_ = (("netns", ctypes.c_uint32), ("ifindex", ctypes.c_uint32))
-
-
-class DevName(ctypes.Structure):
-    """``char name[IFNAMSIZ]`` of ``struct net_device``."""
-
-    _fields_ = (("name", ctypes.c_char * IFNAMSIZ),)
-
-
-class DropEvent(ctypes.Structure):
-    """One ring-buffer record per dropped packet (``--events``)."""
-
-    _fields_ = (
-        ("ts_ns", ctypes.c_uint64),  # bpf_ktime_get_ns(): CLOCK_MONOTONIC
-        ("location", ctypes.c_uint64),
-        ("pid_tgid", ctypes.c_uint64),
-        ("reason", ctypes.c_uint32),
-        ("ifindex", ctypes.c_uint32),
-        ("netns", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("len", ctypes.c_uint32),  # skb->len
-        ("protocol", ctypes.c_uint16),  # __be16 as in memory
-        ("stack_id", ctypes.c_uint16),
-        ("network_header", ctypes.c_uint16),
-        ("transport_header", ctypes.c_uint16),
-        ("header_len", ctypes.c_uint16),  # bytes of header[] that were read, 0 if none
-        ("_pad", ctypes.c_uint16),
-        ("comm", ctypes.c_char * 16),
-        ("devname", ctypes.c_char * IFNAMSIZ),
-        ("header", ctypes.c_uint8 * HEADER_BYTES),
-    )
+#: where ``--events`` records go (maps ``events`` and ``lost``)
+CHANNEL = event_channel("events", "lost")
 
 
 class Filters(Value):
@@ -263,62 +217,6 @@ class DropLayout(Value):
         return layout
 
 
-class _Span(Value):
-    __slots__ = ("start", "size", "buf")  # noqa: RUF023 - field order
-
-    def __init__(self, start: int, size: int, buf: int) -> None:
-        self.start = start  # offset in the struct
-        self.size = size
-        self.buf = buf  # offset of the copy from the frame pointer (negative)
-
-
-class _Reads:
-    """Fields of one struct, grouped into as few bounded reads as possible."""
-
-    __slots__ = ("fields", "spans", "where")
-
-    def __init__(self, fields: dict[str, tuple[int, int]]) -> None:
-        self.fields = fields  # name -> (offset, size)
-        self.spans: list[_Span] = []
-        self.where: dict[str, int] = {}  # name -> fp offset of the copy
-
-    def plan(self, frame_top: int, max_span: int = MAX_SPAN) -> int:
-        """Lay the copies out below ``frame_top`` (a negative fp offset); returns the new top."""
-        top = frame_top
-        groups: list[list[tuple[str, int, int]]] = []
-        for name, (off, size) in sorted(self.fields.items(), key=lambda kv: kv[1][0]):
-            if groups and off + size - groups[-1][0][1] <= max_span:
-                groups[-1].append((name, off, size))
-            else:
-                groups.append([(name, off, size)])
-        for group in groups:
-            start = group[0][1]
-            end = max(o + s for _, o, s in group)
-            size = end - start
-            top -= (size + 7) & ~7
-            self.spans.append(_Span(start, size, top))
-            for name, off, _ in group:
-                self.where[name] = top + off - start
-        return top
-
-    def emit(self, base: Reg) -> list[Insn]:
-        """``bpf_probe_read_kernel`` of every span from the struct at ``base``."""
-        out: list[Insn] = []
-        for span in self.spans:
-            out += probe_read(span.buf, span.size, base, span.start)
-        return out
-
-
-def probe_read(dst_fp: int, size: int, src: Reg, src_off: int) -> list[Insn]:
-    """``bpf_probe_read_kernel(fp + dst_fp, size, src + src_off)``; clobbers R0-R5
-    (on failure the kernel zeroes the destination)."""
-    insns = [mov64(R1, FP), add64(R1, dst_fp), mov64(R2, size), mov64(R3, src)]
-    if src_off:
-        insns.append(add64(R3, src_off))
-    insns.append(call(Helper.probe_read_kernel))
-    return insns
-
-
 # frame layout (offsets from the frame pointer)
 _KEY = -ctypes.sizeof(DropKey)  # -24
 _ONE = _KEY - 8
@@ -336,7 +234,7 @@ _CTX, _SKB, _DEV, _NETNS = R6, R7, R8, R9
 class DropSpec(Value):
     """Everything that shapes the generated program."""
 
-    __slots__ = ("layout", "args", "filters", "stack", "events")  # noqa: RUF023 - field order
+    __slots__ = ("layout", "args", "filters", "stack", "events", "reads")  # noqa: RUF023
 
     def __init__(
         self,
@@ -345,32 +243,43 @@ class DropSpec(Value):
         filters: Filters | None = None,
         stack: bool = False,
         events: bool = False,
+        reads: KernelReads | None = None,
     ) -> None:
         self.layout = layout
         self.args = args
         self.filters = Filters() if filters is None else filters
         self.stack = stack
         self.events = events
+        #: which helper reads kernel memory (None: ``bpf_probe_read_kernel``)
+        self.reads = reads
 
 
-def build(spec: DropSpec) -> Program:
-    """The instructions for ``spec``; maps referenced by name: ``counts``, ``devnames``,
-    ``lost``, and ``stacks`` (with ``stack``) or ``events`` (with ``events``)."""
+class _Plans(Value):
+    """The reads of ``struct sk_buff`` and ``struct net_device`` and where their copies
+    lie (fp offsets); ``sk_fallback`` when the namespace of ``skb->sk`` is read for drops
+    without a device."""
+
+    __slots__ = ("skb", "dev", "sk_fallback", "skb_buf", "dev_buf")  # noqa: RUF023
+
+    def __init__(self, skb: ReadPlan, dev: ReadPlan, sk_fallback: bool) -> None:
+        self.skb = skb
+        self.dev = dev
+        self.sk_fallback = sk_fallback
+        self.skb_buf = _FRAME_TOP - skb.size
+        self.dev_buf = self.skb_buf - dev.size
+        if self.dev_buf < -512:
+            raise ValueError(f"drop program needs {-self.dev_buf} bytes of stack (limit 512)")
+
+    def sk(self, name: str) -> int:
+        return self.skb_buf + self.skb.where[name]
+
+    def dv(self, name: str) -> int:
+        return self.dev_buf + self.dev.where[name]
+
+
+def _plans(spec: DropSpec) -> _Plans:
     lay, flt = spec.layout, spec.filters
-    skb_fields = {
-        "dev": (lay.sk_buff_dev, 8),
-        "protocol": (lay.sk_buff_protocol, 2),
-    }
-    sk_fallback = lay.sk_buff_sk is not None and lay.sock_common_skc_net is not None
-    if sk_fallback:
-        assert lay.sk_buff_sk is not None
-        # only worth it when the read is free (same span as dev/protocol)
-        lo = min(lay.sk_buff_dev, lay.sk_buff_protocol, lay.sk_buff_sk)
-        hi = max(lay.sk_buff_dev + 8, lay.sk_buff_protocol + 2, lay.sk_buff_sk + 8)
-        if hi - lo <= MAX_SPAN or spec.events or flt.netns is not None:
-            skb_fields["sk"] = (lay.sk_buff_sk, 8)
-        else:
-            sk_fallback = False
+    skb_fields = {"dev": (lay.sk_buff_dev, 8), "protocol": (lay.sk_buff_protocol, 2)}
     if spec.events:
         assert lay.sk_buff_len is not None and lay.sk_buff_head is not None
         assert lay.sk_buff_network_header is not None
@@ -381,69 +290,38 @@ def build(spec: DropSpec) -> Program:
             "network_header": (lay.sk_buff_network_header, 2),
             "transport_header": (lay.sk_buff_transport_header, 2),
         }
-    dev_fields = {
-        "ifindex": (lay.net_device_ifindex, 4),
-        "nd_net": (lay.net_device_nd_net, 8),
-    }
+    skb = plan_fields(skb_fields, MAX_SPAN)
+    sk_fallback = lay.sk_buff_sk is not None and lay.sock_common_skc_net is not None
+    if sk_fallback:
+        assert lay.sk_buff_sk is not None
+        with_sk = plan_fields(skb_fields | {"sk": (lay.sk_buff_sk, 8)}, MAX_SPAN)
+        # only worth it when the read is free (no extra helper call)
+        if len(with_sk.reads) == len(skb.reads) or spec.events or flt.netns is not None:
+            skb = with_sk
+        else:
+            sk_fallback = False
+    dev_fields = {"ifindex": (lay.net_device_ifindex, 4), "nd_net": (lay.net_device_nd_net, 8)}
     if flt.device is not None:
         dev_fields["name"] = (lay.net_device_name, IFNAMSIZ)
-    skb_reads = _Reads(skb_fields)
-    top = skb_reads.plan(_FRAME_TOP)
-    dev_reads = _Reads(dev_fields)
-    top = dev_reads.plan(top)
-    if top < -512:
-        raise ValueError(f"drop program needs {-top} bytes of stack (the limit is 512)")
-    sk_ = skb_reads.where
-    dv = dev_reads.where
+    return _Plans(skb, plan_fields(dev_fields, MAX_SPAN), sk_fallback)
 
-    p = Program()
-    p += [
-        mov64(_CTX, R1),
-        ldx(8, _SKB, _CTX, 8 * spec.args.index("skb")),
-        ldx(8, R1, _CTX, 8 * spec.args.index("location")),
-        stx(8, FP, _K["location"], R1),
-        st(8, FP, _K["reason"], 0),  # reason and ifindex
-        st(8, FP, _K["netns"], 0),  # netns, protocol, stack_id
-    ]
-    if spec.args.has_reason:
-        p += [ldx(8, R1, _CTX, 8 * spec.args.index("reason")), stx(4, FP, _K["reason"], R1)]
-        if flt.reason is not None:
-            p += jmp32(JmpOp.JNE, R1, flt.reason, "out")
-    elif flt.reason is not None:
-        raise ValueError("this kernel's kfree_skb has no reason argument to filter on")
+
+def build(spec: DropSpec) -> Program:
+    """The instructions for ``spec``; maps referenced by name: ``counts``, ``devnames``,
+    ``lost``, and ``stacks`` (with ``stack``) or ``events`` (with ``events``)."""
+    flt = spec.filters
+    plans = _plans(spec)
+    p = Program(reads=spec.reads)
+    _key(p, spec)
     # struct sk_buff
-    p += skb_reads.emit(_SKB)
-    p += [ldx(2, R1, FP, sk_["protocol"]), stx(2, FP, _K["protocol"], R1)]
+    emit_plan(p, plans.skb, plans.skb_buf, _SKB)
+    p += [ldx(2, R1, FP, plans.sk("protocol")), stx(2, FP, _K["protocol"], R1)]
     if flt.protocol is not None:
         be = int.from_bytes(flt.protocol.to_bytes(2, "big"), "little")
         p += jmp32(JmpOp.JNE, R1, be, "out")
-    # struct net_device and its struct net
-    p += [
-        ldx(8, _DEV, FP, sk_["dev"]),
-        mov64(_NETNS, 0),
-        jeq(_DEV, 0, "out" if flt.device is not None else "nodev"),
-    ]
-    p += dev_reads.emit(_DEV)
-    p += [
-        ldx(4, R1, FP, dv["ifindex"]),
-        stx(4, FP, _K["ifindex"], R1),
-        ldx(8, R3, FP, dv["nd_net"]),
-        jeq(R3, 0, "nodev"),
-    ]
-    p += _read_u32(_NETNS, R3, lay.net_ns_inum)
-    p.label("nodev")
-    if sk_fallback:
-        assert lay.sock_common_skc_net is not None
-        p += [jne(_NETNS, 0, "havens"), ldx(8, R3, FP, sk_["sk"]), jeq(R3, 0, "havens")]
-        p += probe_read(_TMP, 8, R3, lay.sock_common_skc_net)
-        p += [ldx(8, R3, FP, _TMP), jeq(R3, 0, "havens")]
-        p += _read_u32(_NETNS, R3, lay.net_ns_inum)
-        p.label("havens")
-    p += stx(4, FP, _K["netns"], _NETNS)
-    if flt.netns is not None:
-        p += jmp32(JmpOp.JNE, _NETNS, flt.netns, "out")
+    _netns(p, spec, plans)
     if flt.device is not None:
-        p += _compare_name(dv["name"], flt.device, "out")
+        p += _compare_name(plans.dv("name"), flt.device, "out")
     if spec.stack:
         p += [
             mov64(R1, _CTX),
@@ -457,17 +335,60 @@ def build(spec: DropSpec) -> Program:
     else:
         p += st(2, FP, _K["stack_id"], STACK_NONE)
     if spec.events:
-        p += _emit_event(sk_, lay)
+        _emit_event(p, plans, spec.layout)
     else:
-        p += _count(dv if flt.device is not None else None, lay)
+        _count(p, plans.dv("name") if flt.device is not None else None, spec.layout)
     p.label("out")
     p += [mov64(R0, 0), exit_()]
     return p
 
 
-def _read_u32(dst: Reg, base: Reg, off: int) -> list[Insn]:
-    """``dst = *(u32 *)(base + off)`` through the scratch slot."""
-    return [*probe_read(_TMP, 4, base, off), ldx(4, dst, FP, _TMP)]
+def _key(p: Program, spec: DropSpec) -> None:
+    """Keep the context and ``skb``; fill the key's location and reason (filtered)."""
+    p += [
+        mov64(_CTX, R1),
+        ldx(8, _SKB, _CTX, 8 * spec.args.index("skb")),
+        ldx(8, R1, _CTX, 8 * spec.args.index("location")),
+        stx(8, FP, _K["location"], R1),
+        st(8, FP, _K["reason"], 0),  # reason and ifindex
+        st(8, FP, _K["netns"], 0),  # netns, protocol, stack_id
+    ]
+    reason = spec.filters.reason
+    if spec.args.has_reason:
+        p += [ldx(8, R1, _CTX, 8 * spec.args.index("reason")), stx(4, FP, _K["reason"], R1)]
+        if reason is not None:
+            p += jmp32(JmpOp.JNE, R1, reason, "out")
+    elif reason is not None:
+        raise ValueError("this kernel's kfree_skb has no reason argument to filter on")
+
+
+def _netns(p: Program, spec: DropSpec, plans: _Plans) -> None:
+    """``_DEV = skb->dev``, the key's ifindex, ``_NETNS = dev->nd_net.net->ns.inum`` (or
+    that of ``skb->sk`` for drops without a device), filtered on ``--netns``."""
+    lay, flt = spec.layout, spec.filters
+    p += [
+        ldx(8, _DEV, FP, plans.sk("dev")),
+        mov64(_NETNS, 0),
+        jeq(_DEV, 0, "out" if flt.device is not None else "nodev"),
+    ]
+    emit_plan(p, plans.dev, plans.dev_buf, _DEV)
+    p += [
+        ldx(4, R1, FP, plans.dv("ifindex")),
+        stx(4, FP, _K["ifindex"], R1),
+        ldx(8, R3, FP, plans.dv("nd_net")),
+    ]
+    read_chain(p, R3, (), lay.net_ns_inum, 4, _TMP, null="nodev")
+    p += ldx(4, _NETNS, FP, _TMP)
+    p.label("nodev")
+    if plans.sk_fallback:
+        assert lay.sock_common_skc_net is not None
+        p += [jne(_NETNS, 0, "havens"), ldx(8, R3, FP, plans.sk("sk"))]
+        read_chain(p, R3, (lay.sock_common_skc_net,), lay.net_ns_inum, 4, _TMP, null="havens")
+        p += ldx(4, _NETNS, FP, _TMP)
+        p.label("havens")
+    p += stx(4, FP, _K["netns"], _NETNS)
+    if flt.netns is not None:
+        p += jmp32(JmpOp.JNE, _NETNS, flt.netns, "out")
 
 
 def _compare_name(name_fp: int, want: bytes, miss: str) -> list[Insn]:
@@ -488,80 +409,41 @@ def _compare_name(name_fp: int, want: bytes, miss: str) -> list[Insn]:
     return out
 
 
-def _count(dev_copy: dict[str, int] | None, lay: DropLayout) -> list[Insn]:
-    """Bump ``counts[key]``; on a new key, remember the device's name."""
-    key = [ld_map_fd(R1, "counts"), mov64(R2, FP), add64(R2, _KEY)]
-    insns: list[Insn] = [
-        *key,
-        call(Helper.map_lookup_elem),
-        jeq(R0, 0, "new"),
-        ldx(8, R1, R0, 0),
-        add64(R1, 1),
-        stx(8, R0, 0, R1),
-        ja("out"),
-        st(8, FP, _ONE, 1).at("new"),
-        *key,
-        mov64(R3, FP),
-        add64(R3, _ONE),
-        mov64(R4, BPF_NOEXIST),
-        call(Helper.map_update_elem),
-        jeq(R0, 0, "created"),
-        jne(R0, -errno.EEXIST, "full"),
-        # another CPU created it between our lookup and update
-        *key,
-        call(Helper.map_lookup_elem),
-        jeq(R0, 0, "out"),
-        ldx(8, R1, R0, 0),
-        add64(R1, 1),
-        stx(8, R0, 0, R1),
-        ja("out"),
-        *_lost_inc("full"),
-        ja("out"),
-        # first drop of this key: store the device name for (netns, ifindex)
-        ldx(4, R1, FP, _K["ifindex"]).at("created"),
+def _count(p: Program, name_copy: int | None, lay: DropLayout) -> None:
+    """Bump ``counts[key]`` (per-CPU hash: a plain add); on a new key, remember the
+    device's name (already read when ``name_copy``, its fp offset, is given)."""
+    count_in_hash(
+        p, "counts", _KEY, one_off=_ONE, lost="lost", scratch_off=_TMP, done="out",
+        created="created", atomic=False,
+    )  # fmt: skip
+    # first drop of this key: store the device name for (netns, ifindex)
+    p.label("created")
+    p += [
+        ldx(4, R1, FP, _K["ifindex"]),
         jeq(R1, 0, "out"),
         stx(4, FP, _DEVKEY + DevKey.ifindex.offset, R1),
         stx(4, FP, _DEVKEY + DevKey.netns.offset, _NETNS),
     ]
-    if dev_copy is not None:
-        name = dev_copy["name"]
-    else:
-        name = _NAME
-        insns += probe_read(_NAME, IFNAMSIZ, _DEV, lay.net_device_name)
-    insns += [
+    if name_copy is None:
+        name_copy = _NAME
+        read(p, FP, _NAME, IFNAMSIZ, _DEV, lay.net_device_name)
+    p += [
         ld_map_fd(R1, "devnames"),
         mov64(R2, FP),
         add64(R2, _DEVKEY),
         mov64(R3, FP),
-        add64(R3, name),
+        add64(R3, name_copy),
         mov64(R4, BPF_ANY),
         call(Helper.map_update_elem),
     ]
-    return insns
 
 
-def _lost_inc(label: str) -> list[Insn]:
-    """``lost[0] += 1`` (per-CPU), starting at ``label``."""
-    return [
-        st(4, FP, _TMP, 0).at(label),
-        ld_map_fd(R1, "lost"),
-        mov64(R2, FP),
-        add64(R2, _TMP),
-        call(Helper.map_lookup_elem),
-        jeq(R0, 0, "out"),
-        ldx(8, R1, R0, 0),
-        add64(R1, 1),
-        stx(8, R0, 0, R1),
-    ]
-
-
-def _emit_event(skb: dict[str, int], lay: DropLayout) -> list[Insn]:
-    """Fill and submit one :class:`DropEvent`; R6 (the context) becomes the record."""
-    from nettracer.bpf.ringbuf import reserve
-
-    rec = R6
-    out: list[Insn] = reserve(rec, "events", ctypes.sizeof(DropEvent), "lost", "out", _TMP)
-    out += [
+def _emit_event(p: Program, plans: _Plans, lay: DropLayout) -> None:
+    """Fill and submit one :class:`DropEvent` in R7 (``skb`` is no longer needed)."""
+    rec = R7
+    size = ctypes.sizeof(DropEvent)
+    CHANNEL.reserve(p, rec, size, on_fail="out", scratch_off=_TMP)
+    p += [
         call(Helper.ktime_get_ns),
         stx(8, rec, _E["ts_ns"], R0),
         call(Helper.get_current_pid_tgid),
@@ -572,46 +454,34 @@ def _emit_event(skb: dict[str, int], lay: DropLayout) -> list[Insn]:
         add64(R1, _E["comm"]),
         mov64(R2, 16),
         call(Helper.get_current_comm),
-        ldx(8, R1, FP, _K["location"]),
-        stx(8, rec, _E["location"], R1),
-        ldx(4, R1, FP, _K["reason"]),
-        stx(4, rec, _E["reason"], R1),
-        ldx(4, R1, FP, _K["ifindex"]),
-        stx(4, rec, _E["ifindex"], R1),
-        stx(4, rec, _E["netns"], _NETNS),
-        ldx(2, R1, FP, _K["protocol"]),
-        stx(2, rec, _E["protocol"], R1),
-        ldx(2, R1, FP, _K["stack_id"]),
-        stx(2, rec, _E["stack_id"], R1),
-        ldx(4, R1, FP, skb["len"]),
+    ]
+    for name, width in (("location", 8), ("reason", 4), ("ifindex", 4)):
+        p += [ldx(width, R1, FP, _K[name]), stx(width, rec, _E[name], R1)]
+    p += stx(4, rec, _E["netns"], _NETNS)
+    for name in ("protocol", "stack_id"):
+        p += [ldx(2, R1, FP, _K[name]), stx(2, rec, _E[name], R1)]
+    p += [
+        ldx(4, R1, FP, plans.sk("len")),
         stx(4, rec, _E["len"], R1),
-        ldx(2, R1, FP, skb["transport_header"]),
+        ldx(2, R1, FP, plans.sk("transport_header")),
         stx(2, rec, _E["transport_header"], R1),
         st(2, rec, _E["header_len"], 0),
         st(8, rec, _E["devname"], 0),
         st(8, rec, _E["devname"] + 8, 0),
         ldx(4, R1, FP, _K["ifindex"]),
         jeq(R1, 0, "ev_noname"),
-        mov64(R1, rec),
-        add64(R1, _E["devname"]),
-        mov64(R2, IFNAMSIZ),
-        mov64(R3, _DEV),
-        add64(R3, lay.net_device_name),
-        call(Helper.probe_read_kernel),
-        ldx(2, R1, FP, skb["network_header"]).at("ev_noname"),
+    ]
+    read(p, rec, _E["devname"], IFNAMSIZ, _DEV, lay.net_device_name)
+    p.label("ev_noname")
+    p += [
+        ldx(2, R1, FP, plans.sk("network_header")),
         stx(2, rec, _E["network_header"], R1),
         jeq(R1, HEADER_UNSET, "ev_submit"),
-        ldx(8, R3, FP, skb["head"]),
+        ldx(8, R3, FP, plans.sk("head")),
         jeq(R3, 0, "ev_submit"),
         add64(R3, R1),
-        mov64(R1, rec),
-        add64(R1, _E["header"]),
-        mov64(R2, HEADER_BYTES),
-        call(Helper.probe_read_kernel),
-        jne(R0, 0, "ev_submit"),
-        st(2, rec, _E["header_len"], HEADER_BYTES),
-        mov64(R1, rec).at("ev_submit"),
-        mov64(R2, 0),
-        call(Helper.ringbuf_submit),
     ]
-    return out
+    read(p, rec, _E["header"], HEADER_BYTES, R3)
+    p += [jne(R0, 0, "ev_submit"), st(2, rec, _E["header_len"], HEADER_BYTES)]
+    p.label("ev_submit")
+    CHANNEL.submit(p, rec, ctx=_CTX, size=size, scratch_off=_TMP)

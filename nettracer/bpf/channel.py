@@ -1,0 +1,197 @@
+"""Event channels: one record per event from a program to user space, lost ones counted.
+
+An :class:`EventChannel` is the program side (it names its maps and emits the
+instructions) and a factory for its :class:`ChannelReader` (the maps and the user
+side).  Today's channel is the BPF ring buffer (``BPF_MAP_TYPE_RINGBUF``, Linux 5.8,
+:mod:`nettracer.bpf.ringbuf`); a perf event array (``BPF_MAP_TYPE_PERF_EVENT_ARRAY``,
+for older kernels) fits behind the same calls: its :meth:`~EventChannel.reserve` would
+hand out a per-CPU array slot as scratch and :meth:`~EventChannel.submit` would call
+``bpf_perf_event_output(ctx, &map, BPF_F_CURRENT_CPU, rec, size)``, which is why
+``submit`` takes the context register and the record size.
+
+Program side, a record built in place::
+
+    ch = event_channel("events", "lost")
+    p = Program()
+    p += mov64(R6, R1)                              # keep ctx: submit needs it
+    ch.reserve(p, R7, 32, on_fail="out", scratch_off=-8)
+    p += st(8, R7, 0, 42)                           # fill the record
+    ch.submit(p, R7, ctx=R6, size=32, scratch_off=-8)
+
+or a record already on the stack: ``ch.output(p, ctx=R6, buf_off=-64, size=32,
+done="out", scratch_off=-8)``.  User side::
+
+    with ch.open(size=1 << 20) as reader:           # creates "events" and "lost"
+        prog.load(p.insns, maps=reader.maps | other_maps)
+        reader.poll(0.5, lambda view: ...)          # memoryview valid during the call
+        reader.lost                                 # records that did not fit
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from nettracer.bpf.counters import lost_counter, lost_inc
+from nettracer.bpf.helpers import Helper
+from nettracer.bpf.insn import (
+    FP,
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    Program,
+    Reg,
+    add64,
+    call,
+    ja,
+    jeq,
+    jne,
+    ld_map_fd,
+    mov64,
+)
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    from nettracer.bpf.maps import Map
+    from nettracer.bpf.ringbuf import RingBufReader
+
+#: ``bpf_ringbuf_submit``/``_output`` flag: do not wake the reader (it polls on a timer)
+BPF_RB_NO_WAKEUP = 1
+
+
+class EventChannel:
+    """A ring buffer named ``map`` in the program, with ``lost`` (per-CPU ``u64`` array,
+    index 0) counting the records that did not fit. Every emitter clobbers R0-R5."""
+
+    kind = "ringbuf"
+
+    def __init__(self, map: str = "events", lost: str = "lost") -> None:
+        self.map = map
+        self.lost = lost
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.map!r}, {self.lost!r})"
+
+    # -- program side --------------------------------------------------------------
+    def reserve(self, p: Program, dst: Reg, size: int, on_fail: str, scratch_off: int) -> None:
+        """``dst = bpf_ringbuf_reserve(&map, size, 0)``: a record of ``size`` bytes to
+        fill; when there is no room, ``lost[0] += 1`` and jump to ``on_fail``.
+        ``scratch_off`` is a 4-byte stack slot (the key of ``lost``)."""
+        ok = p.new_label("reserved")
+        p += [ld_map_fd(R1, self.map), mov64(R2, size), mov64(R3, 0)]
+        p += [call(Helper.ringbuf_reserve), jne(R0, 0, ok)]
+        lost_inc(p, self.lost, scratch_off)
+        p += ja(on_fail)
+        p += mov64(dst, R0).at(ok)
+
+    def submit(
+        self,
+        p: Program,
+        rec: Reg,
+        *,
+        ctx: Reg,
+        size: int,
+        scratch_off: int,
+        wakeup: bool = True,
+    ) -> None:
+        """Hand the record ``rec`` from :meth:`reserve` to user space
+        (``bpf_ringbuf_submit``, which cannot fail). ``ctx`` (the program's context,
+        kept in a callee-saved register), ``size`` and ``scratch_off`` are what a perf
+        event array needs; ``wakeup=False`` leaves the reader asleep until its timer."""
+        del ctx, size, scratch_off  # a ring buffer record knows its size and never fails
+        p += [mov64(R1, rec), mov64(R2, 0 if wakeup else BPF_RB_NO_WAKEUP)]
+        p += call(Helper.ringbuf_submit)
+
+    def output(
+        self, p: Program, *, ctx: Reg, buf_off: int, size: int, done: str, scratch_off: int
+    ) -> None:
+        """Copy the ``size`` bytes at ``fp + buf_off`` into a new record
+        (``bpf_ringbuf_output``); when there is no room, ``lost[0] += 1``. Jumps to
+        ``done`` either way."""
+        del ctx
+        p += [ld_map_fd(R1, self.map), mov64(R2, FP), add64(R2, buf_off), mov64(R3, size)]
+        p += [mov64(R4, 0), call(Helper.ringbuf_output), jeq(R0, 0, done)]
+        lost_inc(p, self.lost, scratch_off)
+        p += ja(done)
+
+    # -- user side -----------------------------------------------------------------
+    def open(
+        self, size: int = 1 << 20, lost_map: Map | None = None, prefix: str = ""
+    ) -> ChannelReader:
+        """Create the maps (``lost_map`` when given is shared, not created) and the
+        reader. ``size`` is the ring buffer's bytes (rounded up to a page, a power of
+        two); ``prefix`` goes before the kernel-side map names (``bpftool map``)."""
+        return ChannelReader(self, size, lost_map, prefix)
+
+
+def event_channel(map: str = "events", lost: str = "lost", kind: str = "ringbuf") -> EventChannel:
+    """The channel of ``kind`` (only ``"ringbuf"`` today) for programs naming ``map`` and
+    ``lost``."""
+    if kind != "ringbuf":
+        raise ValueError(f"unknown event channel kind {kind!r}")
+    return EventChannel(map, lost)
+
+
+class ChannelReader:
+    """The maps of an :class:`EventChannel` and the user side reading them.
+
+    ``maps`` maps the program's names to the map objects (pass it to ``prog.load``).
+    """
+
+    def __init__(self, channel: EventChannel, size: int, lost_map: Map | None, prefix: str) -> None:
+        from nettracer.bpf.ringbuf import RingBuf, RingBufReader
+
+        self.channel = channel
+        self._owned: list[Map] = []
+        self._reader: RingBufReader | None = None
+        try:
+            if lost_map is None:
+                lost_map = lost_counter(prefix + channel.lost)
+                self._owned.append(lost_map)
+            self.lost_map: Map = lost_map
+            ring = RingBuf(size, prefix + channel.map)
+            self._owned.append(ring)
+            self.maps: dict[str, Map] = {channel.map: ring, channel.lost: lost_map}
+            self._reader = RingBufReader(ring, lost_map)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def lost(self) -> int:
+        """Records that did not fit since the start (the sum over CPUs of ``lost[0]``)."""
+        v = self.lost_map.lookup(0, 0)
+        return sum(v) if isinstance(v, list) else int(v)
+
+    @property
+    def records(self) -> int:
+        """Records handed to callbacks since the start."""
+        return self._reader.records if self._reader is not None else 0
+
+    def consume(self, callback: Callable[[memoryview], None]) -> int:
+        """Hand every record now waiting to ``callback``; returns how many."""
+        assert self._reader is not None, "reader is closed"
+        return self._reader.consume(callback)
+
+    def poll(self, timeout_s: float, callback: Callable[[memoryview], None]) -> int:
+        """Wait up to ``timeout_s`` for records, then :meth:`consume` them."""
+        assert self._reader is not None, "reader is closed"
+        return self._reader.poll(timeout_s, callback)
+
+    def close(self) -> None:
+        """Stop reading and close the maps this reader created."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        for m in reversed(self._owned):
+            with contextlib.suppress(OSError):
+                m.close()
+        self._owned.clear()
+
+    def __enter__(self) -> ChannelReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

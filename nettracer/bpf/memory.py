@@ -1,0 +1,73 @@
+"""The one place a generated program reads kernel memory: :func:`read` emits the helper
+call, and :class:`KernelReads` says which helper.
+
+``bpf_probe_read_kernel`` / ``bpf_probe_read_kernel_str`` (helpers 113 and 115) exist
+since Linux 5.5; older kernels have only ``bpf_probe_read`` / ``bpf_probe_read_str``
+(4 and 45), which read kernel or user memory alike on the architectures we run on.
+The choice is made once per program build (``Program(reads=KernelReads(legacy=True))``)
+and every read of that program follows it.  Struct-level planning (which fields in
+one read, NULL checks) lives above, in :mod:`nettracer.access.plan`.
+"""
+
+from __future__ import annotations
+
+from nettracer.bpf.helpers import Helper
+from nettracer.bpf.insn import R1, R2, R3, Program, Reg, add64, call, mov64
+from nettracer.value import Value
+
+
+class KernelReads(Value):
+    """Which helpers read kernel memory: the 5.5 ``bpf_probe_read_kernel`` family, or
+    with ``legacy`` the older ``bpf_probe_read`` family."""
+
+    __slots__ = ("legacy",)
+
+    def __init__(self, legacy: bool = False) -> None:
+        self.legacy = legacy
+
+    def helper(self, string: bool = False) -> Helper:
+        """The helper for a plain read, or for a NUL-terminated string with ``string``."""
+        if self.legacy:
+            return Helper.probe_read_str if string else Helper.probe_read
+        return Helper.probe_read_kernel_str if string else Helper.probe_read_kernel
+
+
+#: the default: ``bpf_probe_read_kernel`` (Linux 5.5)
+MODERN = KernelReads()
+
+
+def read(
+    p: Program,
+    dst: Reg,
+    dst_off: int,
+    size: int,
+    src: Reg,
+    src_off: int = 0,
+    *,
+    string: bool = False,
+) -> None:
+    """Append ``R0 = bpf_probe_read_kernel(dst + dst_off, size, src + src_off)``.
+
+    ``dst`` is usually ``FP`` (a stack buffer) or a register holding a map value or
+    ring-buffer record; ``src`` holds a kernel address.  R0 is 0 or ``-EFAULT``; on
+    failure the kernel zeroes the ``size`` bytes at the destination.  With ``string``
+    the ``_str`` variant copies up to and including the first NUL (R0 = bytes copied)
+    and leaves the rest of the destination as it was.  Clobbers R0-R5; ``src`` may be
+    R3 and ``dst`` R1 (no copy is emitted then).  Example, ``u32`` at ``ptr + 8`` into
+    ``fp-16``::
+
+        read(p, FP, -16, 4, R7, 8)
+    """
+    if src in (R1, R2):
+        raise ValueError(f"read: the source r{int(src)} is overwritten before the call")
+    if dst != R1:
+        p += mov64(R1, dst)
+    if dst_off:
+        p += add64(R1, dst_off)
+    p += mov64(R2, size)
+    if src != R3:
+        p += mov64(R3, src)
+    if src_off:
+        p += add64(R3, src_off)
+    reads = p.reads if p.reads is not None else MODERN
+    p += call(reads.helper(string))
