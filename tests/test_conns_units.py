@@ -1,6 +1,6 @@
-"""Connection tracer parts that need no kernel: read planning, the generated programs'
-dependence on offsets, record decoding, TCP byte corrections, the connection table's
-accounting, and the JSON writers."""
+"""Connection tracer parts that need no kernel: the generated programs (golden
+listings), record decoding, TCP byte corrections, the connection table's accounting,
+and the JSON writers."""
 
 from __future__ import annotations
 
@@ -49,31 +49,6 @@ def test_record_layout_is_shared() -> None:
     rec = RECORD.unpack(bytes(v))
     c = decode(rec)
     assert (c.id, c.sk, c.bytes_sent, c.sport, c.proto) == (7, 0x1234, 99, 4242, "tcp")
-
-
-def test_plan_reads_groups_near_fields() -> None:
-    o = Offsets(
-        "test",
-        {
-            "a.x": Field(0, 4),
-            "a.y": Field(12, 2),
-            "a.z": Field(56, 16),
-            "a.far": Field(532, 2),
-        },
-    )
-    plan = cp.plan_reads(o, ["a.far", "a.x", "a.z", "a.y"], max_span=128)
-    assert plan.reads == ((0, 72, 0), (528, 6, 72))
-    assert plan.where == {"a.x": 0, "a.y": 12, "a.z": 56, "a.far": 76}
-    assert plan.size == 80
-    # every field keeps its alignment in the buffer
-    for k, pos in plan.where.items():
-        assert pos % 8 == o[k].offset % 8
-
-
-def test_plan_reads_splits_wide_spans() -> None:
-    o = Offsets("test", {"a.x": Field(0, 8), "a.y": Field(200, 8)})
-    plan = cp.plan_reads(o, ["a.x", "a.y"], max_span=128)
-    assert len(plan.reads) == 2
 
 
 #: every program the tracer builds, by the name of its golden file

@@ -104,15 +104,36 @@ class EventChannel:
         p += [mov64(R1, rec), mov64(R2, 0 if wakeup else BPF_RB_NO_WAKEUP)]
         p += call(Helper.ringbuf_submit)
 
+    def try_output(
+        self,
+        p: Program,
+        *,
+        ctx: Reg | None,
+        src: Reg,
+        size: int,
+        ok: str,
+        src_off: int = 0,
+        wakeup: bool = True,
+    ) -> None:
+        """Copy the ``size`` bytes at ``src + src_off`` (the stack, a map value) into a
+        new record (``bpf_ringbuf_output``) and jump to ``ok``; fall through when there
+        was no room (nothing counted: the caller retries, keeps the record elsewhere or
+        calls :func:`~nettracer.bpf.counters.lost_inc`). ``ctx`` is what a perf event
+        array needs (None: the program did not keep it, a ring buffer does not care)."""
+        del ctx
+        p += [ld_map_fd(R1, self.map), mov64(R2, src)]
+        if src_off:
+            p += add64(R2, src_off)
+        p += [mov64(R3, size), mov64(R4, 0 if wakeup else BPF_RB_NO_WAKEUP)]
+        p += [call(Helper.ringbuf_output), jeq(R0, 0, ok)]
+
     def output(
         self, p: Program, *, ctx: Reg, buf_off: int, size: int, done: str, scratch_off: int
     ) -> None:
         """Copy the ``size`` bytes at ``fp + buf_off`` into a new record
         (``bpf_ringbuf_output``); when there is no room, ``lost[0] += 1``. Jumps to
         ``done`` either way."""
-        del ctx
-        p += [ld_map_fd(R1, self.map), mov64(R2, FP), add64(R2, buf_off), mov64(R3, size)]
-        p += [mov64(R4, 0), call(Helper.ringbuf_output), jeq(R0, 0, done)]
+        self.try_output(p, ctx=ctx, src=FP, src_off=buf_off, size=size, ok=done)
         lost_inc(p, self.lost, scratch_off)
         p += ja(done)
 

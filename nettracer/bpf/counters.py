@@ -22,6 +22,7 @@ from nettracer.bpf.insn import (
     R3,
     R4,
     Program,
+    Reg,
     add64,
     atomic_add,
     call,
@@ -34,7 +35,7 @@ from nettracer.bpf.insn import (
     st,
     stx,
 )
-from nettracer.bpf.syscall import BPF_NOEXIST
+from nettracer.bpf.syscall import BPF_ANY, BPF_NOEXIST
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
@@ -107,15 +108,47 @@ def count_in_hash(
     p += ja(done)
     p.label(new)
     p += st(8, FP, one_off, 1)
-    p += [ld_map_fd(R1, counts), mov64(R2, FP), add64(R2, key_off)]
-    p += [mov64(R3, FP), add64(R3, one_off), mov64(R4, BPF_NOEXIST)]
-    p += call(Helper.map_update_elem)
-    p += [jeq(R0, 0, created or done), jne(R0, -errno.EEXIST, full)]
-    # another CPU created it between our lookup and update
-    lookup(p, counts, key_off)
-    p += jeq(R0, 0, done)
+    create_entry(p, counts, key_off, FP, one_off, created=created or done, gone=done, full=full)
     _add_one(p, atomic)
     p += ja(done)
     p.label(full)
     lost_inc(p, lost, scratch_off)
     p += ja(done)
+
+
+def update_elem(
+    p: Program, map_name: str, key_off: int, value: Reg, value_off: int = 0, flags: int = BPF_ANY
+) -> None:
+    """``R0 = bpf_map_update_elem(&map_name, fp + key_off, value + value_off, flags)``
+    (``value`` is ``FP`` for a value on the stack, or a register holding a map value's
+    address); clobbers R0-R5."""
+    p += [ld_map_fd(R1, map_name), mov64(R2, FP), add64(R2, key_off), mov64(R3, value)]
+    if value_off:
+        p += add64(R3, value_off)
+    p += [mov64(R4, flags), call(Helper.map_update_elem)]
+
+
+def create_entry(
+    p: Program,
+    map_name: str,
+    key_off: int,
+    value: Reg,
+    value_off: int = 0,
+    *,
+    created: str,
+    gone: str,
+    full: str | None = None,
+) -> None:
+    """Create the entry of the key at ``fp + key_off`` from ``value + value_off``
+    (``BPF_NOEXIST``) and jump to ``created``; when another CPU created it between the
+    caller's lookup and this update (``-EEXIST``), fall through with R0 = that entry,
+    or jump to ``gone`` if it was deleted again meanwhile.  Any other failure (a full
+    hash map, ``-E2BIG``) jumps to ``full``, or without it is taken like ``-EEXIST``
+    (an LRU map evicts instead of filling up).  Clobbers R0-R5."""
+    update_elem(p, map_name, key_off, value, value_off, BPF_NOEXIST)
+    p += jeq(R0, 0, created)
+    if full is not None:
+        p += jne(R0, -errno.EEXIST, full)
+    # another CPU created it between our lookup and update
+    lookup(p, map_name, key_off)
+    p += jeq(R0, 0, gone)

@@ -22,7 +22,8 @@ The programs share one LRU hash ``conns`` (``struct sock *`` -> :class:`ConnValu
             retransmits, bytes acked/received) into the entry.  Nothing runs per packet.
 
 Every struct field comes from an :class:`~nettracer.layout.offsets.Offsets`; fields that
-lie close together are read with one ``bpf_probe_read_kernel`` (:func:`plan_reads`).
+lie close together are read with one helper call
+(:func:`nettracer.access.plan.plan_reads`).
 Entry ids come from one counter (``ids[0]``, atomic fetch-and-add) so that user space
 can account for every entry the LRU map evicted (:mod:`nettracer.tracers.conns.table`).
 """
@@ -30,26 +31,22 @@ can account for every entry the LRU map evicted (:mod:`nettracer.tracers.conns.t
 from __future__ import annotations
 
 import ctypes
-import itertools
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from nettracer.access.plan import ReadPlan, emit_plan, plan_reads
+from nettracer.bpf.channel import event_channel
+from nettracer.bpf.counters import create_entry, lookup, lost_inc, update_elem
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
-    ATOMIC,
-    DW,
     FP,
     R0,
     R1,
     R2,
     R3,
-    R4,
     R6,
     R7,
     R8,
     R9,
-    STX,
-    AluOp,
     Insn,
     JmpOp,
     Program,
@@ -57,6 +54,7 @@ from nettracer.bpf.insn import (
     add64,
     and64,
     atomic_add,
+    atomic_fetch_add,
     call,
     exit_,
     ja,
@@ -74,12 +72,12 @@ from nettracer.bpf.insn import (
     st,
     stx,
 )
-from nettracer.bpf.syscall import BPF_ANY, BPF_NOEXIST
+from nettracer.bpf.memory import read
+from nettracer.bpf.syscall import BPF_NOEXIST
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers.conns.records import (
     AF_INET,
     AF_INET6,
-    BPF_RB_NO_WAKEUP,
     IPPROTO_TCP,
     IPPROTO_UDP,
     MSG_PEEK,
@@ -98,11 +96,10 @@ MAP_EVENTS = "events"
 MAP_LOST = "lost"
 MAP_IDS = "ids"
 MAP_ENDED = "ended"
+#: where ended connections go: ``events`` (ring buffer), ``lost`` counting what fit nowhere
+EVENTS = event_channel(MAP_EVENTS, MAP_LOST)
 #: entries of the ``ended`` overflow hash (records the ring buffer refused)
 ENDED_ENTRIES = 4096
-
-#: BPF_FETCH: an atomic op that also returns the old value in ``src``
-BPF_FETCH = 0x01
 
 VALUE_SIZE = ctypes.sizeof(ConnValue)
 
@@ -142,47 +139,6 @@ IPV6_FIELDS: tuple[str, ...] = TUPLE_V6
 
 
 @dataclass(frozen=True)
-class ReadPlan:
-    """How to read a set of fields of one struct with few ``bpf_probe_read_kernel`` calls.
-
-    ``reads`` are ``(src_off, length, buf_off)``; ``where[key]`` is the field's position
-    in the buffer.  Each read starts 8-aligned in both struct and buffer, so fields keep
-    their natural alignment in the buffer.  ``size`` is the buffer size (multiple of 8).
-    """
-
-    reads: tuple[tuple[int, int, int], ...]
-    where: dict[str, int]
-    size: int
-
-
-def plan_reads(offsets: Offsets, keys: Iterable[str], max_span: int = 128) -> ReadPlan:
-    """Group ``keys`` (offsets from the same base pointer) into reads of at most
-    ``max_span`` bytes each (a single field larger than that is read alone)."""
-    fields = sorted(((offsets[k].offset, offsets[k].size, k) for k in keys), key=lambda f: f[0])
-    clusters: list[list[tuple[int, int, str]]] = []
-    for f in fields:
-        if clusters:
-            start = clusters[-1][0][0] & ~7
-            end = max(o + s for o, s, _ in clusters[-1])
-            if max(end, f[0] + f[1]) - start <= max_span:
-                clusters[-1].append(f)
-                continue
-        clusters.append([f])
-    reads = []
-    where = {}
-    pos = 0
-    for c in clusters:
-        start = c[0][0] & ~7
-        end = max(o + s for o, s, _ in c)
-        length = end - start
-        reads.append((start, length, pos))
-        for o, _, k in c:
-            where[k] = pos + (o - start)
-        pos += (length + 7) & ~7
-    return ReadPlan(tuple(reads), where, pos)
-
-
-@dataclass(frozen=True)
 class ConnSpec:
     """What the programs collect; baked into the instructions as constants."""
 
@@ -191,11 +147,6 @@ class ConnSpec:
     collect_ipv6: bool = True
     #: only create entries for sockets in this network namespace (inode), 0 = all
     netns: int = 0
-
-
-def atomic_fetch_add64(dst: Reg, off_: int, src: Reg) -> Insn:
-    """``src = atomic_fetch_add((u64 *)(dst + off), src)`` (BPF_ATOMIC | BPF_FETCH, 5.12)."""
-    return Insn(STX | ATOMIC | DW, dst, src, off_, int(AluOp.ADD) | BPF_FETCH)
 
 
 def jsle32(dst: Reg, imm: int, target: str) -> Insn:
@@ -222,25 +173,6 @@ class _Builder:
     opts: ConnSpec
     name: str
     p: Program = field(default_factory=Program)
-    _labels: itertools.count = field(default_factory=itertools.count)
-
-    def label(self, stem: str) -> str:
-        return f"{stem}_{next(self._labels)}"
-
-    # -- memory ------------------------------------------------------------------------
-    def probe_read(self, dst: Reg, dst_off: int, n: int, src: Reg, src_off: int) -> None:
-        """``bpf_probe_read_kernel(dst + dst_off, n, src + src_off)``."""
-        self.p += [mov64(R1, dst)]
-        if dst_off:
-            self.p += add64(R1, dst_off)
-        self.p += [mov64(R2, n), mov64(R3, src)]
-        if src_off:
-            self.p += add64(R3, src_off)
-        self.p += call(Helper.probe_read_kernel)
-
-    def read_plan(self, plan: ReadPlan, buf: int, src: Reg) -> None:
-        for src_off, length, buf_off in plan.reads:
-            self.probe_read(FP, buf + buf_off, length, src, src_off)
 
     def copy(self, dst: Reg, dst_off: int, src: Reg, src_off: int, n: int) -> None:
         """Copy ``n`` bytes with the widest loads both offsets' alignment allows (via R1)."""
@@ -251,35 +183,6 @@ class _Builder:
                     break
             self.p += [ldx(w, R1, src, src_off + pos), stx(w, dst, dst_off + pos, R1)]
             pos += w
-
-    def lookup(self, map_name: str, key_off: int) -> None:
-        self.p += [
-            ld_map_fd(R1, map_name),
-            mov64(R2, FP),
-            add64(R2, key_off),
-            call(Helper.map_lookup_elem),
-        ]
-
-    def insert_new(self, value: Reg) -> None:
-        """``R0 = bpf_map_update_elem(&conns, &sk, value, BPF_NOEXIST)``: 0 when the
-        entry was created, -EEXIST when another CPU created one first."""
-        self.p += [
-            ld_map_fd(R1, MAP_CONNS),
-            mov64(R2, FP),
-            add64(R2, KEY),
-            mov64(R3, value),
-            mov64(R4, BPF_NOEXIST),
-            call(Helper.map_update_elem),
-        ]
-
-    def bump(self, map_name: str, width: int = 8) -> None:
-        """``map_name[0] += 1`` for a (per-CPU) array of counters."""
-        skip = self.label("bump")
-        self.p += st(4, FP, TMP2, 0)
-        self.lookup(map_name, TMP2)
-        self.p += [jeq(R0, 0, skip), mov64(R1, 1), atomic_add(width, R0, 0, R1)]
-        self.p.label(skip)
-        self.p += mov64(R0, 0)
 
     def now(self, value: Reg, field_name: str) -> None:
         self.p += [call(Helper.ktime_get_ns), stx(8, value, off(field_name), R0)]
@@ -302,11 +205,11 @@ class _Builder:
     def next_id(self, value: Reg, fail: str) -> None:
         """``value->id = atomic_fetch_add(&ids[0], 1)``."""
         self.p += st(4, FP, TMP2, 0)
-        self.lookup(MAP_IDS, TMP2)
+        lookup(self.p, MAP_IDS, TMP2)
         self.p += [
             jeq(R0, 0, fail),
             mov64(R1, 1),
-            atomic_fetch_add64(R0, 0, R1),
+            atomic_fetch_add(8, R0, 0, R1),
             stx(8, value, off("id"), R1),
         ]
 
@@ -315,7 +218,7 @@ class _Builder:
         to ``fail`` when a netns filter is set and does not match."""
         net = self.offsets.offset("net.ns.inum")
         self.p += [ldx(8, R3, FP, buf + plan.where["sock_common.skc_net"]), st(4, FP, TMP2, 0)]
-        self.probe_read(FP, TMP2, 4, R3, net)
+        read(self.p, FP, TMP2, 4, R3, net)
         self.p += ldx(4, dst, FP, TMP2)
         if self.opts.netns:
             # a 32-bit compare: a 64-bit one would sign-extend the immediate (inodes of
@@ -334,7 +237,7 @@ class _Builder:
         ``inet_num``) before ``inet_sk_state_store`` fires the tracepoint.
         """
         w = plan.where
-        done = self.label("local_done")
+        done = self.p.new_label("local_done")
         self.copy(value, off("daddr4"), FP, buf + w["sock_common.skc_daddr"], 4)
         self.copy(value, off("dport"), FP, buf + w["sock_common.skc_dport"], 2)
         v6 = "sock_common.skc_v6_daddr" in w
@@ -356,47 +259,32 @@ class _Builder:
         if plan.size > buf_bytes or len(plan.reads) >= len(TCP_STATS):
             for key, name in TCP_STATS.items():
                 f = self.offsets[key]
-                self.probe_read(value, off(name), min(f.size, size(name)), sk, f.offset)
+                read(self.p, value, off(name), min(f.size, size(name)), sk, f.offset)
             return
         buf = TMP2 - plan.size
-        self.read_plan(plan, buf, sk)
+        emit_plan(self.p, plan, buf, sk)
         for key, name in TCP_STATS.items():
             n = min(self.offsets[key].size, size(name))
             self.copy(value, off(name), FP, buf + plan.where[key], n)
 
     def emit_closed(self, value: Reg, reason: EndReason, attempts: int = 3) -> None:
-        """Send ``*value`` (a map value) to the ring buffer as ended, and delete it.
+        """Send ``*value`` (a map value) to the event channel as ended, and delete it.
 
         ``bpf_ringbuf_output`` fails (-EAGAIN) when the ring is full and, since Linux
         6.15 made the ring's lock a resilient spinlock, now and then under contention
         too.  It is tried ``attempts`` times; then the record goes to the ``ended`` hash
         (keyed by id, drained by user space every interval); only when that is full as
-        well is it counted lost.
+        well is it counted lost.  The reader polls on a timer: no wakeups.
         """
-        ok = self.label("emitted")
+        ok = self.p.new_label("emitted")
         self.p += st(1, value, off("end_reason"), int(reason))
         self.now(value, "end_ns")
         for _ in range(attempts):
-            self.p += [
-                ld_map_fd(R1, MAP_EVENTS),
-                mov64(R2, value),
-                mov64(R3, VALUE_SIZE),
-                mov64(R4, BPF_RB_NO_WAKEUP),
-                call(Helper.ringbuf_output),
-                jeq(R0, 0, ok),
-            ]
-        self.p += [
-            ldx(8, R1, value, off("id")),
-            stx(8, FP, TMP2, R1),
-            ld_map_fd(R1, MAP_ENDED),
-            mov64(R2, FP),
-            add64(R2, TMP2),
-            mov64(R3, value),
-            mov64(R4, BPF_ANY),
-            call(Helper.map_update_elem),
-            jeq(R0, 0, ok),
-        ]
-        self.bump(MAP_LOST)
+            EVENTS.try_output(self.p, ctx=None, src=value, size=VALUE_SIZE, ok=ok, wakeup=False)
+        self.p += [ldx(8, R1, value, off("id")), stx(8, FP, TMP2, R1)]
+        update_elem(self.p, MAP_ENDED, TMP2, value)
+        self.p += jeq(R0, 0, ok)
+        lost_inc(self.p, MAP_LOST, TMP2)
         self.p.label(ok)
         self.p += [ld_map_fd(R1, MAP_CONNS), mov64(R2, FP), add64(R2, KEY)]
         self.p += call(Helper.map_delete_elem)
@@ -447,12 +335,12 @@ def build_state(offsets: Offsets, opts: ConnSpec) -> Program:
         jne(R9, TcpState.SYN_RECV, "out"),  # a listener closing
     ]
     p.label("not_listener")
-    b.lookup(MAP_CONNS, KEY)
+    lookup(b.p, MAP_CONNS, KEY)
     p += [jeq(R0, 0, "new"), mov64(R7, R0)]
     _state_known(b, buf, plan)
     p.label("new")
     _state_new(b, buf, val, plan)
-    b.insert_new(R7)
+    update_elem(p, MAP_CONNS, KEY, R7, flags=BPF_NOEXIST)  # lost a race: theirs stays
     b.out()
     return p
 
@@ -470,7 +358,7 @@ def _state_known(b: _Builder, buf: int, plan: ReadPlan) -> None:
     p += ja("new")
     p.label("known")
     p += jne(R9, TcpState.ESTABLISHED, "known_no_tuple")
-    b.read_plan(plan, buf, R6)
+    emit_plan(b.p, plan, buf, R6)
     _apply_transition(b, buf, plan)
     p += ja("out")
     p.label("known_no_tuple")
@@ -483,7 +371,7 @@ def _state_new(b: _Builder, buf: int, val: int, plan: ReadPlan) -> None:
     how it was opened (CLOSE -> SYN_SENT active, SYN_RECV passive, else partial)."""
     p = b.p
     w = plan.where
-    b.read_plan(plan, buf, R6)
+    emit_plan(b.p, plan, buf, R6)
     p += [ldx(2, R1, FP, buf + w["sock.sk_protocol"]), jne(R1, IPPROTO_TCP, "out")]
     p += ldx(2, R1, FP, buf + w["sock_common.skc_family"])
     b.family_ok(R1, "create", "out")
@@ -521,9 +409,9 @@ def _apply_transition(b: _Builder, buf: int, plan: ReadPlan | None) -> None:
     transition, the time and (with ``plan``) the tuple from the buffer; take the owner
     from a close()/shutdown() in process context when it is not known yet."""
     p = b.p
-    skip = b.label("pid_done")
-    take = b.label("pid_take")
-    cw = b.label("pid_close_wait")
+    skip = b.p.new_label("pid_done")
+    take = b.p.new_label("pid_take")
+    cw = b.p.new_label("pid_close_wait")
     p += [
         stx(1, R7, off("state"), R9),
         ldx(8, R1, R7, off("history")),
@@ -600,7 +488,7 @@ def _build_socket_event(offsets: Offsets, opts: ConnSpec, kind: str) -> Program:
     plan = tuple_plan(offsets, opts)
     buf, val = _layout(plan)
     _event_args(b, ev)
-    b.lookup(MAP_CONNS, KEY)
+    lookup(b.p, MAP_CONNS, KEY)
     b.p += [jeq(R0, 0, "miss"), mov64(R7, R0)]
     if opts.collect_udp:
         _udp_reused(b, buf)
@@ -640,7 +528,7 @@ def _udp_reused(b: _Builder, buf: int) -> None:
     rplan = plan_reads(b.offsets, REUSE_KEYS)
     rw = rplan.where
     p += [ldx(1, R1, R7, off("proto")), jne(R1, IPPROTO_UDP, "add")]
-    b.read_plan(rplan, buf, R6)
+    emit_plan(b.p, rplan, buf, R6)
     p += [
         ldx(2, R1, FP, buf + rw["sock_common.skc_num"]),
         ldx(2, R2, R7, off("sport")),
@@ -684,7 +572,7 @@ def _event_classify(b: _Builder, buf: int, plan: ReadPlan) -> None:
     ``out``."""
     p = b.p
     w = plan.where
-    b.read_plan(plan, buf, R6)
+    emit_plan(b.p, plan, buf, R6)
     p += ldx(2, R1, FP, buf + w["sock_common.skc_family"])
     b.family_ok(R1, "family_ok", "out")
     p.label("family_ok")
@@ -746,12 +634,9 @@ def _event_create(b: _Builder, ev: _Event, buf: int, val: int, plan: ReadPlan) -
 def _event_insert(b: _Builder) -> None:
     """``insert``: add the new entry R7 unless another CPU created one meanwhile; then
     count into that one (``add``)."""
-    p = b.p
-    p.label("insert")
-    b.insert_new(R7)
-    p += jeq(R0, 0, "out")
-    b.lookup(MAP_CONNS, KEY)
-    p += [jeq(R0, 0, "out"), mov64(R7, R0), ja("add")]
+    b.p.label("insert")
+    create_entry(b.p, MAP_CONNS, KEY, R7, created="out", gone="out")
+    b.p += [mov64(R7, R0), ja("add")]
 
 
 def build_destroy(offsets: Offsets, opts: ConnSpec) -> Program:
@@ -759,7 +644,7 @@ def build_destroy(offsets: Offsets, opts: ConnSpec) -> Program:
     b = _Builder(offsets, opts, "destroy")
     p = b.p
     p += [ldx(8, R6, R1, 0), stx(8, FP, KEY, R6)]
-    b.lookup(MAP_CONNS, KEY)
+    lookup(b.p, MAP_CONNS, KEY)
     p += [jeq(R0, 0, "out"), mov64(R7, R0)]
     b.snapshot_tcp(R7, R6, STATS_BUF)
     b.emit_closed(R7, EndReason.DESTROYED)
@@ -774,7 +659,7 @@ def build_refresh(offsets: Offsets, opts: ConnSpec) -> Program:
     b = _Builder(offsets, opts, "refresh")
     p = b.p
     p += [ldx(8, R6, R1, 0), stx(8, FP, KEY, R6)]
-    b.lookup(MAP_CONNS, KEY)
+    lookup(b.p, MAP_CONNS, KEY)
     p += [jeq(R0, 0, "out"), mov64(R7, R0)]
     p += [ldx(1, R1, R7, off("proto")), jne(R1, IPPROTO_TCP, "done")]
     p += [

@@ -136,8 +136,6 @@ AF_INET6 = 10
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 MSG_PEEK = 2
-#: ``bpf_ringbuf_output`` flag: do not wake the reader (it polls on a timer)
-BPF_RB_NO_WAKEUP = 1
 
 
 class Opened(IntEnum):
