@@ -1,23 +1,16 @@
-"""Run nettracer's tests on Debian's 6.1 kernel under QEMU (TCG).
+"""Run nettracer's tests on Debian's 5.10, 6.1 or 6.12 kernel under QEMU (TCG).
 
 The host's root is shared read-only with the guest over virtio-9p, so the guest
 runs the host's Python, its site-packages and the repository at the same path;
-a tmpfs-backed overlayfs makes it writable.  Debian's generic ``amd64`` 6.1
-kernel is used, not the ``cloud-amd64`` flavour: the cloud kernel is built
-without ``CONFIG_NET_9P``, the generic one has 9p, virtio and overlayfs as
-modules.  Debian's ``.deb`` has no ``modules.dep``; busybox's ``depmod`` makes
-one, and busybox's ``modprobe`` serves the guest's ``request_module()`` since
-the host may have no kmod.
+a tmpfs-backed overlayfs makes it writable.  Which kernel packages, where apt
+finds them and how they are cached: ``kernels.py``.  Busybox's ``modprobe``
+serves the guest's ``request_module()`` since the host may have no kmod.
 
-Layout of the cache (``$NETTRACER_VM_CACHE``, default ``/var/cache/nettracer-vm``)::
+With ``--no-btf`` the guest mounts a tmpfs over ``/sys/kernel/btf`` before any
+test, so nettracer sees a kernel without BTF and guesses its offsets.
 
-    busybox/busybox                      from Debian's busybox-static
-    <release>/boot/vmlinuz-<release>     from linux-image-<release>
-    <release>/lib/modules/<release>/     the module tree, with modules.dep
-    <release>/.complete                  written last
-
-Exit status: the guest's (first non-zero among the guest checks, pytest and
-``nettracer offsets``), or 124 when the VM timed out, 125 when the VM could not
+Exit status: the guest's (first non-zero among the guest checks,
+``nettracer offsets`` and pytest), or 124 when the VM timed out, 125 when the VM could not
 be started (no QEMU, no kernel package), 126 when the guest stopped without
 reporting a status.
 
@@ -41,15 +34,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernels import (
+    DEFAULT_SERIES,
+    SERIES,
+    Kernel,
+    Series,
+    VMError,
+    ensure_busybox,
+    ensure_kernel,
+    log,
+    series_of_package,
+)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
 EXIT_TIMEOUT = 124
-EXIT_SETUP = 125
 EXIT_NO_STATUS = 126
-
-#: apt package name of Debian's generic 6.1 kernel (signed image, same content as -unsigned)
-KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.1\.0-(\d+)-amd64)$")
 
 #: modules the initramfs loads before it can mount the host's root (dependencies added)
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
@@ -63,167 +64,24 @@ MARKER_RE = re.compile(r"NETTRACER_VM_EXIT=(\d+)")
 ESCAPE_RE = re.compile(rb"\x1b(\[[0-9;?]*[A-Za-z]|[c78])")
 
 
-class VMError(Exception):
-    """The VM could not be prepared or started; the message is one line."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_SETUP) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def log(message: str) -> None:
-    """Print a harness message (stderr, so the guest's output stays on stdout)."""
-    sys.stderr.write(f"nettracer-vm: {message}\n")
-    sys.stderr.flush()
-
-
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
-    try:
-        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError as exc:
-        raise VMError(f"{what}: {cmd[0]} not found ({exc.strerror})") from None
-    if done.returncode != 0:
-        detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise VMError(f"{what} failed: {' '.join(cmd)}: {detail}")
-    return done.stdout
-
-
-# --- kernel package -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """An extracted Debian kernel in the cache."""
-
-    release: str  # e.g. "6.1.0-56-amd64", what uname -r says in the guest
-    root: Path  # holds boot/ and lib/modules/<release>/
-
-    @property
-    def vmlinuz(self) -> Path:
-        return self.root / "boot" / f"vmlinuz-{self.release}"
-
-    @property
-    def modules(self) -> Path:
-        return self.root / "lib" / "modules" / self.release
-
-
-def _abi(release: str) -> int:
-    return int(release.split("-")[1])
-
-
-def newest_kernel_package() -> str | None:
-    """Name of the newest ``linux-image-6.1.0-N-amd64`` apt knows, or None."""
-    try:
-        out = subprocess.run(
-            ["apt-cache", "search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-    except FileNotFoundError:
-        return None
-    names = [line.split(" ", 1)[0] for line in out.splitlines()]
-    found = [m for m in map(KERNEL_PACKAGE_RE.match, names) if m]
-    if not found:
-        return None
-    return max(found, key=lambda m: int(m.group(2))).group(0)
-
-
-def cached_kernels(cache: Path) -> list[str]:
-    """Releases fully extracted in ``cache``, newest first."""
-    if not cache.is_dir():
-        return []
-    releases = [
-        p.name
-        for p in cache.iterdir()
-        if (p / ".complete").exists() and KERNEL_PACKAGE_RE.match(f"linux-image-{p.name}")
-    ]
-    return sorted(releases, key=_abi, reverse=True)
-
-
-def apt_download(package: str, into: Path) -> Path:
-    """``apt-get download package`` into ``into``; the path of the .deb."""
-    into.mkdir(parents=True, exist_ok=True)
-    _run(["apt-get", "download", "-q", package], f"downloading {package}", cwd=into)
-    debs = sorted(into.glob(f"{package}_*.deb"))
-    if not debs:
-        raise VMError(f"apt-get download {package} left no .deb in {into}")
-    return debs[-1]
-
-
-def ensure_busybox(cache: Path) -> Path:
-    """A static busybox from Debian's busybox-static, cached."""
-    target = cache / "busybox" / "busybox"
-    if target.exists():
-        return target
-    work = Path(tempfile.mkdtemp(prefix="busybox.", dir=cache))
-    try:
-        deb = apt_download("busybox-static", work)
-        _run(["dpkg-deb", "-x", str(deb), str(work / "x")], "extracting busybox-static")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        shutil.copy2(work / "x" / "bin" / "busybox", tmp)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
-
-
-def ensure_kernel(cache: Path, package: str | None, busybox: Path) -> Kernel:
-    """Download and extract the kernel ``package`` (default: newest generic 6.1) once."""
-    if package is None:
-        package = newest_kernel_package()
-        if package is None:
-            cached = cached_kernels(cache)
-            if not cached:
-                raise VMError(
-                    "no Debian linux-image-6.1.0-*-amd64 package known to apt and none cached "
-                    f"in {cache}: run 'apt-get update' (Debian bookworm sources needed)"
-                )
-            log(f"apt knows no 6.1 kernel package; using the cached {cached[0]}")
-            return Kernel(cached[0], cache / cached[0])
-    match = KERNEL_PACKAGE_RE.match(package)
-    if not match:
-        raise VMError(
-            f"kernel package {package!r} is not a generic 6.1 amd64 image "
-            "(linux-image-6.1.0-N-amd64; the cloud flavour has no 9p)"
-        )
-    kernel = Kernel(match.group(1), cache / match.group(1))
-    if (kernel.root / ".complete").exists():
-        return kernel
-    started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix=f"{kernel.release}.", dir=cache))
-    try:
-        deb = apt_download(package, work / "deb")
-        downloaded = time.monotonic()
-        tree = work / "tree"
-        _run(["dpkg-deb", "-x", str(deb), str(tree)], f"extracting {deb.name}")
-        _run([str(busybox), "depmod", "-b", str(tree), kernel.release], "depmod")
-        for unused in ("usr", "lib/firmware"):  # docs, not needed by the guest
-            shutil.rmtree(tree / unused, ignore_errors=True)
-        (tree / ".complete").write_text(f"{deb.name}\n")
-        shutil.rmtree(kernel.root, ignore_errors=True)
-        tree.rename(kernel.root)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log(
-        f"cached {package} in {kernel.root} (download {downloaded - started:.1f} s, "
-        f"extract+depmod {time.monotonic() - downloaded:.1f} s)"
-    )
-    return kernel
-
-
 # --- initramfs ------------------------------------------------------------------------------
 
 
 def module_load_order(modules_dir: Path, wanted: Iterable[str]) -> list[Path]:
     """Relative paths of ``wanted`` modules and their dependencies, dependencies first.
 
-    Reads ``modules.dep`` (``kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko ...``).
-    Module names compare with ``-`` and ``_`` equal, as the kernel does.
+    Reads ``modules.dep`` (``kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko ...``); modules
+    listed in ``modules.builtin`` are part of the kernel image and left out (6.12 builds
+    ``virtio_pci`` in).  Module names compare with ``-`` and ``_`` equal, as the kernel does.
     """
     deps: dict[str, list[str]] = {}
     path_of: dict[str, str] = {}
+    builtin_file = modules_dir / "modules.builtin"
+    builtin = (
+        {_module_name(m) for m in builtin_file.read_text().split()}
+        if builtin_file.exists()
+        else set()
+    )
     for line in (modules_dir / "modules.dep").read_text().splitlines():
         if ":" not in line:
             continue
@@ -234,7 +92,7 @@ def module_load_order(modules_dir: Path, wanted: Iterable[str]) -> list[Path]:
     order: list[str] = []
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
-        if name in order:
+        if name in order or (name in builtin and name not in path_of):
             return
         if name not in path_of:
             raise VMError(f"module {name} is not in {modules_dir}/modules.dep")
@@ -374,12 +232,13 @@ def run_qemu(cmd: list[str], rundir: Path, timeout: float, interactive: bool) ->
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
-            pending += ESCAPE_RE.sub(b"", chunk)
+            pending += chunk
             *lines, pending = pending.split(b"\n")
             for raw in lines:
-                raw = raw.rstrip(b"\r").rsplit(b"\r", 1)[-1]  # what a terminal would show
+                # what a terminal would show (a sequence may span two reads: whole lines only)
+                raw = ESCAPE_RE.sub(b"", raw).rstrip(b"\r").rsplit(b"\r", 1)[-1]
                 line = raw.decode("utf-8", "replace")
-                if first_guest_line is None and line.startswith("nettracer-vm:"):
+                if first_guest_line is None and "nettracer-vm: guest-init" in line:
                     first_guest_line = time.monotonic()
                 m = MARKER_RE.search(line)
                 if m:
@@ -418,8 +277,8 @@ def run_qemu(cmd: list[str], rundir: Path, timeout: float, interactive: bool) ->
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="tests/vm/run",
-        description="Boot Debian's 6.1 kernel under QEMU (TCG) with the host's root over 9p "
-        "and run nettracer's tests in it as root. Arguments after the options (or after "
+        description="Boot a Debian kernel (5.10, 6.1 or 6.12) under QEMU (TCG) with the host's "
+        "root over 9p and run nettracer's tests in it as root. Arguments after the options (or after "
         "'--') are pytest's; default: " + " ".join(DEFAULT_PYTEST_ARGS) + ", or "
         "$NETTRACER_VM_PYTEST_ARGS.",
     )
@@ -431,9 +290,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "/var/cache/nettracer-vm)",
     )
     parser.add_argument(
+        "--kernel",
+        metavar="|".join(SERIES),
+        default=os.environ.get("NETTRACER_VM_KERNEL"),
+        help=f"kernel series to boot (default $NETTRACER_VM_KERNEL or {DEFAULT_SERIES}): "
+        + "; ".join(f"{s.name}: {s.pattern}, {s.distribution}" for s in SERIES.values()),
+    )
+    parser.add_argument(
         "--kernel-package",
         default=os.environ.get("NETTRACER_VM_KERNEL_PACKAGE"),
-        help="apt package to boot, e.g. linux-image-6.1.0-56-amd64 (default: newest such)",
+        help="apt package to boot, e.g. linux-image-6.1.0-56-amd64 (default: the newest of "
+        "the series)",
+    )
+    parser.add_argument(
+        "--no-btf",
+        action="store_true",
+        help="hide BTF in the guest (a tmpfs over /sys/kernel/btf) so nettracer guesses offsets",
     )
     parser.add_argument(
         "--timeout",
@@ -453,6 +325,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--no-offsets", action="store_true", help="skip 'nettracer offsets --source guess'"
     )
     parser.add_argument(
+        "--no-guest-checks", action="store_true", help="skip tests/vm/guest_checks.py"
+    )
+    parser.add_argument(
         "--shell", action="store_true", help="open an interactive shell in the guest instead"
     )
     parser.add_argument("--verbose", action="store_true", help="show the kernel's boot messages")
@@ -467,12 +342,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def chosen_series(args: argparse.Namespace) -> Series:
+    """The series of ``--kernel``, or of ``--kernel-package``, or the default (6.1)."""
+    if args.kernel is not None and args.kernel not in SERIES:
+        raise VMError(f"unknown kernel series {args.kernel!r}: choose one of {', '.join(SERIES)}")
+    if args.kernel_package is None:
+        return SERIES[args.kernel or DEFAULT_SERIES]
+    series = series_of_package(args.kernel_package)
+    if args.kernel is not None and args.kernel != series.name:
+        raise VMError(
+            f"--kernel {args.kernel} but {args.kernel_package} is of the {series.name} series"
+        )
+    return series
+
+
 def write_job(rundir: Path, args: argparse.Namespace, kernel: Kernel) -> None:
     """The run directory the guest sees as /.nettracer-vm/results."""
     env = {
         "NETTRACER_VM_REPO": str(REPO),
         "NETTRACER_VM_PYTHON": args.python,
         "NETTRACER_VM_KVER": kernel.release,
+        "NETTRACER_VM_SERIES": kernel.series.name,
+        "NETTRACER_VM_NO_BTF": "1" if args.no_btf else "0",
+        "NETTRACER_VM_GUEST_CHECKS": "0" if args.no_guest_checks else "1",
         "NETTRACER_VM_PYTEST": "0" if args.no_pytest else "1",
         "NETTRACER_VM_OFFSETS": "0" if args.no_offsets else "1",
         "NETTRACER_VM_SHELL": "1" if args.shell else "0",
@@ -501,6 +393,7 @@ def _main(args: argparse.Namespace) -> int:
         raise VMError("qemu-system-x86_64 not found: install Debian's qemu-system-x86")
     if not Path(args.python).exists():
         raise VMError(f"python {args.python} not found on the host")
+    series = chosen_series(args)
     cache: Path = args.cache
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -510,7 +403,7 @@ def _main(args: argparse.Namespace) -> int:
     with (cache / ".lock").open("w") as lock:  # one download at a time; others wait
         fcntl.flock(lock, fcntl.LOCK_EX)
         busybox = ensure_busybox(cache)
-        kernel = ensure_kernel(cache, args.kernel_package, busybox)
+        kernel = ensure_kernel(cache, series, args.kernel_package, busybox)
     prepared = time.monotonic() - t0
     log(f"kernel {kernel.release} from {kernel.root} (ready in {prepared:.1f} s)")
     if args.prepare_only:
@@ -526,16 +419,14 @@ def _main(args: argparse.Namespace) -> int:
         )
         log(f"booting: {' '.join(shlex.quote(c) for c in cmd)}")
         result = run_qemu(cmd, rundir, args.timeout, args.shell)
-        offsets = (rundir / "offsets").read_text().strip() if (rundir / "offsets").exists() else ""
     boot = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "never"
     if result.exit_code == EXIT_TIMEOUT:
         log(f"error: the VM did not finish within {args.timeout:.0f} s; stopped it")
     elif result.exit_code == EXIT_NO_STATUS:
         log("error: the guest stopped without reporting an exit status (see its console above)")
-    if offsets == "missing":
-        log("'nettracer offsets' does not exist yet; it was not run")
     log(
-        f"kernel {kernel.release}: exit status {result.exit_code} "
+        f"kernel {kernel.release}{' (BTF hidden)' if args.no_btf else ''}: "
+        f"exit status {result.exit_code} "
         f"(boot to guest-init {boot}, VM total {result.total_seconds:.1f} s)"
     )
     return result.exit_code
