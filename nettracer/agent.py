@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any
 from nettracer.errors import NettracerError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from nettracer.tracers.conns.monitor import ConnMonitor
     from nettracer.tracers.drops.groups import Names
     from nettracer.tracers.drops.monitor import DropMonitor
@@ -97,8 +99,9 @@ def family_name(family: int) -> str:
 class Agent:
     """Drives the monitors (each optional) and keeps :class:`Totals`.
 
-    ``drops`` and ``conns`` are monitors already built but not started; ``names`` names
-    the drop monitor's numbers (built after it starts when None).
+    ``drops`` and ``conns`` are monitors already built but not started, or None until
+    :meth:`load` builds them from the configuration; ``offsets_source`` says where their
+    offsets came from (empty until known).
     """
 
     def __init__(
@@ -106,10 +109,9 @@ class Agent:
         drops: DropMonitor | None,
         conns: ConnMonitor | None,
         *,
-        offsets_source: str,
+        offsets_source: str = "",
         interval: float = 5.0,
         max_drop_series: int = MAX_DROP_SERIES,
-        reasons: Any = None,
         scrape_wait_s: float = 5.0,
         min_refresh_s: float = 0.1,
     ) -> None:
@@ -120,7 +122,6 @@ class Agent:
         self.max_drop_series = max_drop_series
         self.scrape_wait_s = scrape_wait_s
         self.min_refresh_s = min_refresh_s
-        self._reasons = reasons
         self.names: Names | None = None
         self.totals = Totals()
         self._lock = threading.Lock()
@@ -134,13 +135,30 @@ class Agent:
         self.errors = 0
 
     # -- life cycle ---------------------------------------------------------------------
+    def load(self, cfg: Mapping[str, object], *, drops: bool = True, conns: bool = True) -> None:
+        """Build the monitors asked for from ``cfg`` (their ``from_config``, sharing one
+        load of the offsets), then :meth:`start` them.  The drop monitor has no filters;
+        the connection monitor traces every namespace without gateway lookups (the
+        metrics carry no per-connection labels)."""
+        from nettracer.layout import source
+
+        offsets = source.from_config(cfg)
+        self.offsets_source = offsets.source
+        if drops:
+            from nettracer.tracers.drops.monitor import DropMonitor
+
+            self.drops = DropMonitor.from_config(cfg, offsets=offsets)
+        if conns:
+            from nettracer.tracers.conns.monitor import ConnMonitor
+
+            self.conns = ConnMonitor.from_config(cfg, offsets=offsets, gateway=False)
+        self.start()
+
     def start(self) -> None:
         """Load and attach the monitors' programs."""
         if self.drops is not None:
-            from nettracer.tracers.drops.groups import Names
-
             self.drops.start()
-            self.names = Names(self._reasons, self.drops.device_name)
+            self.names = self.drops.names()
         if self.conns is not None:
             self.conns.start()
 

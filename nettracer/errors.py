@@ -5,19 +5,48 @@ bad option, a kernel that lacks a feature) derives from :class:`NettracerError`;
 the command line prints ``nettracer: <message>`` on one line on stderr and exits
 with :attr:`NettracerError.exit_code` (2).  Anything else is an internal failure
 (exit code 1).
+
+Below the command line an error names *settings*, never flags: the configuration key
+(``offsets.source``, ``drops.group_by``) or, for what only a caller knows, the
+tracer's own name for it (``drops.device``), and carries them in
+:attr:`NettracerError.settings`.  Each command maps the settings it has flags for to
+those flags when it prints the error (``FLAGS`` in ``nettracer/cli/<command>.py``).
 """
 
 from __future__ import annotations
 
 
 class NettracerError(Exception):
-    """An error the user can act on. ``str(err)`` is one line saying what and what to do."""
+    """An error the user can act on. ``str(err)`` is one line saying what and what to do.
+
+    ``setting`` names the setting(s) the message mentions (as spelled in it), so that a
+    command can say its flag instead.
+    """
 
     exit_code: int = 2
+
+    def __init__(self, *args: object, setting: str | tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.settings: tuple[str, ...] = (setting,) if isinstance(setting, str) else setting
 
 
 class PermissionError_(NettracerError):
     """Not root / a capability is missing (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)."""
+
+
+def require_root(
+    what: str, why: str = "CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN", instead: str = ""
+) -> None:
+    """:class:`PermissionError_` unless the effective user is root: "``what`` needs root
+    (``why``); run it with sudo", then "or use ``instead``" (a setting and its value,
+    e.g. ``offsets.source btf``, whose first word the error carries)."""
+    import os
+
+    if os.geteuid() != 0:
+        msg = f"{what} needs root ({why}); run it with sudo"
+        if instead:
+            msg += f" or use {instead}"
+        raise PermissionError_(msg, setting=instead.split(" ", 1)[0] if instead else ())
 
 
 class NotSupported(NettracerError):
@@ -45,7 +74,7 @@ class ConfigError(NettracerError):
 
 
 class UsageError(NettracerError):
-    """A bad command-line argument."""
+    """A bad value of a setting (``setting`` names it), or settings that exclude each other."""
 
 
 class Mismatch(NettracerError):

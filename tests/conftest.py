@@ -23,6 +23,47 @@ def kernel_skip(reason: str) -> None:
     pytest.skip(reason)
 
 
+def settings(**values: object):  # -> nettracer.config.Config
+    """The configuration a tracer's ``from_config`` takes: defaults plus ``values``
+    (``offsets__source="btf"`` sets ``offsets.source``), isolated from the environment
+    and from /etc/nettracer."""
+    from nettracer.config import load_config
+
+    overrides = {k.replace("__", "."): (v, "test") for k, v in values.items()}
+    return load_config(None, overrides, environ={}, default_path="/nonexistent/nettracer.yaml")
+
+
+def poll_until(read, done, timeout_s: float = 10.0, step_s: float = 0.05):  # type: ignore[no-untyped-def]
+    """Call ``read()`` until ``done(value)`` or ``timeout_s`` passed; the last value (which
+    the caller then asserts exactly: a deadline, never a fixed sleep before a count)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if done(value) or time.monotonic() >= deadline:
+            return value
+        time.sleep(step_s)
+
+
+def collect_until(monitor, done, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
+    """``DropMonitor.collect()`` until ``done(sample)`` holds for everything collected so
+    far (one ``Sample``: the counts of every call, the lost summed) or the deadline."""
+    from nettracer.tracers.drops.groups import Sample
+
+    counts: list = []
+    lost = 0
+
+    def read() -> Sample:
+        nonlocal lost
+        sample = monitor.collect()
+        counts.extend(sample.counts)
+        lost += sample.lost
+        return Sample(list(counts), lost)
+
+    return poll_until(read, done, timeout_s)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("kernel") is not None and os.geteuid() != 0:
         kernel_skip("needs root (eBPF, tracefs and network namespaces)")

@@ -506,6 +506,11 @@ def test_read_count_text(topo: Topo) -> None:
         (["kfree_skb", "skb->len->x"], "not a pointer"),
         (["no_such_tracepoint_x", "skb->len"], "no_such_tracepoint_x"),
         (["kfree_skb", "skb->len", "--filter-netns", "/nonexistent/ns"], "--filter-netns"),
+        # access names the setting (read.netns); the command says its flag
+        (
+            ["sys_enter", "id", "--filter-netns", "1"],
+            "find the network namespace of; drop --filter-netns",
+        ),
     ],
 )
 def test_read_user_errors(args: list[str], wanted: str) -> None:

@@ -17,8 +17,8 @@ from btfsynth import DROP_REASONS, EXPECTED, BtfBuilder, mini_kernel
 from conftest import kernel_skip
 
 from nettracer.errors import NettracerError
+from nettracer.kernel import BTF_VMLINUX as VMLINUX
 from nettracer.kernel.btf import (
-    VMLINUX,
     Btf,
     BtfError,
     BtfLookupError,
@@ -264,7 +264,8 @@ def test_vmlinux_missing(tmp_path: os.PathLike[str]) -> None:
     missing = os.path.join(tmp_path, "vmlinux")
     with pytest.raises(NoBtfError) as e:
         Btf.vmlinux(missing)
-    assert str(e.value) == f"kernel has no BTF ({missing} missing); use --offsets guess"
+    assert str(e.value) == f"kernel has no BTF ({missing} missing); use offsets.source guess"
+    assert e.value.settings == ("offsets.source",)
     with pytest.raises(BtfError, match="cannot read BTF file"):
         Btf.from_file(str(tmp_path))  # a directory
 

@@ -41,6 +41,16 @@ def test_bad_option_is_one_line_exit_2() -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_errors_name_the_commands_flags() -> None:
+    """Below the command line errors name settings (offsets.profile, offsets.source); the
+    command prints its flags for them.  ``nettracer offsets`` takes the offsets source
+    as ``--offsets`` like every command, and as ``--source`` (its first spelling)."""
+    for flag in ("--offsets", "--source"):
+        out = nettracer("offsets", flag, "btf", "--profile", "/nonexistent")
+        assert out.returncode == 2
+        assert out.stderr == "nettracer: --profile and --offsets btf exclude each other\n"
+
+
 @pytest.mark.kernel
 def test_kernel_json_matches_uname_and_probes() -> None:
     out = nettracer("kernel", "--json")

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import kernel_skip
+from conftest import kernel_skip, settings
 
 PID = os.getpid()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -842,13 +842,11 @@ def test_usage_errors(argv: list[str], env: dict[str, str], message: str) -> Non
 def test_full_ring_buffer_loses_nothing(ns: Netns) -> None:
     """A one-page ring buffer (22 records) and 40 connections closed between two reads:
     what the ring refused comes through the overflow hash, nothing is lost or evicted."""
-    from nettracer.tracers.conns import monitor as conns
-    from nettracer.tracers.conns import program as conns_prog
+    from nettracer.tracers.conns.monitor import ConnMonitor
 
-    tracer = conns.ConnTracer(
-        conns.load_offsets("btf"), conns_prog.ConnSpec(netns=ns.inode), ring_bytes=4096
-    )
-    monitor = conns.ConnMonitor(tracer)
+    cfg = settings(offsets__source="btf")
+    monitor = ConnMonitor.from_config(cfg, netns=ns.inode, gateway=False, ring_bytes=4096)
+    tracer = monitor.tracer
     script = None
     try:
         monitor.start()

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import kernel_skip
+from conftest import collect_until, kernel_skip, poll_until, settings
 
 PID = os.getpid()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -538,23 +538,24 @@ def test_drops_duration_and_empty_intervals(topo: Topo) -> None:
 def test_drops_without_reason_argument(topo: Topo) -> None:
     """A program for kernels before 5.17 (kfree_skb(skb, location)) still counts, reason None."""
     from nettracer.tracers.drops import monitor as drops
-    from nettracer.tracers.drops.program import DropSpec, Filters, KfreeSkbArgs
+    from nettracer.tracers.drops.program import KfreeSkbArgs
 
-    spec = DropSpec(
-        drops.layout_for(drops.load_offsets("btf"), False),
-        KfreeSkbArgs(("skb", "location")),
-        Filters(netns=topo.inode),
-    )
-    with drops.DropMonitor(spec) as mon:
+    cfg = settings(offsets__source="btf")
+    old = KfreeSkbArgs(("skb", "location"))
+    with drops.DropMonitor.from_config(cfg, netns=topo.inode, kfree_skb=old) as mon:
+        assert mon.reasons is None and mon.spec.args == old
+        names = mon.names()
+
+        def udp(sample: drops.Sample) -> list[drops.DropGroup]:
+            groups = drops.group_counts(sample.counts, drops.DEFAULT_BY, names)
+            return [g for g in groups if g.location and g.location.symbol == "__udp4_lib_rcv"]
+
         client = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
         client += f"for _ in range({U4}): s.sendto(b'x', ('10.201.1.2', 9))\n"
         run([sys.executable, "-c", client], ns=topo.client)
-        time.sleep(0.2)
-        sample = mon.collect()
-        names = drops.Names(None, mon.device_name)
-        groups = drops.group_counts(sample.counts, drops.DEFAULT_BY, names)
-    udp = [g for g in groups if g.location and g.location.symbol == "__udp4_lib_rcv"]
-    assert [(g.count, g.reason, g.device) for g in udp] == [(U4, None, topo.s1)]
+        sample = collect_until(mon, lambda s: sum(g.count for g in udp(s)) >= U4)
+        got = [(g.count, g.reason, g.device) for g in udp(sample)]
+    assert got == [(U4, None, topo.s1)]
 
 
 @pytest.mark.kernel
@@ -577,14 +578,17 @@ def test_drops_user_errors() -> None:
 
 def _monitor(topo: Topo, **kw: int):  # -> DropMonitor
     from nettracer.tracers.drops import monitor as drops
-    from nettracer.tracers.drops.program import DropSpec, Filters
 
-    spec = DropSpec(
-        drops.layout_for(drops.load_offsets("btf"), False),
-        drops.kfree_skb_args(None),
-        Filters(netns=topo.inode, protocol=0x0800),
+    cfg = settings(offsets__source="btf")
+    old = drops.kfree_skb_args(None)  # from the tracefs format, as without BTF
+    return drops.DropMonitor.from_config(
+        cfg, netns=topo.inode, protocol="IPv4", kfree_skb=old, **kw
     )
-    return drops.DropMonitor(spec, **kw)
+
+
+def _in_kernel(mon) -> int:  # type: ignore[no-untyped-def]
+    """Drops the monitor's map holds plus those it lost, read without collecting."""
+    return sum(sum(per_cpu) for _, per_cpu in mon.counts.items()) + mon.lost()
 
 
 # without the server every IPv4 datagram and SYN the client sends to S is dropped
@@ -595,7 +599,7 @@ IPV4_DROPS = U4 + T4 + F4_UDP + F4_ICMP + PASS4 + BURST  # in 3 keys: udp4, tcp4
 def test_full_map_counts_what_does_not_fit_as_lost(topo: Topo) -> None:
     with _monitor(topo, max_keys=2) as mon:
         run([sys.executable, "-c", CLIENT], ns=topo.client)
-        time.sleep(0.3)
+        poll_until(lambda: _in_kernel(mon), lambda n: n >= IPV4_DROPS)
         sample = mon.collect()
     assert len(sample.counts) == 2
     assert sample.lost > 0 and sample.total + sample.lost == IPV4_DROPS
@@ -609,7 +613,7 @@ def test_idle_keys_are_evicted_without_losing_counts(topo: Topo) -> None:
         for traffic in (True, False, True, False):
             if traffic:
                 run([sys.executable, "-c", CLIENT], ns=topo.client)
-                time.sleep(0.3)
+                poll_until(lambda: _in_kernel(mon), lambda n: n >= IPV4_DROPS)
             sample = mon.collect()
             totals.append((sample.total, sample.lost, len(list(mon.counts.keys()))))
     # 3 keys > max_keys / 2: once idle for an interval they are removed, and come back

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import kernel_skip
+from conftest import collect_until, kernel_skip, settings
 from golden import check_golden
 
 from nettracer.access.plan import plan_fields
@@ -136,15 +136,23 @@ def test_parse_reason() -> None:
 def test_make_filters_and_by() -> None:
     f = drops.make_filters("eth0", 4026531840, "no_socket", "ipv4", NAMES)
     assert f == Filters(device=b"eth0", netns=4026531840, reason=3, protocol=0x0800)
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=r"^drops\.device 'aaaa") as exc:
         drops.make_filters("a" * 16, None, None, None, NAMES)
-    with pytest.raises(UsageError):
+    assert exc.value.settings == ("drops.device",)
+    with pytest.raises(UsageError, match=r"^drops\.protocol: "):
         drops.make_filters(None, None, None, "nope", NAMES)
     with pytest.raises(drops.NotSupported):
         drops.make_filters(None, None, "NO_SOCKET", None, None)
     assert drops.parse_by("Location, device") == ("location", "device")
-    with pytest.raises(UsageError, match="--by"):
+    with pytest.raises(UsageError, match=r"^drops\.group_by location,colour: expected") as by:
         drops.parse_by("location,colour")
+    # below the command line errors name the setting; each command says its flag
+    from nettracer.cli import agent
+    from nettracer.cli import drops as drops_cli
+    from nettracer.cli.main import as_flags
+
+    assert as_flags(by.value, drops_cli.FLAGS).startswith("--by location,colour: expected")
+    assert as_flags(by.value, agent.FLAGS).startswith("drops.group_by location,colour")
 
 
 # -- grouping and output ------------------------------------------------------------------------
@@ -338,8 +346,8 @@ def kernel_spec_parts() -> tuple[DropLayout, KfreeSkbArgs, dict[int, str] | None
 
     btf = Btf.vmlinux()
     args = drops.kfree_skb_args(btf)
-    layout = drops.layout_for(drops.load_offsets("btf"), events=True)
-    return layout, args, drops.reason_names(btf) if args.has_reason else None
+    mon = drops.DropMonitor.from_config(settings(offsets__source="btf"), events=True)
+    return mon.spec.layout, args, drops.reason_names(btf) if args.has_reason else None
 
 
 @pytest.mark.kernel
@@ -389,25 +397,28 @@ def test_device_filter_matches_after_a_rename() -> None:
             subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
             subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
         inode = os.stat(f"/run/netns/{b}").st_ino
-        from nettracer.kernel.btf import Btf
+        cfg = settings(offsets__source="btf")
+        with drops.DropMonitor.from_config(cfg, device=short, netns=inode) as mon:
+            assert mon.spec.filters == Filters(device=short.encode(), netns=inode)
+            names = mon.names()
 
-        btf = Btf.vmlinux()
-        layout = drops.layout_for(drops.load_offsets("btf"), events=False)
-        spec = DropSpec(
-            layout, drops.kfree_skb_args(btf), Filters(device=short.encode(), netns=inode)
-        )
-        with drops.DropMonitor(spec) as mon:
+            def groups(sample: drops.Sample) -> list[drops.DropGroup]:
+                return drops.group_counts(sample.counts, ("location", "device"), names)
+
+            def udp(sample: drops.Sample) -> list[int]:
+                return [
+                    g.count
+                    for g in groups(sample)
+                    if g.location and g.location.symbol == "__udp4_lib_rcv"
+                ]
+
             client = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
             client += "for _ in range(6): s.sendto(b'x', ('10.202.0.2', 9))\n"
             # the first datagram may wait for ARP; all of them reach b in the end
             subprocess.run(["ip", "netns", "exec", a, sys.executable, "-c", client], check=True)
-            time.sleep(1.5)
-            sample = mon.collect()
-            names = drops.Names(None, mon.device_name)
-            groups = drops.group_counts(sample.counts, ("location", "device"), names)
-        assert {g.device for g in groups} == {short}, groups
-        udp = [g.count for g in groups if g.location and g.location.symbol == "__udp4_lib_rcv"]
-        assert udp == [6], groups
+            sample = collect_until(mon, lambda s: sum(udp(s)) >= 6)
+        assert {g.device for g in groups(sample)} == {short}, groups(sample)
+        assert udp(sample) == [6], groups(sample)
     finally:
         for ns in (a, b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -115,7 +115,13 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_lazy(tmp_path: Path) -> None:
-    Kallsyms(str(tmp_path / "nope"))  # constructing does not read
+    """Constructing reads nothing; the first query reads the file, once."""
+    p = tmp_path / "kallsyms"
+    k = Kallsyms(str(p))  # the file does not exist yet
+    p.write_text(SAMPLE)
+    assert len(k) == len(SAMPLE.splitlines())
+    p.unlink()  # what the first query read is kept
+    assert k.format_ps(0xFFFFFFFF81000015) == "foo+0x5/0x30"
 
 
 # -- the running kernel -------------------------------------------------------------

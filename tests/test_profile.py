@@ -142,7 +142,7 @@ def test_profile_and_btf_source_exclude_each_other(tmp_path) -> None:  # type: i
 
     with pytest.raises(UsageError, match="exclude each other"):
         offsets_for("btf", profile=str(tmp_path / "p.json"))
-    with pytest.raises(UsageError, match="unknown offsets source"):
+    with pytest.raises(UsageError, match=r"offsets\.source kprobe: expected"):
         offsets_for("kprobe")
 
 

@@ -27,6 +27,8 @@ from nettracer.bpf.counters import count_in_hash, lost_counter
 from nettracer.bpf.insn import FP, R0, R1, R6, JmpOp, Program, exit_, jmp32, ldx, mov64
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from nettracer.bpf.channel import ChannelReader
     from nettracer.bpf.maps import Map
     from nettracer.bpf.memory import KernelReads
@@ -79,7 +81,8 @@ def netns_expr(tracepoint: str, btf: Btf | None = None) -> str:
             return f"{name}->nd_net.net->ns.inum"
     raise AccessError(
         f"tracepoint {tracepoint} has no sk_buff, sock or net_device argument to find "
-        f"the network namespace of; drop --filter-netns"
+        f"the network namespace of; drop read.netns",
+        setting="read.netns",
     )
 
 
@@ -137,8 +140,14 @@ class Reader:
 
     ``mode`` is ``"events"`` (:meth:`poll`) or ``"count"`` (:meth:`pop_counts`);
     ``netns`` (an inode) keeps only hits whose ``netns_path`` value equals it.
-    Use as a context manager; :meth:`close` detaches and frees everything.
+    Built by :meth:`from_config` (the contract of :mod:`nettracer.tracers`); use as a
+    context manager or call :meth:`start` and :meth:`close`.
     """
+
+    #: where the offsets came from: ``btf`` (expressions resolved with BTF's types) or
+    #: an ``Offsets`` source (the field catalogue's expressions only)
+    source = "btf"
+    notices: list[str] = []  # noqa: RUF012  # never appended to
 
     def __init__(
         self,
@@ -149,35 +158,78 @@ class Reader:
         max_entries: int = 10240,
         ringbuf_size: int = 1 << 20,
     ) -> None:
+        self.tracepoint = tracepoint
+        self.paths = list(paths)
+        self.record = Record.of(paths)
+        self.mode = mode
+        self.netns = netns
+        self._sizes = (max_entries, ringbuf_size)
+        self._objs: list = []
+        self.reader: ChannelReader | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Mapping[str, object],
+        tracepoint: str,
+        exprs: Sequence[str],
+        *,
+        mode: str = "events",
+        netns: int | None = None,
+        **sizes: int,
+    ) -> Reader:
+        """The reader (not started) of ``exprs`` on raw tracepoint ``tracepoint``, resolved
+        with BTF when ``offsets.source`` means BTF on this kernel, else with the field
+        catalogue and the offsets of the ``offsets.*`` settings; ``netns`` (an inode) keeps
+        only hits in that namespace (errors name it ``read.netns``)."""
+        from nettracer.layout import source
+
+        btf = offsets = None
+        if source.uses_btf(str(cfg["offsets.source"])):
+            from nettracer.kernel.btf import Btf
+
+            btf = Btf.vmlinux()
+        else:
+            offsets = source.from_config(cfg)
+        paths = resolve_exprs(exprs, tracepoint, btf=btf, offsets=offsets)
+        flt = None
+        if netns is not None:
+            expr = netns_expr(tracepoint, btf)
+            flt = (resolve_exprs([expr], tracepoint, btf=btf, offsets=offsets)[0], netns)
+        reader = cls(tracepoint, paths, mode, flt, **sizes)
+        if offsets is not None:
+            reader.source = offsets.source
+        return reader
+
+    def start(self) -> Reader:
+        """Create the maps, load the program and attach it."""
         from nettracer.bpf import link, prog
         from nettracer.bpf.maps import hash_map
 
-        self.record = Record.of(paths)
-        self.mode = mode
-        self._objs: list = []
-        self.reader: ChannelReader | None = None
+        max_entries, ringbuf_size = self._sizes
         try:
             self.lost_map: Map = lost_counter("lost")
             self._objs.append(self.lost_map)
-            if mode == "events":
+            if self.mode == "events":
                 self.reader = event_channel("out", "lost").open(ringbuf_size, self.lost_map)
                 maps = self.reader.maps
             else:
                 self.out = hash_map(key_type(self.record), ctypes.c_uint64, max_entries, "out")
                 self._objs.append(self.out)
                 maps = {"out": self.out, "lost": self.lost_map}
-            flt = (Record.of([netns[0]]), netns[1]) if netns else None
-            insns = build_program(self.record, mode, flt).insns
+            flt = (Record.of([self.netns[0]]), self.netns[1]) if self.netns else None
+            insns = build_program(self.record, self.mode, flt).insns
             self.prog = prog.load(insns, maps=maps, name="nt_read")
             self._objs.append(self.prog)
-            self.link = link.attach_raw_tracepoint(self.prog, tracepoint)
+            self.link = link.attach_raw_tracepoint(self.prog, self.tracepoint)
             self._objs.append(self.link)
         except BaseException:
             self.close()
             raise
+        return self
 
     def __enter__(self) -> Reader:
-        return self
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()

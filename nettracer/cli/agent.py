@@ -10,14 +10,17 @@ how they are read are described in :mod:`nettracer.agent` and
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Any
 
-from nettracer.cli.args import seconds
-from nettracer.errors import NettracerError, UsageError
+from nettracer.cli.args import OFFSETS_SOURCES, seconds
+from nettracer.errors import UsageError, require_root
 
-OFFSET_MODES = ("auto", "btf", "guess")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    from nettracer.config import Config
+
+#: setting -> the flag that sets it here (errors below the CLI name settings)
+FLAGS = {"offsets.source": "--offsets", "agent.listen": "--listen"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-drops", action="store_true", help="do not count packet drops")
     p.add_argument(
         "--offsets",
-        choices=OFFSET_MODES,
+        choices=OFFSETS_SOURCES,
         help="where struct offsets come from: BTF, guessed at run time, or auto (offsets.source)",
     )
     p.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
@@ -55,48 +58,31 @@ def run(args: argparse.Namespace) -> int:
 
     if args.no_conns and args.no_drops:
         raise UsageError("--no-conns and --no-drops together leave nothing to trace")
-    overrides: dict[str, tuple[object, str]] = {
-        "offsets.source": (args.offsets, "--offsets"),
-        "agent.listen": (args.listen, "--listen"),
-    }
-    config = load_config(args.config, overrides)
+    values = {"offsets.source": args.offsets, "agent.listen": args.listen}
+    config = load_config(args.config, {k: (v, FLAGS[k]) for k, v in values.items()})
     for notice in config.notices:
         sys.stderr.write(f"nettracer: notice: {notice}\n")
     listen = str(config["agent.listen"])
     address = parse_address(listen)
     if address is None:  # the schema checked it; never trust a second parser blindly
         raise UsageError(f"--listen {listen}: expected HOST:PORT or [IPV6]:PORT")
-    if os.geteuid() != 0:
-        raise NettracerError(
-            "nettracer agent needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); run it with sudo"
-        )
+    require_root("nettracer agent")
     return _run(args, config, address)
 
 
-def _run(args: argparse.Namespace, cfg: object, address: tuple[str, int]) -> int:
+def _run(args: argparse.Namespace, cfg: Config, address: tuple[str, int]) -> int:
     from nettracer import __version__
     from nettracer.agent import Agent, kernel_release
     from nettracer.bpf.fd import install_signal_handlers
     from nettracer.output.prometheus import AgentCollector, serve
 
-    c: Any = cfg
-    source, cache_dir = str(c["offsets.source"]), str(c["offsets.cache_dir"])
-    timeout_ms = int(c["offsets.guess_timeout_ms"])
     install_signal_handlers()
     # bind first: a busy port fails before anything is loaded into the kernel
-    agent = Agent(None, None, offsets_source="", interval=float(c["drops.interval_s"]))
+    agent = Agent(None, None, interval=float(cfg["drops.interval_s"]))  # type: ignore[arg-type]
     collector = AgentCollector(agent, __version__, kernel_release())
     server, _thread = serve(collector, *address)
     try:
-        from nettracer.tracers.drops import monitor as drops_mod
-
-        offsets = drops_mod.load_offsets(source, cache_dir, timeout_ms)
-        agent.offsets_source = offsets.source
-        if not args.no_drops:
-            agent.drops, agent._reasons = _drop_monitor(offsets, cache_dir)
-        if not args.no_conns:
-            agent.conns = _conn_monitor(offsets, c)
-        agent.start()
+        agent.load(cfg, drops=not args.no_drops, conns=not args.no_conns)
         for notice in agent.notices:
             sys.stderr.write(f"nettracer: notice: {notice}\n")
         what = " and ".join(
@@ -105,7 +91,7 @@ def _run(args: argparse.Namespace, cfg: object, address: tuple[str, int]) -> int
         host, port = address
         shown = f"[{host}]" if ":" in host else host
         sys.stderr.write(
-            f"nettracer: agent tracing {what} (offsets: {offsets.source}); metrics on "
+            f"nettracer: agent tracing {what} (offsets: {agent.offsets_source}); metrics on "
             f"http://{shown}:{port}/metrics, Ctrl-C to stop\n"
         )
         sys.stderr.flush()
@@ -115,35 +101,3 @@ def _run(args: argparse.Namespace, cfg: object, address: tuple[str, int]) -> int
         server.shutdown()
         server.server_close()
     return 0
-
-
-def _drop_monitor(offsets: Any, cache_dir: str) -> tuple[Any, Any]:
-    """The drop monitor (not started) with no filters, and its reason names' loader."""
-    from nettracer.tracers.drops import monitor as drops
-    from nettracer.tracers.drops.program import DropSpec
-
-    cache = cache_dir or None
-    kargs = drops.cached_kfree_skb_args(cache)
-    reasons = (lambda: drops.cached_reason_names(cache)) if kargs.has_reason else None
-    spec = DropSpec(drops.layout_for(offsets, False), kargs)
-    return drops.DropMonitor(spec), reasons
-
-
-def _conn_monitor(offsets: Any, c: Any) -> Any:
-    """The connection monitor (not started), every namespace, no gateway lookups (the
-    metrics carry no per-connection labels)."""
-    from nettracer.tracers.conns import monitor as conns
-    from nettracer.tracers.conns import program as conns_prog
-
-    opts = conns_prog.ConnSpec(
-        collect_tcp=bool(c["network.collect_tcp"]),
-        collect_udp=bool(c["network.collect_udp"]),
-        collect_ipv6=bool(c["network.collect_ipv6"]),
-        netns=0,
-    )
-    tracer = conns.ConnTracer(offsets, opts, max_conns=int(c["network.max_tracked_connections"]))
-    return conns.ConnMonitor(
-        tracer,
-        tcp_timeout_s=float(c["network.tcp_conn_timeout_s"]),
-        udp_timeout_s=float(c["network.udp_conn_timeout_s"]),
-    )

@@ -6,6 +6,9 @@ import argparse
 import os
 
 from nettracer.errors import UsageError
+from nettracer.layout import SOURCES as OFFSETS_SOURCES
+
+__all__ = ["OFFSETS_SOURCES", "netns_inode", "seconds"]
 
 
 def seconds(text: str) -> float:

@@ -15,10 +15,19 @@ import signal
 import sys
 import time
 
-from nettracer.cli.args import netns_inode, seconds
-from nettracer.errors import UsageError
+from nettracer.cli.args import OFFSETS_SOURCES, netns_inode, seconds
+from nettracer.errors import UsageError, require_root
 
-OFFSET_MODES = ("auto", "btf", "guess")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    from nettracer.tracers.conns.monitor import ConnMonitor
+
+#: setting -> the flag that sets it here (errors below the CLI name settings)
+FLAGS = {
+    "offsets.source": "--offsets",
+    "output.format": "--json",
+    "gateway_lookup.enabled": "--no-gateway",
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -46,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--offsets",
-        choices=OFFSET_MODES,
+        choices=OFFSETS_SOURCES,
         help="where struct offsets come from: BTF, guessed at run time, or auto (offsets.source)",
     )
     p.add_argument(
@@ -80,12 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from nettracer.config import load_config
 
-    overrides: dict[str, tuple[object, str]] = {
-        "offsets.source": (args.offsets, "--offsets"),
-        "output.format": ("json" if args.json else None, "--json"),
-        "gateway_lookup.enabled": (False if args.no_gateway else None, "--no-gateway"),
+    values = {
+        "offsets.source": args.offsets,
+        "output.format": "json" if args.json else None,
+        "gateway_lookup.enabled": False if args.no_gateway else None,
     }
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, {k: (v, FLAGS[k]) for k, v in values.items()})
     for notice in config.notices:
         sys.stderr.write(f"nettracer: notice: {notice}\n")
     fmt = str(config["output.format"])
@@ -94,66 +103,34 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UsageError(f"--top {args.top}: expected a number of rows >= 1")
     netns = netns_inode(args.netns) or 0
-    from nettracer.tracers.conns import monitor as conns
+    require_root("nettracer conns")
+    from nettracer.tracers.conns.monitor import ConnMonitor
 
-    conns.require_root()
-    return _Session(args, config, netns, fmt == "json").run()
+    monitor = ConnMonitor.from_config(
+        config, netns=netns, pid=args.pid, bytes_source=args.bytes_source
+    )
+    return _Session(args, monitor, fmt == "json").run()
 
 
 class _Session:
-    """One run: set-up, the reporting loop, the last report."""
+    """One run: attaching, the reporting loop, the last report."""
 
-    def __init__(self, args: argparse.Namespace, config: object, netns: int, json: bool) -> None:
+    def __init__(self, args: argparse.Namespace, monitor: ConnMonitor, json: bool) -> None:
         self.args = args
-        self.config = config
-        self.netns = netns
+        self.monitor = monitor
         self.json = json
         self.out = sys.stdout
 
     def run(self) -> int:
         from nettracer.bpf.fd import install_signal_handlers
-        from nettracer.tracers.conns import monitor as conns
-        from nettracer.tracers.conns import program as conns_prog
 
-        cfg = self.config
-        args = self.args
-        offsets = conns.load_offsets(
-            str(cfg["offsets.source"]),  # type: ignore[index]
-            cache_dir=str(cfg["offsets.cache_dir"]),  # type: ignore[index]
-            timeout_ms=int(cfg["offsets.guess_timeout_ms"]),  # type: ignore[index]
-        )
-        opts = conns_prog.ConnSpec(
-            collect_tcp=bool(cfg["network.collect_tcp"]),  # type: ignore[index]
-            collect_udp=bool(cfg["network.collect_udp"]),  # type: ignore[index]
-            collect_ipv6=bool(cfg["network.collect_ipv6"]),  # type: ignore[index]
-            netns=self.netns,
-        )
-        tracer = conns.ConnTracer(
-            offsets,
-            opts,
-            max_conns=int(cfg["network.max_tracked_connections"]),  # type: ignore[index]
-            bytes_source=args.bytes_source,
-        )
-        resolver = None
-        if cfg["gateway_lookup.enabled"]:  # type: ignore[index]
-            from nettracer.net.gateway import GatewayResolver
-
-            resolver = GatewayResolver.from_config(cfg)  # type: ignore[arg-type]
-        monitor = conns.ConnMonitor(
-            tracer,
-            tcp_timeout_s=float(cfg["network.tcp_conn_timeout_s"]),  # type: ignore[index]
-            udp_timeout_s=float(cfg["network.udp_conn_timeout_s"]),  # type: ignore[index]
-            resolver=resolver,
-            pid=args.pid,
-        )
         install_signal_handlers()
         # from here on SIGINT/SIGTERM/SIGHUP only ask the loop to stop: an exception in
         # the middle of reading the ring buffer would drop records already consumed
         self.stopping = 0
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        try:
-            monitor.start()
+        with self.monitor as monitor:
             for notice in monitor.notices:
                 sys.stderr.write(f"nettracer: notice: {notice}\n")
             self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
@@ -161,6 +138,7 @@ class _Session:
             # the start-up objects leave the collector's view, and it runs less often
             gc.freeze()
             gc.set_threshold(100_000, 50, 100)
+            use_length = monitor.tracer.use_length
             if self.json:
                 import functools
 
@@ -168,26 +146,21 @@ class _Session:
 
                 monitor.render_closed = functools.partial(
                     record_line,
-                    bytes_from_tcp_sock=not tracer.use_length,
+                    bytes_from_tcp_sock=not use_length,
                     mono_to_epoch_ns=self.mono_to_epoch,
                 )
             sys.stderr.write(
-                f"nettracer: tracing connections (offsets: {offsets.source}, bytes from "
-                f"{'sock_*_length' if tracer.use_length else 'tcp_sock'}); printing every "
-                f"{args.interval:g} s, Ctrl-C to stop\n"
+                f"nettracer: tracing connections (offsets: {monitor.source}, bytes from "
+                f"{'sock_*_length' if use_length else 'tcp_sock'}); printing every "
+                f"{self.args.interval:g} s, Ctrl-C to stop\n"
             )
             sys.stderr.flush()
-            self.monitor = monitor
             start = time.monotonic()
             self.last = start
             self._loop(start)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)
             self._report(time.monotonic())  # the last (partial) interval
-        finally:
-            monitor.close()
-            if resolver is not None:
-                resolver.close()
         return 0
 
     def _on_signal(self, signum: int, frame: object) -> None:

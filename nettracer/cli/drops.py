@@ -12,16 +12,26 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 
-from nettracer.cli.args import netns_inode, seconds
-from nettracer.errors import UsageError
+from nettracer.cli.args import OFFSETS_SOURCES, netns_inode, seconds
+from nettracer.errors import UsageError, require_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
-    from nettracer.tracers.drops.program import DropEvent, DropSpec
+    from nettracer.tracers.drops.monitor import DropMonitor
+    from nettracer.tracers.drops.program import DropEvent
 
-OFFSET_MODES = ("auto", "btf", "guess")
+#: setting -> the flag that sets it here (errors below the CLI name settings)
+FLAGS = {
+    "drops.interval_s": "--interval",
+    "drops.group_by": "--by",
+    "output.format": "--json",
+    "offsets.source": "--offsets",
+    "drops.device": "--device",
+    "drops.netns": "--netns",
+    "drops.reason": "--reason",
+    "drops.protocol": "--protocol",
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--json", action="store_true", help="one JSON object per interval (or event)")
     p.add_argument(
         "--offsets",
-        choices=OFFSET_MODES,
+        choices=OFFSETS_SOURCES,
         help="where struct offsets come from: BTF, guessed at run time, or auto (BTF if "
         "present; offsets.source)",
     )
@@ -80,111 +90,62 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from nettracer.config import load_config
 
-    overrides: dict[str, tuple[object, str]] = {
-        "drops.interval_s": (args.interval, "--interval"),
-        "drops.group_by": (args.by.split(",") if args.by else None, "--by"),
-        "output.format": ("json" if args.json else None, "--json"),
-        "offsets.source": (args.offsets, "--offsets"),
+    values = {
+        "drops.interval_s": args.interval,
+        "drops.group_by": args.by.split(",") if args.by else None,
+        "output.format": "json" if args.json else None,
+        "offsets.source": args.offsets,
     }
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, {k: (v, FLAGS[k]) for k, v in values.items()})
     for notice in config.notices:
         sys.stderr.write(f"nettracer: {notice}\n")
     fmt = str(config["output.format"])
     if fmt not in ("text", "json"):
         raise UsageError(f"nettracer drops prints text or json, not {fmt} (output.format)")
-    from nettracer.tracers.drops import monitor as drops
-
-    interval = float(config["drops.interval_s"])  # type: ignore[arg-type]
-    by = drops.parse_by(config["drops.group_by"])  # type: ignore[arg-type]
     netns = netns_inode(args.netns)
-    drops.require_root()
-    session = _Session(args, interval, by, fmt == "json", netns)
-    session.offsets = (
-        str(config["offsets.source"]),
-        str(config["offsets.cache_dir"]),
-        int(config["offsets.guess_timeout_ms"]),  # type: ignore[call-overload]
+    require_root("nettracer drops")
+    from nettracer.tracers.drops.monitor import DropMonitor
+
+    monitor = DropMonitor.from_config(
+        config,
+        events=args.events,
+        stack=args.stack,
+        device=args.device,
+        netns=netns,
+        reason=args.reason,
+        protocol=args.protocol,
     )
-    return session.run()
+    interval = float(config["drops.interval_s"])  # type: ignore[arg-type]
+    return _Session(args, monitor, interval, fmt == "json").run()
 
 
 class _Session:
-    """One run of the command: set-up, the reporting loop, the last report."""
+    """One run of the command: attaching, the reporting loop, the last report."""
 
     def __init__(
-        self,
-        args: argparse.Namespace,
-        interval: float,
-        by: tuple[str, ...],
-        json: bool,
-        netns: int | None,
+        self, args: argparse.Namespace, monitor: DropMonitor, interval: float, json: bool
     ) -> None:
         self.args = args
+        self.monitor = monitor
         self.interval = interval
-        self.by = by
+        self.by = monitor.group_by
         self.json = json
-        self.netns = netns
         self.out = sys.stdout
         self.events_seen = 0
-        self.offsets: tuple[str, str, int] = ("auto", "", 0)
         self._lost_shown = 0
         self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
 
-    def _prepare(
-        self,
-    ) -> tuple[DropSpec, dict[int, str] | Callable[[], dict[int, str]] | None, str]:
-        """(program spec, reason names or their loader, offsets source).
-
-        Only what the program needs is read before attaching: the offsets, whether
-        ``kfree_skb`` has a reason and, for ``--reason``, the reason names; from BTF
-        through its cache (:mod:`nettracer.kernel.btf_cache`: no BTF parse once this
-        boot's BTF was read), or the tracefs format without BTF.  The names are
-        otherwise read when first printed.
-        """
-        from nettracer.tracers.drops import monitor as drops
-        from nettracer.tracers.drops.program import DropSpec
-
-        args = self.args
-        source, cache_dir, timeout_ms = self.offsets
-        cache = cache_dir or None
-        offsets = drops.load_offsets(source, cache_dir, timeout_ms)
-        kargs = drops.cached_kfree_skb_args(cache)
-        reasons: dict[int, str] | Callable[[], dict[int, str]] | None = None
-        if kargs.has_reason:
-            if args.reason is not None:
-                reasons = drops.cached_reason_names(cache)
-            else:
-                reasons = lambda: drops.cached_reason_names(cache)  # noqa: E731
-        filters = drops.make_filters(
-            args.device,
-            self.netns,
-            args.reason,
-            args.protocol,
-            reasons if isinstance(reasons, dict) else None,
-        )
-        spec = DropSpec(
-            drops.layout_for(offsets, args.events),
-            kargs,
-            filters,
-            stack=args.stack,
-            events=args.events,
-        )
-        return spec, reasons, offsets.source
-
     def run(self) -> int:
         from nettracer.bpf.fd import Terminated, install_signal_handlers
-        from nettracer.tracers.drops import monitor as drops
+        from nettracer.tracers.drops.monitor import TRACEPOINT
 
         args = self.args
-        spec, reasons, source = self._prepare()
         install_signal_handlers()
-        monitor = drops.DropMonitor(spec)
-        try:
-            monitor.start()
-            self.names = drops.Names(reasons, monitor.device_name)
-            self.monitor = monitor
+        with self.monitor as monitor:
+            self.names = monitor.names()
             what = "events" if args.events else f"every {self.interval:g} s"
             sys.stderr.write(
-                f"nettracer: attached to {drops.TRACEPOINT} (offsets: {source}); "
+                f"nettracer: attached to {TRACEPOINT} (offsets: {monitor.source}); "
                 f"printing {what}, Ctrl-C to stop\n"
             )
             sys.stderr.flush()
@@ -197,8 +158,6 @@ class _Session:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(sig, signal.SIG_IGN)
                 self._report(time.monotonic(), final=True)
-        finally:
-            monitor.close()
         return 0
 
     # -- the loop -----------------------------------------------------------------------

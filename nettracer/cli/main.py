@@ -4,8 +4,9 @@ Each subcommand lives in ``nettracer/cli/<name>.py`` and exposes
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
 Those modules import heavy dependencies inside ``run`` only, so ``--help`` stays fast.
 Errors the user can cause (:class:`nettracer.errors.NettracerError`) are printed
-as one line on stderr with their exit code; anything else is an internal failure
-(exit code 1, traceback only with ``NETTRACER_DEBUG=1``).
+as one line on stderr with their exit code, the settings they name said as the
+command's flags (its ``FLAGS`` table, setting -> flag); anything else is an internal
+failure (exit code 1, traceback only with ``NETTRACER_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         p = module.add_parser(sub)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _flags=getattr(module, "FLAGS", {}))
     return parser
+
+
+def as_flags(exc: NettracerError, flags: dict[str, str]) -> str:
+    """The error's message with each setting it names that the command has a flag for
+    said as that flag (``drops.group_by x`` -> ``--by x``)."""
+    message = str(exc)
+    for setting in exc.settings:
+        flag = flags.get(setting)
+        if flag is not None:
+            message = message.replace(setting, flag)
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except NettracerError as exc:
-        sys.stderr.write(f"nettracer: {exc}\n")
+        sys.stderr.write(f"nettracer: {as_flags(exc, args._flags)}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -14,7 +14,17 @@ import json
 import sys
 from typing import Any
 
+from nettracer.cli.args import OFFSETS_SOURCES
 from nettracer.errors import Mismatch, UsageError
+
+#: setting -> the flag that sets it here (errors below the CLI name settings); the offsets
+#: source is ``--offsets`` on every command, and here ``--source`` too (its first name)
+FLAGS = {
+    "offsets.source": "--offsets",
+    "offsets.cache_dir": "--cache-dir",
+    "offsets.guess_timeout_ms": "--timeout-ms",
+    "offsets.profile": "--profile",
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,8 +36,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--verify compares them with BTF (exit code 3 on a difference).",
     )
     p.add_argument(
+        "--offsets",
         "--source",
-        choices=("auto", "btf", "guess"),
+        dest="source",
+        choices=OFFSETS_SOURCES,
         default=None,
         help="btf, guess (now), or auto: BTF if present, else this kernel's cached "
         "profile, else guess (default: offsets.source, auto)",
@@ -35,8 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--verify",
         action="store_true",
-        help="compare every field with BTF; exit 3 on a difference (implies --source "
-        "guess unless --source or --profile is given)",
+        help="compare every field with BTF; exit 3 on a difference (implies --offsets "
+        "guess unless --offsets or --profile is given)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--save", metavar="FILE", help="also write the offsets as a profile to FILE")
@@ -126,12 +138,12 @@ def _mismatch_message(offsets: Any, btf: Any, verified: dict[str, bool]) -> str:
 def run(args: argparse.Namespace) -> int:
     from nettracer.config import load_config
 
-    overrides: dict[str, tuple[object, str]] = {
-        "offsets.source": (args.source, "--source"),
-        "offsets.cache_dir": (args.cache_dir, "--cache-dir"),
-        "offsets.guess_timeout_ms": (args.timeout_ms, "--timeout-ms"),
+    values = {
+        "offsets.source": args.source,
+        "offsets.cache_dir": args.cache_dir,
+        "offsets.guess_timeout_ms": args.timeout_ms,
     }
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, {k: (v, FLAGS[k]) for k, v in values.items()})
     for notice in config.notices:
         sys.stderr.write(f"nettracer: {notice}\n")
     source = str(config["offsets.source"])

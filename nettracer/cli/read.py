@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
 
-from nettracer.cli.args import netns_inode, seconds
+from nettracer.cli.args import OFFSETS_SOURCES, netns_inode, seconds
 from nettracer.errors import UsageError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
-    from nettracer.access.path import AccessPath
+    from typing import Any, TextIO
+
+    from nettracer.access.reader import Reader
+
+#: setting -> the flag that sets it here (errors below the CLI name settings)
+FLAGS = {"offsets.source": "--offsets", "read.netns": "--filter-netns"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,147 +53,129 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--offsets",
-        choices=("auto", "btf", "guess"),
-        default="auto",
+        choices=OFFSETS_SOURCES,
         help="resolve with BTF (auto: when present) or with the field catalogue and "
-        "guessed offsets",
+        "guessed offsets (default: offsets.source, auto)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="YAML configuration file (default: /etc/nettracer/nettracer.yaml if present)",
     )
     return p
-
-
-def _resolve(args: argparse.Namespace, tp: str) -> tuple[list[AccessPath], AccessPath | None, str]:
-    from nettracer.access.reader import netns_expr, resolve_exprs
-
-    btf = offsets = None
-    if args.offsets == "btf" or (
-        args.offsets == "auto" and os.path.exists("/sys/kernel/btf/vmlinux")
-    ):
-        from nettracer.kernel.btf import Btf
-
-        btf = Btf.vmlinux()
-        source = "btf"
-    else:
-        from nettracer.layout.source import offsets_for
-
-        offsets = offsets_for(args.offsets)
-        source = f"catalogue, {offsets.source} offsets"
-    paths = resolve_exprs(args.exprs, tp, btf=btf, offsets=offsets)
-    flt = None
-    if args.filter_netns is not None:
-        flt = resolve_exprs([netns_expr(tp, btf)], tp, btf=btf, offsets=offsets)[0]
-    return paths, flt, source
 
 
 def _text(v: Any) -> str:
     return "null" if v is None else str(v)
 
 
+class _Printer:
+    """What ``nettracer read`` prints: events, lost lines, counts per interval."""
+
+    def __init__(self, reader: Reader, json: bool, out: TextIO) -> None:
+        self.reader = reader
+        self.exprs = [p.expr for p in reader.paths]
+        self.json = json
+        self.out = out
+        self.events = 0
+        self.shown_lost = 0
+
+    def _values(self, values: list) -> str:
+        return "  ".join(f"{e}={_text(v)}" for e, v in zip(self.exprs, values, strict=True))
+
+    def event(self, values: list, _statuses: list[str]) -> None:
+        self.events += 1
+        if self.json:
+            obj = {"time": time.time(), "values": dict(zip(self.exprs, values, strict=True))}
+            self.out.write(json.dumps(obj) + "\n")
+        else:
+            self.out.write(self._values(values) + "\n")
+
+    def lost_line(self, force: bool) -> None:
+        lost = self.reader.lost
+        if force or lost > self.shown_lost:
+            self.shown_lost = lost
+            if self.json:
+                obj = {"time": time.time(), "events": self.events, "lost": lost}
+                self.out.write(json.dumps(obj) + "\n")
+            else:
+                self.out.write(f"# {self.events} events shown, {lost} lost\n")
+
+    def counts(self, elapsed: float) -> None:
+        rows = self.reader.pop_counts()
+        lost = self.reader.lost
+        if self.json:
+            counts = [
+                {"values": dict(zip(self.exprs, v, strict=True)), "count": n} for v, _s, n in rows
+            ]
+            obj = {"time": time.time(), "interval_s": round(elapsed, 3), "counts": counts}
+            self.out.write(json.dumps({**obj, "lost": lost}) + "\n")
+        else:
+            hits = sum(n for *_, n in rows)
+            self.out.write(f"{time.strftime('%H:%M:%S')}  {hits} hits, {lost} lost\n")
+            for v, _s, n in rows:
+                self.out.write(f"{n:>10}  {self._values(v)}\n")
+        self.out.flush()
+
+
 def run(args: argparse.Namespace) -> int:
     from nettracer.access.reader import Reader, tracepoint_name
     from nettracer.bpf.fd import install_signal_handlers
+    from nettracer.config import load_config
 
     tp = tracepoint_name(args.tracepoint)
     if not tp:
         raise UsageError(f"bad tracepoint {args.tracepoint!r} (want e.g. kfree_skb)")
-    inum = netns_inode(args.filter_netns, "--filter-netns")
-    paths, flt, source = _resolve(args, tp)
-    install_signal_handlers()
+    config = load_config(args.config, {"offsets.source": (args.offsets, FLAGS["offsets.source"])})
+    for notice in config.notices:
+        sys.stderr.write(f"nettracer: notice: {notice}\n")
+    inum = netns_inode(args.filter_netns, FLAGS["read.netns"])
     mode = "count" if args.count else "events"
-    netns = (flt, inum) if flt is not None and inum is not None else None
-    out = sys.stdout
-    exprs = [p.expr for p in paths]
-    with Reader(tp, paths, mode, netns) as reader:
+    reader = Reader.from_config(config, tp, args.exprs, mode=mode, netns=inum)
+    install_signal_handlers()
+    with reader:
+        how = "btf" if reader.source == "btf" else f"catalogue, {reader.source} offsets"
         sys.stderr.write(
-            f"nettracer: attached to raw tracepoint {tp} ({len(paths)} expressions, "
-            f"{source}); Ctrl-C to stop\n"
+            f"nettracer: attached to raw tracepoint {tp} ({len(reader.paths)} expressions, "
+            f"{how}); Ctrl-C to stop\n"
         )
         sys.stderr.flush()
-        start = time.monotonic()
-        end = start + args.duration if args.duration else None
-        events = 0
-        shown_lost = 0
-
-        def event(values: list, _statuses: list[str]) -> None:
-            nonlocal events
-            events += 1
-            if args.json:
-                out.write(
-                    json.dumps(
-                        {"time": time.time(), "values": dict(zip(exprs, values, strict=True))}
-                    )
-                    + "\n"
-                )
-            else:
-                out.write(
-                    "  ".join(f"{e}={_text(v)}" for e, v in zip(exprs, values, strict=True)) + "\n"
-                )
-
-        def lost_line(force: bool) -> None:
-            nonlocal shown_lost
-            lost = reader.lost
-            if force or lost > shown_lost:
-                shown_lost = lost
-                if args.json:
-                    out.write(
-                        json.dumps({"time": time.time(), "events": events, "lost": lost}) + "\n"
-                    )
-                else:
-                    out.write(f"# {events} events shown, {lost} lost\n")
-
-        def report(elapsed: float) -> None:
-            rows = reader.pop_counts()
-            if args.json:
-                obj = {
-                    "time": time.time(),
-                    "interval_s": round(elapsed, 3),
-                    "counts": [
-                        {"values": dict(zip(exprs, v, strict=True)), "count": n}
-                        for v, _s, n in rows
-                    ],
-                    "lost": reader.lost,
-                }
-                out.write(json.dumps(obj) + "\n")
-            else:
-                out.write(
-                    f"{time.strftime('%H:%M:%S')}  {sum(n for *_, n in rows)} hits, {reader.lost} lost\n"
-                )
-                for v, _s, n in rows:
-                    out.write(
-                        f"{n:>10}  "
-                        + "  ".join(f"{e}={_text(x)}" for e, x in zip(exprs, v, strict=True))
-                        + "\n"
-                    )
-            out.flush()
-
-        last = start
+        printer = _Printer(reader, args.json, sys.stdout)
         try:
-            while True:
-                now = time.monotonic()
-                if end is not None and now >= end:
-                    break
-                if args.count:
-                    due = last + args.interval
-                    time.sleep(max(0.0, min(due, end or due) - now))
-                    now = time.monotonic()
-                    if end is not None and now >= end:
-                        break  # the final report covers it
-                    if now >= due:
-                        report(now - last)
-                        last = now
-                else:
-                    wait = 0.5 if end is None else max(0.0, min(0.5, end - now))
-                    reader.poll(wait, event)
-                    lost_line(False)
-                    out.flush()
-        except KeyboardInterrupt:
-            pass
-        except SystemExit:  # SIGTERM (nettracer.bpf.fd.Terminated)
+            _loop(args, reader, printer)
+        except (KeyboardInterrupt, SystemExit):  # SIGTERM: nettracer.bpf.fd.Terminated
             pass
         finally:
-            if args.count:
-                report(time.monotonic() - last)
-            else:
-                reader.poll(0, event)
-                lost_line(True)
-            out.flush()
+            if not args.count:
+                reader.poll(0, printer.event)
+                printer.lost_line(True)
+            sys.stdout.flush()
     return 0
+
+
+def _loop(args: argparse.Namespace, reader: Reader, printer: _Printer) -> None:
+    """Print until ``--duration`` (forever without); the last counts at the end, too."""
+    start = last = time.monotonic()
+    end = start + args.duration if args.duration else None
+    try:
+        while True:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                return
+            if not args.count:
+                wait = 0.5 if end is None else max(0.0, min(0.5, end - now))
+                reader.poll(wait, printer.event)
+                printer.lost_line(False)
+                printer.out.flush()
+                continue
+            due = last + args.interval
+            time.sleep(max(0.0, min(due, end or due) - now))
+            now = time.monotonic()
+            if end is not None and now >= end:
+                return  # the final report covers it
+            if now >= due:
+                printer.counts(now - last)
+                last = now
+    finally:
+        if args.count:
+            printer.counts(time.monotonic() - last)

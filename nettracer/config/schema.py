@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from nettracer.layout import SOURCES
 from nettracer.value import Value
 
 #: the value types a key can have
@@ -285,7 +286,7 @@ SCHEMA: dict[str, Key] = _keys(
         "auto",
         "where struct offsets come from: BTF when the kernel has it (auto), only BTF, "
         "or guessed at run time",
-        choices=("auto", "btf", "guess"),
+        choices=SOURCES,
     ),
     Key(
         "offsets.cache_dir",

@@ -35,8 +35,8 @@ import sys
 from typing import NamedTuple
 
 from nettracer.errors import NettracerError
+from nettracer.kernel import BTF_VMLINUX
 
-VMLINUX = "/sys/kernel/btf/vmlinux"
 BTF_MAGIC = 0xEB9F
 BTF_VERSION = 1
 _HDR_MIN = 24  # struct btf_header: magic, version, flags, hdr_len, type/str off+len
@@ -234,13 +234,16 @@ class Btf:
         return cls(data, source=path)
 
     @classmethod
-    def vmlinux(cls, path: str = VMLINUX) -> Btf:
+    def vmlinux(cls, path: str = BTF_VMLINUX) -> Btf:
         """The running kernel's BTF (needs CONFIG_DEBUG_INFO_BTF, Linux 5.4+)."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            raise NoBtfError(f"kernel has no BTF ({path} missing); use --offsets guess") from None
+            raise NoBtfError(
+                f"kernel has no BTF ({path} missing); use offsets.source guess",
+                setting="offsets.source",
+            ) from None
         except OSError as e:
             raise BtfError(f"cannot read BTF file {path}: {e.strerror or e}") from None
         return cls(data, source=path)

@@ -39,6 +39,8 @@ import contextlib
 import os
 from collections.abc import Callable
 
+from nettracer.kernel import BTF_VMLINUX
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
     from typing import TypeVar
@@ -46,7 +48,6 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 FORMAT = "nettracer-btf-cache 1"
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 _HEADER_BYTES = 24  # struct btf_header: magic, version, flags, hdr_len, type/str off+len
 
 #: a fact as stored: rows of text fields

@@ -20,8 +20,8 @@ from nettracer.bpf.link import UnknownTracepoint, attach_raw_tracepoint
 from nettracer.bpf.ringbuf import RingBuf
 from nettracer.bpf.syscall import BpfSyscallError, MapType, MemlockError, ProgType
 from nettracer.errors import NotSupported
+from nettracer.kernel import BTF_VMLINUX
 
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 #: the perf PMU that exists exactly when the kernel has CONFIG_KPROBES (and kprobe events)
 KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nettracer.errors import NettracerError
-
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+from nettracer.kernel import BTF_VMLINUX
 
 # uname -m -> the kernel's arch/ directory name
 _ARCH = (

@@ -1,4 +1,4 @@
-"""Catalogue offsets read from BTF: the ``--offsets btf`` source.
+"""Catalogue offsets read from BTF: the ``offsets.source btf`` source.
 
 Every field of :data:`nettracer.layout.catalogue.CATALOGUE` is resolved with
 :meth:`nettracer.kernel.btf.Btf.resolve`; a field BTF does not have, or whose

@@ -68,7 +68,8 @@ class Offsets:
                 why = "not a catalogue field"
             raise UnresolvedField(
                 f"offset of {key} is not known ({why or 'not resolved'}); "
-                f"try --offsets btf or --offsets guess"
+                f"try offsets.source btf or offsets.source guess",
+                setting="offsets.source",
             ) from None
 
     def __contains__(self, key: str) -> bool:

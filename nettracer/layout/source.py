@@ -1,4 +1,4 @@
-"""Where the tracers' offsets come from: the single entry point for ``--offsets``.
+"""Where the tracers' offsets come from: the single entry point for ``offsets.source``.
 
 ``btf``
     read from ``/sys/kernel/btf/vmlinux`` (:func:`nettracer.layout.btf_offsets.btf_offsets`),
@@ -11,8 +11,10 @@
     BTF when the kernel has it, else the cached profile of this exact kernel build, else
     a guess (which is then cached). A corrupt cache file is ignored with a warning.
 
-A profile file given explicitly (``--profile``) is used instead of BTF or a guess,
-after checking it was made on this kernel (``force`` skips that check).
+A profile file given explicitly (``offsets.profile``, which only ``nettracer offsets``
+has) is used instead of BTF or a guess, after checking it was made on this kernel
+(``force`` skips that check).  :func:`from_config` is how a tracer asks, with the
+``offsets.*`` settings.
 """
 
 from __future__ import annotations
@@ -23,22 +25,39 @@ import time
 from collections.abc import Callable
 
 from nettracer.errors import UsageError
-from nettracer.kernel.btf_cache import BTF_VMLINUX
+from nettracer.kernel import BTF_VMLINUX
+from nettracer.layout import SOURCES
 from nettracer.layout.profile import DEFAULT_CACHE_DIR, ProfileError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
 
     from nettracer.kernel.identity import KernelIdentity
     from nettracer.layout.offsets import Offsets
 
-SOURCES = ("auto", "btf", "guess")
 DEFAULT_TIMEOUT_MS = 2000
 
 
 def _stderr_warning(message: str) -> None:
     sys.stderr.write(f"nettracer: warning: {message}\n")
+
+
+def uses_btf(source: str, btf_path: str = BTF_VMLINUX) -> bool:
+    """Whether ``source`` means BTF here: ``btf``, or ``auto`` on a kernel that has it."""
+    return source == "btf" or (source == "auto" and os.path.exists(btf_path))
+
+
+def from_config(cfg: Mapping[str, object]) -> Offsets:
+    """:func:`offsets_for` with the settings ``offsets.source``, ``offsets.cache_dir``
+    (empty: no caches) and ``offsets.guess_timeout_ms`` of ``cfg`` (what
+    :func:`nettracer.config.load_config` returns)."""
+    return offsets_for(
+        str(cfg["offsets.source"]),
+        cache_dir=str(cfg["offsets.cache_dir"]) or None,
+        timeout_ms=int(cfg["offsets.guess_timeout_ms"]),  # type: ignore[call-overload]
+    )
 
 
 def offsets_for(
@@ -59,15 +78,20 @@ def offsets_for(
     for ``btf``, a foreign or corrupt ``profile``, the guesser's errors.
     """
     if source not in SOURCES:
-        raise UsageError(f"unknown offsets source {source!r} (expected auto, btf or guess)")
+        raise UsageError(
+            f"offsets.source {source}: expected auto, btf or guess", setting="offsets.source"
+        )
     if profile is not None:
         if source == "btf":
-            raise UsageError("--profile and --source btf exclude each other")
+            raise UsageError(
+                "offsets.profile and offsets.source btf exclude each other",
+                setting=("offsets.profile", "offsets.source"),
+            )
         from nettracer.kernel.identity import current
         from nettracer.layout.profile import load_profile
 
         return load_profile(profile, identity or current(), force)
-    if source == "btf" or (source == "auto" and os.path.exists(btf_path)):
+    if uses_btf(source, btf_path):
         return _btf(btf_path, cache_dir)
     from nettracer.kernel.identity import current
     from nettracer.layout.profile import load_cached, store_cached

@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,7 +61,8 @@ from nettracer.bpf.insn import (
 )
 from nettracer.bpf.memory import read
 from nettracer.bpf.syscall import BpfSyscallError
-from nettracer.errors import NotSupported, PermissionError_
+from nettracer.errors import NotSupported
+from nettracer.errors import require_root as _require_root
 
 #: lowest value treated as a kernel address worth following (x86-64 and arm64 kernel
 #: halves, 4- and 5-level paging); ``bpf_probe_read_kernel`` rejects the rest itself
@@ -375,8 +375,8 @@ class ProbeSet:
 
 def require_root() -> None:
     """:class:`PermissionError_` unless we can load programs and create namespaces."""
-    if os.geteuid() != 0:
-        raise PermissionError_(
-            "guessing offsets needs root (eBPF programs, raw tracepoints and a private "
-            "network namespace); run with sudo or use --source btf"
-        )
+    _require_root(
+        "guessing offsets",
+        "eBPF programs, raw tracepoints and a private network namespace",
+        instead="offsets.source btf",
+    )

@@ -268,5 +268,6 @@ def guess_offsets(timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Offsets:
 def _timeout(timeout_ms: int, during: str) -> GuessTimeout:
     return GuessTimeout(
         f"guessing offsets timed out after {timeout_ms} ms ({during}); raise "
-        f"offsets.guess_timeout_ms or set offsets.source to btf"
+        f"offsets.guess_timeout_ms or use offsets.source btf",
+        setting=("offsets.guess_timeout_ms", "offsets.source"),
     )

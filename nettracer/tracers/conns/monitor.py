@@ -7,22 +7,19 @@ per interval: open connections with their deltas, connections closed during the
 interval (each exactly once), evictions and lost records, gateways from a
 :class:`~nettracer.net.gateway.GatewayResolver`.
 
-Typical use::
+Typical use (:meth:`ConnMonitor.from_config` is the contract of
+:mod:`nettracer.tracers`)::
 
-    tracer = ConnTracer(load_offsets("auto"), ConnSpec(), max_conns=65536)
-    monitor = ConnMonitor(tracer, tcp_timeout_s=120, udp_timeout_s=30)
-    monitor.start()
-    while ...:
-        monitor.poll(0.05)             # drain the ring buffer (never blocks on lookups)
-        iv = monitor.interval()        # every interval
-    monitor.close()
+    with ConnMonitor.from_config(load_config()) as monitor:
+        while ...:
+            monitor.poll(0.05)         # drain the ring buffer (never blocks on lookups)
+            iv = monitor.interval()    # every interval
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import os
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -32,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from nettracer.bpf import maps, prog, ringbuf, syscall
 from nettracer.bpf.link import Link, UnknownTracepoint, attach_raw_tracepoint
 from nettracer.bpf.syscall import BpfSyscallError, Cmd
-from nettracer.errors import NettracerError, NotSupported
+from nettracer.errors import NotSupported
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers.conns import program as cp
 from nettracer.tracers.conns.model import Conn, decode, record_is_local
@@ -40,6 +37,8 @@ from nettracer.tracers.conns.records import IDX, RECORD, RECORD_SIZE, EndReason,
 from nettracer.tracers.conns.table import ConnTable, Interval
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from nettracer.net.gateway import GatewayResolver
 
 #: raw tracepoints used, with the kernel that introduced them
@@ -58,27 +57,6 @@ _FLAGS = IDX["flags"]
 _SK = IDX["sk"]
 _PROTO = IDX["proto"]
 _LAST = IDX["last_ns"]
-
-
-def load_offsets(mode: str, cache_dir: str | None = None, timeout_ms: int | None = None) -> Offsets:
-    """Struct offsets for ``--offsets auto|btf|guess`` through
-    :func:`nettracer.layout.source.offsets_for` (``cache_dir``/``timeout_ms`` from the
-    ``offsets.*`` configuration keys; None keeps that function's defaults)."""
-    from nettracer.layout.source import offsets_for
-
-    kw: dict[str, object] = {}
-    if cache_dir is not None:
-        kw["cache_dir"] = cache_dir
-    if timeout_ms is not None:
-        kw["timeout_ms"] = timeout_ms
-    return offsets_for(mode, **kw)  # type: ignore[arg-type]
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        raise NettracerError(
-            "nettracer conns needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); run it with sudo"
-        )
 
 
 @dataclass
@@ -412,11 +390,80 @@ class ConnMonitor:
     def __post_init__(self) -> None:
         self.table = ConnTable(self.tracer.max_conns)
 
-    def start(self) -> None:
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Mapping[str, object],
+        *,
+        offsets: Offsets | None = None,
+        netns: int = 0,
+        pid: int | None = None,
+        bytes_source: str = "auto",
+        gateway: bool | None = None,
+        ring_bytes: int = 1 << 22,
+    ) -> ConnMonitor:
+        """The monitor (not started) for the settings of ``cfg`` (``offsets.*``,
+        ``network.*``, ``gateway_lookup.*``) and what only the caller knows: ``offsets``
+        already loaded (the agent shares them), the ``netns`` inode to trace (0: all),
+        the ``pid`` to report, ``bytes_source`` (:class:`ConnTracer`), ``gateway``
+        lookups (None: ``gateway_lookup.enabled``) and the ring buffer's size."""
+        from nettracer.layout import source
+
+        if offsets is None:
+            offsets = source.from_config(cfg)
+        spec = cp.ConnSpec(
+            collect_tcp=bool(cfg["network.collect_tcp"]),
+            collect_udp=bool(cfg["network.collect_udp"]),
+            collect_ipv6=bool(cfg["network.collect_ipv6"]),
+            netns=netns,
+        )
+        tracer = ConnTracer(
+            offsets,
+            spec,
+            max_conns=int(cfg["network.max_tracked_connections"]),  # type: ignore[call-overload]
+            bytes_source=bytes_source,
+            ring_bytes=ring_bytes,
+        )
+        resolver = None
+        if cfg["gateway_lookup.enabled"] if gateway is None else gateway:
+            from nettracer.net.gateway import GatewayResolver
+
+            resolver = GatewayResolver.from_config(cfg)  # type: ignore[arg-type]
+        return cls(
+            tracer,
+            tcp_timeout_s=float(cfg["network.tcp_conn_timeout_s"]),  # type: ignore[arg-type]
+            udp_timeout_s=float(cfg["network.udp_conn_timeout_s"]),  # type: ignore[arg-type]
+            resolver=resolver,
+            pid=pid,
+        )
+
+    def start(self) -> ConnMonitor:
+        """Load and attach the programs."""
         self.tracer.start()
+        return self
 
     def close(self) -> None:
-        self.tracer.close()
+        """Detach everything and stop the gateway resolver."""
+        try:
+            self.tracer.close()
+        finally:
+            if self.resolver is not None:
+                self.resolver.close()
+
+    def __enter__(self) -> ConnMonitor:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def source(self) -> str:
+        """Where the offsets came from (``btf``, ``guess``, ``profile``)."""
+        return self.tracer.offsets.source
 
     @property
     def notices(self) -> list[str]:
@@ -552,6 +599,4 @@ __all__ = [
     "ConnMonitor",
     "ConnTracer",
     "Interval",
-    "load_offsets",
-    "require_root",
 ]

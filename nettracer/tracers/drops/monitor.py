@@ -3,7 +3,7 @@
 :class:`DropMonitor` loads the program of :mod:`nettracer.tracers.drops.program` on
 the ``kfree_skb`` raw tracepoint and reads its maps;
 :func:`nettracer.tracers.drops.groups.group_counts` turns the per-key counts into the
-groups the user asked for (``--by``), named with
+groups the user asked for (``drops.group_by``), named with
 :class:`nettracer.tracers.drops.groups.Names` (kallsyms for locations, the kernel's
 own ``enum skb_drop_reason`` for reasons, the side map for device names); both are
 also reachable here (``drops.group_counts``), imported when first used.  What is
@@ -33,7 +33,7 @@ before the delete and adds to it just after -- concerns a key that has been idle
 for ``evict_after`` intervals, and only under map pressure.  Keys that do not fit
 at all (map full) are counted in ``lost``, as are runs the kernel skipped because
 the program was already running on that CPU (``bpf_prog_info.recursion_misses``)
-and, with ``--events``, records that did not fit in the ring buffer.
+and, with ``events``, records that did not fit in the ring buffer.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from nettracer.bpf.fd import FdObject
 from nettracer.bpf.link import Link, attach_raw_tracepoint
 from nettracer.bpf.prog import Prog, load
 from nettracer.bpf.syscall import BpfSyscallError, MapType
-from nettracer.errors import NettracerError, NotSupported, UsageError
+from nettracer.errors import NotSupported, UsageError
+from nettracer.kernel import BTF_VMLINUX
 from nettracer.tracers.drops.program import (
     STACK_NONE,
     DevKey,
@@ -63,12 +64,16 @@ from nettracer.tracers.drops.program import (
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any, TypeVar
 
     from nettracer.bpf.channel import ChannelReader
     from nettracer.kernel.tracefs import TracepointFormat
     from nettracer.layout.offsets import Offsets
-    from nettracer.tracers.drops.groups import Sample
+    from nettracer.tracers.drops.groups import Names, Sample
+
+    #: ``enum skb_drop_reason`` value -> name, a function reading it, or None (before 5.17)
+    Reasons = dict[int, str] | Callable[[], dict[int, str]] | None
 
     _Obj = TypeVar("_Obj", bound=FdObject)
 
@@ -87,16 +92,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-#: where the running kernel's BTF is (Linux 5.4+ with CONFIG_DEBUG_INFO_BTF)
-VMLINUX = "/sys/kernel/btf/vmlinux"
 TRACEPOINT = "kfree_skb"
 #: ``TP_PROTO`` of ``kfree_skb`` through the kernel's history (include/trace/events/skb.h):
 #: (skb, location) since 2.6.x, + reason in 5.17, + rx_sk in 6.11
 KFREE_SKB_PROTO = ("skb", "location", "reason", "rx_sk")
-#: what ``--by`` may name
+#: what ``drops.group_by`` may name
 GROUP_KEYS = ("location", "device", "module", "reason", "protocol", "netns")
 DEFAULT_BY = ("location", "device", "reason", "protocol")
-#: depth of the kernel stacks ``--stack`` keeps (frames of u64)
+#: depth of the kernel stacks ``stack`` keeps (frames of u64)
 STACK_DEPTH = 64
 
 
@@ -153,7 +156,7 @@ def reason_names(btf: object | None = None) -> dict[int, str]:
     return _tracefs_format().symbolic("reason")
 
 
-def cached_kfree_skb_args(cache_dir: str | None, btf_path: str = VMLINUX) -> KfreeSkbArgs:
+def cached_kfree_skb_args(cache_dir: str | None, btf_path: str = BTF_VMLINUX) -> KfreeSkbArgs:
     """:func:`kfree_skb_args` as start-up wants it: from BTF through the BTF cache
     (:mod:`nettracer.kernel.btf_cache`: no BTF parse when this very BTF was read
     before; ``cache_dir`` None reads BTF), or from the tracefs format on a kernel
@@ -186,7 +189,7 @@ def cached_kfree_skb_args(cache_dir: str | None, btf_path: str = VMLINUX) -> Kfr
     )
 
 
-def cached_reason_names(cache_dir: str | None, btf_path: str = VMLINUX) -> dict[int, str]:
+def cached_reason_names(cache_dir: str | None, btf_path: str = BTF_VMLINUX) -> dict[int, str]:
     """:func:`reason_names` from BTF through the BTF cache (which spares the first report
     a BTF parse and its memory), or from the tracefs format without BTF."""
     if not os.path.exists(btf_path):
@@ -227,24 +230,10 @@ def parse_reason(name: str, names: dict[int, str]) -> int:
         close = [n for n in names.values() if key in n][:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UsageError(
-            f"unknown drop reason {name!r}{hint}; the kernel knows {len(names)} reasons, "
-            f"e.g. NO_SOCKET, NETFILTER_DROP, SOCKET_RCVBUFF"
+            f"drops.reason: unknown drop reason {name!r}{hint}; the kernel knows "
+            f"{len(names)} reasons, e.g. NO_SOCKET, NETFILTER_DROP, SOCKET_RCVBUFF",
+            setting="drops.reason",
         ) from None
-
-
-def load_offsets(mode: str, cache_dir: str | None = None, timeout_ms: int | None = None) -> Offsets:
-    """The offsets the program needs: ``btf``, ``guess``, or ``auto`` (BTF when the
-    kernel has it, else this kernel's cached profile, else guessed), from
-    :func:`nettracer.layout.source.offsets_for`; ``cache_dir``/``timeout_ms`` default
-    to its defaults."""
-    from nettracer.layout.source import offsets_for
-
-    kw: dict[str, Any] = {}
-    if cache_dir is not None:
-        kw["cache_dir"] = cache_dir
-    if timeout_ms is not None:
-        kw["timeout_ms"] = timeout_ms
-    return offsets_for(mode, **kw)
 
 
 # -- the monitor -------------------------------------------------------------------
@@ -256,8 +245,72 @@ _KeyTuple = tuple[int, int, int, int, int, int]
 class DropMonitor:
     """Loads and attaches the drop program; reads its counts, events and names.
 
-    Use as a context manager or call :meth:`start` and :meth:`close`.
+    Built by :meth:`from_config` (the contract of :mod:`nettracer.tracers`); use as a
+    context manager or call :meth:`start` and :meth:`close`.  Reports
+    :meth:`collect` (counts since the last call), with ``events`` :meth:`poll_events`,
+    and :meth:`lost`; :meth:`names` names what they hold.
     """
+
+    #: where the offsets came from (``btf``, ``guess``, ``profile``); from_config sets it
+    source = ""
+    #: what the user should know about how this kernel is traced (none for drops)
+    notices: list[str] = []  # noqa: RUF012  # never appended to
+    #: reason names, or their loader (read when first printed), or None (before 5.17)
+    reasons: Reasons = None
+    #: what a report's groups are keyed by (``drops.group_by``)
+    group_by: tuple[str, ...] = DEFAULT_BY
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Mapping[str, object],
+        *,
+        events: bool = False,
+        stack: bool = False,
+        device: str | None = None,
+        netns: int | None = None,
+        reason: str | None = None,
+        protocol: str | None = None,
+        offsets: Offsets | None = None,
+        kfree_skb: KfreeSkbArgs | None = None,
+        **sizes: int,
+    ) -> DropMonitor:
+        """The monitor (not started) for the settings of ``cfg`` (``offsets.*``,
+        ``drops.group_by``) and what only the caller knows: ``events`` (one record per
+        drop), ``stack``, the filters (``device``, ``netns`` inode, ``reason`` name,
+        ``protocol`` name; errors name them ``drops.<name>``), ``offsets`` already
+        loaded (the agent shares them), ``kfree_skb`` to build for another kernel's
+        tracepoint arguments, and the map ``sizes`` of :meth:`__init__`.
+
+        Only what the program needs is read before attaching: the offsets, whether
+        ``kfree_skb`` has a reason and, to filter by reason, the reason names; from
+        BTF through its cache (:mod:`nettracer.kernel.btf_cache`: no BTF parse once
+        this boot's BTF was read), or the tracefs format without BTF.  The names are
+        otherwise read when first printed.
+        """
+        from nettracer.layout import source
+
+        group_by = parse_by(cfg["drops.group_by"])  # type: ignore[arg-type]
+        cache = str(cfg["offsets.cache_dir"]) or None
+        if offsets is None:
+            offsets = source.from_config(cfg)
+        if kfree_skb is None:
+            kfree_skb = cached_kfree_skb_args(cache)
+        reasons: Reasons = None
+        if kfree_skb.has_reason:
+            if reason is not None:
+                reasons = cached_reason_names(cache)
+            else:
+                reasons = lambda: cached_reason_names(cache)  # noqa: E731
+        filters = make_filters(
+            device, netns, reason, protocol, reasons if isinstance(reasons, dict) else None
+        )
+        layout = DropLayout.from_offsets(offsets, events=events)
+        monitor = cls(DropSpec(layout, kfree_skb, filters, stack=stack, events=events), **sizes)
+        monitor.source = offsets.source
+        monitor.reasons = reasons
+        monitor.group_by = group_by
+        return monitor
 
     def __init__(
         self,
@@ -288,6 +341,7 @@ class DropMonitor:
         self._lost_seen = 0
         self._names: dict[tuple[int, int], str] = {}
         self._can_evict = True
+        self._namer: Names | None = None
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> DropMonitor:
@@ -397,6 +451,14 @@ class DropMonitor:
             self._idle.pop(kt, None)
 
     # -- names and stacks --------------------------------------------------------------
+    def names(self) -> Names:
+        """Names for the numbers this monitor reports (kallsyms, reasons, devices)."""
+        if self._namer is None:
+            from nettracer.tracers.drops.groups import Names
+
+            self._namer = Names(self.reasons, self.device_name)
+        return self._namer
+
     def device_name(self, netns: int, ifindex: int) -> str | None:
         """The name ``skb->dev->name`` had when (netns, ifindex) first dropped."""
         if ifindex == 0:
@@ -437,8 +499,9 @@ def parse_by(text: str | Sequence[str]) -> tuple[str, ...]:
     bad = [k for k in keys if k not in GROUP_KEYS]
     if bad or not keys:
         raise UsageError(
-            f"--by {','.join(items) if not isinstance(text, str) else text}: "
-            f"expected a comma-separated list of {', '.join(GROUP_KEYS)}"
+            f"drops.group_by {','.join(items) if not isinstance(text, str) else text}: "
+            f"expected a comma-separated list of {', '.join(GROUP_KEYS)}",
+            setting="drops.group_by",
         )
     return keys
 
@@ -450,12 +513,16 @@ def make_filters(
     protocol: str | None,
     reasons: dict[int, str] | None,
 ) -> Filters:
-    """Command-line filter values -> :class:`Filters`; UsageError for bad ones."""
+    """Filter values -> :class:`Filters`; UsageError (naming ``drops.<filter>``) for bad
+    ones."""
     dev = None
     if device is not None:
         dev = device.encode()
         if not 0 < len(dev) < 16:
-            raise UsageError(f"--device {device!r}: interface names are 1 to 15 bytes")
+            raise UsageError(
+                f"drops.device {device!r}: interface names are 1 to 15 bytes",
+                setting="drops.device",
+            )
     reason_value = None
     if reason is not None:
         if reasons is None:
@@ -468,18 +535,10 @@ def make_filters(
         try:
             proto = parse_ethertype(protocol)
         except ValueError as exc:
-            raise UsageError(f"--protocol: {exc}") from None
+            raise UsageError(f"drops.protocol: {exc}", setting="drops.protocol") from None
     if netns is not None and not 0 < netns < 1 << 32:
-        raise UsageError(f"--netns {netns}: expected a namespace inode (ls -Li /proc/PID/ns/net)")
-    return Filters(device=dev, netns=netns, reason=reason_value, protocol=proto)
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        raise NettracerError(
-            "nettracer drops needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); run it with sudo"
+        raise UsageError(
+            f"drops.netns {netns}: expected a namespace inode (ls -Li /proc/PID/ns/net)",
+            setting="drops.netns",
         )
-
-
-def layout_for(offsets: Offsets, events: bool) -> DropLayout:
-    return DropLayout.from_offsets(offsets, events=events)
+    return Filters(device=dev, netns=netns, reason=reason_value, protocol=proto)
