@@ -46,10 +46,9 @@ def report() -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if os.geteuid() != 0:
-        from nettracer.errors import PermissionError_
+    from nettracer.errors import require_root
 
-        raise PermissionError_("nettracer kernel probes eBPF features: run it as root")
+    require_root("nettracer kernel", "it loads eBPF programs to probe features")
     facts = report()
     if args.json:
         json.dump(facts, sys.stdout, indent=2)

@@ -167,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             btf = btf_offsets()
         except NoBtfError:
+            from nettracer.kernel import BTF_VMLINUX
+
             raise UsageError(
-                "--verify compares with BTF, and this kernel has none (/sys/kernel/btf/vmlinux)"
+                f"--verify compares with BTF, and this kernel has none ({BTF_VMLINUX})"
             ) from None
     offsets = offsets_for(
         source,
