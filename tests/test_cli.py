@@ -62,9 +62,11 @@ def test_kernel_json_matches_uname_and_probes() -> None:
     assert facts["kernel"]["machine"] == uname.machine
     assert facts["btf"]["present"] == os.path.exists("/sys/kernel/btf/vmlinux")
     assert facts["features"]["raw_tracepoint"] is True
-    assert facts["tracefs"]["mounted"] is True
-    with open("/proc/mounts") as f:
-        assert any(line.split()[1] == facts["tracefs"]["path"] for line in f)
+    from nettracer.kernel.tracefs import find_tracefs
+
+    found = find_tracefs()  # reported as it is: the command mounts nothing
+    assert facts["tracefs"]["mounted"] is (found is not None)
+    assert facts["tracefs"].get("path") == found
 
 
 @pytest.mark.kernel

@@ -422,6 +422,72 @@ def test_mount_when_unmounted_in_private_mount_namespace(tracefs: Tracefs) -> No
     )
 
 
+_SIDE_EFFECTS = """
+import json, os, subprocess, sys
+from nettracer.bpf import syscall
+from nettracer.kernel.tracefs import tracefs_mounted
+def umount_all(fstype):
+    for line in reversed(open("/proc/mounts").read().splitlines()):
+        if line.split()[2] == fstype:
+            syscall.umount2(line.split()[1], syscall.MNT_DETACH)
+def mounts():
+    return open("/proc/self/mounts").read()
+def nettracer(*args):
+    return subprocess.run([sys.executable, "-m", "nettracer", *args], capture_output=True,
+                          text=True, timeout=60)
+umount_all("tracefs")
+umount_all("debugfs")  # its tracing/ would automount tracefs again
+out = {}
+before = mounts()
+k = nettracer("kernel", "--json")
+out["kernel"] = [k.returncode, k.stderr, json.loads(k.stdout or "{}").get("tracefs"),
+                 mounts() == before]
+t = nettracer("kernel")
+out["kernel_table"] = [t.returncode, t.stdout.count("not mounted (commands that trace"),
+                       mounts() == before]
+with tracefs_mounted() as tr:
+    out["inside"] = [tr.root, tr.tracepoint_id("skb", "kfree_skb") > 0, mounts() != before]
+out["after_with"] = mounts() == before
+# a kernel without BTF: drops reads kfree_skb's arguments and reasons from tracefs
+syscall.mount("tmpfs", "/sys/kernel/btf", "tmpfs")
+before = mounts()
+cfg = sys.argv[1]
+d = nettracer("drops", "--duration", "0.5", "--json", "--config", cfg)
+out["drops"] = [d.returncode, d.stderr, mounts() == before]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.kernel
+def test_commands_leave_the_mount_table_as_they_found_it(tmp_path: Path) -> None:
+    """In a mount namespace without tracefs: ``nettracer kernel`` reports it not mounted
+    and mounts nothing; ``drops`` on a kernel without BTF mounts it to read the
+    kfree_skb format and unmounts it before it exits."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        kernel_skip("unshare (util-linux) is not installed")
+    cfg = tmp_path / "nettracer.yaml"
+    # the guess (no BTF) may take long on a busy machine: this test is not about it
+    cfg.write_text(f"offsets:\n  cache_dir: {tmp_path}\n  guess_timeout_ms: 30000\n")
+    import json
+
+    r = subprocess.run(
+        [unshare, "-m", "--propagation", "private", sys.executable, "-c", _SIDE_EFFECTS, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["kernel"] == [0, "", {"mounted": False, "available": True}, True]
+    assert out["kernel_table"] == [0, 1, True]
+    assert out["inside"] == ["/sys/kernel/tracing", True, True]
+    assert out["after_with"] is True
+    assert out["drops"][0] == 0, out["drops"][1]
+    assert out["drops"][2] is True
+
+
 def _c_exprs() -> st.SearchStrategy[str]:
     """Integer expressions on which C and Python agree (no division, small shifts)."""
     leaf = st.integers(0, 1000).map(str) | st.integers(0, 0xFFFF).map(hex)

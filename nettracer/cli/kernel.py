@@ -31,16 +31,10 @@ def report() -> dict[str, object]:
         btf.update(
             types=len(b), sha256=ident.btf_sha256, size=os.path.getsize(features.BTF_VMLINUX)
         )
-    trace: dict[str, object]
-    try:
-        root = tracefs.open_tracefs().root
-        trace = {"mounted": True, "path": root}
-    except Exception as exc:
-        trace = {"mounted": False, "error": str(exc)}
     return {
         "kernel": ident.to_json(),
         "btf": btf,
-        "tracefs": trace,
+        "tracefs": tracefs.tracefs_state(),
         "features": features.probe_all(),
     }
 
@@ -74,7 +68,12 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("BTF", "no (offsets will be guessed)")
     tr = facts["tracefs"]
     assert isinstance(tr, dict)
-    table.add_row("tracefs", str(tr["path"]) if tr["mounted"] else f"unavailable: {tr['error']}")
+    if tr["mounted"]:
+        table.add_row("tracefs", str(tr["path"]))
+    elif tr["available"]:
+        table.add_row("tracefs", "not mounted (commands that trace mount it while they run)")
+    else:
+        table.add_row("tracefs", "not mounted, and this kernel has no tracefs")
     feats = facts["features"]
     assert isinstance(feats, dict)
     for name, ok in feats.items():

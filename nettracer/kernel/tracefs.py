@@ -9,8 +9,9 @@ so that a kernel without BTF still names its drop reasons).
 
 tracefs lives at ``/sys/kernel/tracing`` since Linux 4.1, and under
 ``/sys/kernel/debug/tracing`` (an automount inside debugfs) before that and as a
-compatibility path after.  It is not always mounted: :func:`open_tracefs` mounts it
-with ``mount(2)`` (:func:`nettracer.bpf.syscall.mount`, no ``mount`` binary) when it has to.
+compatibility path after.  It is not always mounted: :func:`tracefs_mounted` mounts it
+with ``mount(2)`` (:func:`nettracer.bpf.syscall.mount`, no ``mount`` binary) when it
+has to, for as long as it is needed, and unmounts it again.
 
 :class:`TraceBuffer` enables events in a trace instance (``instances/<name>``,
 Linux 3.12+, so nothing else's tracing is disturbed) and reads the text the kernel
@@ -81,21 +82,27 @@ def mount_tracefs(target: str = TRACEFS_MOUNT) -> str:
     """Mount tracefs at ``target`` with ``mount("nodev", target, "tracefs", 0, NULL)``.
 
     Falls back to ``/sys/kernel/debug/tracing`` when that exists.  Returns the
-    directory; raises :class:`NettracerError` when neither works.
+    directory; raises :class:`NettracerError` when neither works.  The mount stays:
+    commands use :func:`tracefs_mounted`, which takes it down again.
     """
+    return _mount_or_find(target)[0]
+
+
+def _mount_or_find(target: str) -> tuple[str, bool]:
+    """:func:`mount_tracefs`, and whether the directory returned is our own mount."""
     try:
         syscall.mount("nodev", target, "tracefs")
         err = 0
     except OSError as exc:
         err = exc.errno or 0
     if not err and os.path.isdir(os.path.join(target, "events")):
-        return target
+        return target, True
     # Someone else may have mounted it meanwhile.
     found = find_tracefs()
     if found:
-        return found
+        return found, False
     if os.path.isdir(os.path.join(DEBUGFS_TRACING, "events")):
-        return DEBUGFS_TRACING
+        return DEBUGFS_TRACING, False
     what = f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})" if err else "no events/"
     raise NettracerError(
         f"tracefs is not mounted and could not be mounted at {target}: {what}; "
@@ -104,7 +111,8 @@ def mount_tracefs(target: str = TRACEFS_MOUNT) -> str:
 
 
 def open_tracefs(mount: bool = True) -> Tracefs:
-    """The tracefs of this machine, mounting it at ``/sys/kernel/tracing`` if needed."""
+    """The tracefs of this machine, mounting it at ``/sys/kernel/tracing`` if needed
+    (and leaving it mounted: commands use :func:`tracefs_mounted`)."""
     found = find_tracefs()
     if found:
         return Tracefs(found)
@@ -114,6 +122,39 @@ def open_tracefs(mount: bool = True) -> Tracefs:
             f"or run as root"
         )
     return Tracefs(mount_tracefs())
+
+
+@contextlib.contextmanager
+def tracefs_mounted(target: str = TRACEFS_MOUNT) -> Iterator[Tracefs]:
+    """The tracefs of this machine for the length of a ``with`` block: the one mounted
+    already, or one mounted at ``target`` now and unmounted (``MNT_DETACH``) when the
+    block ends, so that a command leaves ``/proc/mounts`` as it found it."""
+    found = find_tracefs()
+    if found:
+        yield Tracefs(found)
+        return
+    root, ours = _mount_or_find(target)
+    try:
+        yield Tracefs(root)
+    finally:
+        if ours:
+            with contextlib.suppress(OSError):
+                syscall.umount2(root, syscall.MNT_DETACH)
+
+
+def tracefs_state(filesystems: str = "/proc/filesystems") -> dict[str, object]:
+    """Whether tracefs is mounted (and where) or could be, without mounting it:
+    ``{"mounted": bool, "path": str}`` or ``{"mounted": False, "available": bool}``
+    (``available``: the kernel knows the ``tracefs`` file system, Linux 4.1+)."""
+    found = find_tracefs()
+    if found:
+        return {"mounted": True, "path": found}
+    try:
+        with open(filesystems) as f:
+            known = {line.split()[-1] for line in f if line.strip()}
+    except OSError:
+        known = set()
+    return {"mounted": False, "available": "tracefs" in known}
 
 
 # -- the format file --------------------------------------------------------------
@@ -920,10 +961,14 @@ def tracepoint_id(category: str, name: str) -> int:
 def tracepoint_format(
     category: str, name: str, constants: Mapping[str, int] | None = None
 ) -> TracepointFormat:
-    """``open_tracefs().tracepoint_format(category, name)``."""
-    return open_tracefs().tracepoint_format(category, name, constants)
+    """:meth:`Tracefs.tracepoint_format` of this machine's tracefs (mounted for the
+    call when it was not)."""
+    with tracefs_mounted() as tracefs:
+        return tracefs.tracepoint_format(category, name, constants)
 
 
 def available_events() -> list[str]:
-    """``open_tracefs().available_events()``."""
-    return open_tracefs().available_events()
+    """:meth:`Tracefs.available_events` of this machine's tracefs (mounted for the
+    call when it was not)."""
+    with tracefs_mounted() as tracefs:
+        return tracefs.available_events()

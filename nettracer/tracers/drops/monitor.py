@@ -129,9 +129,10 @@ def kfree_skb_args(btf: object | None = None) -> KfreeSkbArgs:
 
 
 def _tracefs_format() -> TracepointFormat:
-    from nettracer.kernel.tracefs import open_tracefs
+    from nettracer.kernel.tracefs import tracefs_mounted
 
-    return open_tracefs().tracepoint_format("skb", TRACEPOINT)
+    with tracefs_mounted() as tracefs:
+        return tracefs.tracepoint_format("skb", TRACEPOINT)
 
 
 def reason_names(btf: object | None = None) -> dict[int, str]:
