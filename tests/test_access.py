@@ -526,3 +526,56 @@ def test_read_user_errors(args: list[str], wanted: str) -> None:
 def test_resolve_exprs_needs_a_source() -> None:
     with pytest.raises(ValueError):
         resolve_exprs(["skb->len"], "kfree_skb")
+
+
+# -- the read planner ----------------------------------------------------------------
+
+
+def test_plan_reads_coalesces_catalogue_keys_within_the_span() -> None:
+    from nettracer.access.plan import plan_reads
+    from nettracer.layout.offsets import Field, Offsets, UnresolvedField
+
+    o = Offsets(
+        "btf",
+        {
+            "sock_common.skc_daddr": Field(0, 4),
+            "sock_common.skc_dport": Field(12, 2),
+            "sock_common.skc_net": Field(48, 8),
+            "sock_common.skc_v6_daddr": Field(56, 16),
+            "sock.sk_protocol": Field(517, 1),
+        },
+    )
+    plan = plan_reads(o, ["sock_common.skc_dport", "sock_common.skc_daddr", "sock_common.skc_net"])
+    assert plan.reads == ((0, 56, 0),) and plan.size == 56
+    assert plan.where == {
+        "sock_common.skc_daddr": 0,
+        "sock_common.skc_dport": 12,
+        "sock_common.skc_net": 48,
+    }
+    # 517 is beyond the span: its own read, starting 8-aligned (512), 8-aligned in the buffer
+    plan = plan_reads(o, ["sock_common.skc_v6_daddr", "sock.sk_protocol"], max_span=64)
+    assert plan.reads == ((56, 16, 0), (512, 6, 16))
+    assert plan.where["sock.sk_protocol"] == 21 and plan.size == 24
+    with pytest.raises(UnresolvedField):
+        plan_reads(o, ["tcp_sock.srtt_us"])
+
+
+def test_read_chain_checks_every_pointer_before_reading() -> None:
+    from nettracer.access.plan import read_chain
+    from nettracer.bpf.insn import R7, Program
+
+    p = Program()
+    read_chain(p, R7, (16, 280), 176, 4, -8, null="null", fault="fault")
+    lines = p.listing().splitlines()
+    assert [x.split(": ", 1)[1] for x in lines if "goto" in x or "call" in x] == [
+        "if r7 == 0 goto null",
+        "call probe_read_kernel#113",
+        "if r0 s< 0 goto fault",
+        "if r7 == 0 goto null",
+        "call probe_read_kernel#113",
+        "if r0 s< 0 goto fault",
+        "if r7 == 0 goto null",
+        "call probe_read_kernel#113",
+        "if r0 s< 0 goto fault",
+    ]
+    assert sum("r7 = *(u64 *)(r10 -8)" in x for x in lines) == 2

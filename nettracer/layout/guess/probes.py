@@ -7,9 +7,9 @@ Every program is generated here (no compiler) from a :class:`ProbeSpec`:
   must equal ``ctl[0].tid`` (so the host's traffic, other tracers and other
   tests never reach user space), and copies ``ctl[0].step`` into the record so
   user space knows which of its actions caused the event;
-* it reserves one fixed-size ring-buffer record: a :class:`RecordHeader`, then one
-  *snapshot* per struct pointer argument (``bpf_probe_read_kernel`` in 512-byte
-  chunks, so a fault near the end of an object zeroes only that chunk), then
+* it reserves one fixed-size record in the event channel: a :class:`RecordHeader`,
+  then one *snapshot* per struct pointer argument (:func:`nettracer.bpf.memory.read`
+  in 512-byte chunks, so a fault near the end of an object zeroes only that chunk), then
   optionally the *dereferenced* blocks: for each 8-byte slot of a snapshot that
   holds a kernel address (>= ``KERNEL_MIN``) the bytes it points to, with a bit
   per followed slot in ``RecordHeader.followed`` (a block whose bit is clear holds
@@ -65,9 +65,9 @@ from nettracer.errors import NotSupported
 from nettracer.errors import require_root as _require_root
 
 #: lowest value treated as a kernel address worth following (x86-64 and arm64 kernel
-#: halves, 4- and 5-level paging); ``bpf_probe_read_kernel`` rejects the rest itself
+#: halves, 4- and 5-level paging); the read helper rejects the rest itself
 KERNEL_MIN = 0xFF00_0000_0000_0000
-#: bytes per ``bpf_probe_read_kernel`` call when taking a snapshot
+#: bytes per kernel read (one helper call) when taking a snapshot
 CHUNK = 512
 #: u64 context arguments copied into every record header
 MAX_ARGS = 4

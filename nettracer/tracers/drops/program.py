@@ -3,7 +3,7 @@
 One raw tracepoint program on ``kfree_skb``, whose context is the ``TP_PROTO``
 array ``(struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct
 sock *rx_sk)`` (``reason`` since Linux 5.17, ``rx_sk`` since 6.11; 4.17-5.16 have
-only the first two), reads with ``bpf_probe_read_kernel``:
+only the first two), reads kernel memory through :mod:`nettracer.access.plan`:
 
 * ``skb->dev`` (``struct net_device *``) and ``skb->protocol`` (``__be16``), in one
   read when they lie close together (they are 160 bytes apart on 6.x), plus
@@ -250,7 +250,7 @@ class DropSpec(Value):
         self.filters = Filters() if filters is None else filters
         self.stack = stack
         self.events = events
-        #: which helper reads kernel memory (None: ``bpf_probe_read_kernel``)
+        #: which helper reads kernel memory (:mod:`nettracer.bpf.memory`; None: the 5.5 one)
         self.reads = reads
 
 
