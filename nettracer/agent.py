@@ -20,7 +20,8 @@ several scrapers cost at most one map walk per ``min_refresh_s``.
 Counters and their bounds
 -------------------------
 Every counter is a sum of per-refresh deltas, so it never decreases.  Drop series are
-keyed by (location, symbol, module, reason, device, protocol, netns); at most
+keyed by (location, symbol, module, reason, device, protocol, netns, container_id,
+pod_uid); at most
 ``max_drop_series`` (:data:`MAX_DROP_SERIES`) label sets are ever created and they are
 never removed (a counter that vanished would reset).  Drops of any further label set are
 added to the single series whose labels are all ``"other"``; ``folded_keys`` counts the
@@ -31,6 +32,17 @@ TCP bytes and retransmits are the increase of each connection's counters between
 refreshes (the first refresh that sees a connection counts all it has); connections
 already open when the agent started may thus bring bytes from before it (with
 ``tcp_sock`` byte counts only: the ``sock_*_length`` tracepoints count from attach).
+
+Containers
+----------
+A drop is labelled with the container of its network namespace, a connection with the
+container of its process (of its network namespace when the pid is unknown or gone),
+both through one :class:`~nettracer.kernel.cgroup.ContainerResolver`; outside any
+container both labels are empty.  Connection series (open, closed, TCP bytes,
+retransmits, RTT) are kept per (container_id, pod_uid) for at most
+``max_container_series`` (:data:`MAX_CONTAINER_SERIES`) containers; further ones are
+summed under ``("other", "other")``.  The RTT histogram observes, once per TCP
+connection when it closes, its last smoothed RTT (``tcp_sock.srtt_us >> 3``).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from nettracer.errors import NettracerError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from nettracer.kernel.cgroup import Cgroup
     from nettracer.tracers.conns.monitor import ConnMonitor
     from nettracer.tracers.drops.groups import Names
     from nettracer.tracers.drops.monitor import DropMonitor
@@ -56,11 +69,50 @@ if TYPE_CHECKING:
 MAX_DROP_SERIES = 1000
 #: folded label sets remembered to count distinct ones
 MAX_FOLDED_TRACKED = 65536
+#: label names that say which container a series is about
+CONTAINER_LABELS = ("container_id", "pod_uid")
 #: label names of ``nettracer_drops_total``, in order
-DROP_LABELS = ("location", "symbol", "module", "reason", "device", "protocol", "netns")
+DROP_LABELS = (
+    "location",
+    "symbol",
+    "module",
+    "reason",
+    "device",
+    "protocol",
+    "netns",
+    *CONTAINER_LABELS,
+)
 OTHER = ("other",) * len(DROP_LABELS)
+#: containers kept as their own connection series before the rest is summed in "other"
+MAX_CONTAINER_SERIES = 1000
+OTHER_CONTAINER = ("other", "other")
+#: upper bounds in seconds of the TCP RTT histogram's buckets (+Inf follows)
+RTT_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5,
+)  # fmt: skip
 
-DropLabels = tuple[str, str, str, str, str, str, str]
+DropLabels = tuple[str, ...]
+#: (container_id, pod_uid), both empty outside any container
+ContainerKey = tuple[str, str]
+
+
+@dataclasses.dataclass
+class TcpTotals:
+    """TCP counters of one container; ``rtt_buckets[i]`` counts RTTs up to
+    ``RTT_BUCKETS[i]`` but above the previous bound (the last one: above all)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    retransmits: int = 0
+    rtt_buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(RTT_BUCKETS) + 1))
+    rtt_sum: float = 0.0
+
+    def observe_rtt(self, seconds: float) -> None:
+        import bisect
+
+        self.rtt_buckets[bisect.bisect_left(RTT_BUCKETS, seconds)] += 1
+        self.rtt_sum += seconds
 
 
 @dataclasses.dataclass
@@ -71,13 +123,12 @@ class Totals:
     drops_lost: int = 0
     #: distinct drop label sets folded into the "other" series
     folded_keys: int = 0
-    #: (proto, family, direction) -> connections open at the last refresh
-    conns_open: dict[tuple[str, str, str], int] = dataclasses.field(default_factory=dict)
-    #: (proto, family) -> connections closed (or expired)
-    conns_closed: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
-    tcp_bytes_sent: int = 0
-    tcp_bytes_received: int = 0
-    tcp_retransmits: int = 0
+    #: (proto, family, direction, container_id, pod_uid) -> open at the last refresh
+    conns_open: dict[tuple[str, ...], int] = dataclasses.field(default_factory=dict)
+    #: (proto, family, container_id, pod_uid) -> connections closed (or expired)
+    conns_closed: dict[tuple[str, ...], int] = dataclasses.field(default_factory=dict)
+    #: (container_id, pod_uid) -> its TCP counters
+    tcp: dict[ContainerKey, TcpTotals] = dataclasses.field(default_factory=dict)
     conns_evicted: int = 0
     conns_lost: int = 0
     refreshes: int = 0
@@ -89,6 +140,10 @@ class Totals:
             drops=dict(self.drops),
             conns_open=dict(self.conns_open),
             conns_closed=dict(self.conns_closed),
+            tcp={
+                k: dataclasses.replace(v, rtt_buckets=list(v.rtt_buckets))
+                for k, v in self.tcp.items()
+            },
         )
 
 
@@ -112,6 +167,7 @@ class Agent:
         offsets_source: str = "",
         interval: float = 5.0,
         max_drop_series: int = MAX_DROP_SERIES,
+        max_container_series: int = MAX_CONTAINER_SERIES,
         scrape_wait_s: float = 5.0,
         min_refresh_s: float = 0.1,
     ) -> None:
@@ -120,6 +176,10 @@ class Agent:
         self.offsets_source = offsets_source
         self.interval = interval
         self.max_drop_series = max_drop_series
+        self.max_container_series = max_container_series
+        from nettracer.kernel.cgroup import ContainerResolver
+
+        self.containers = ContainerResolver()
         self.scrape_wait_s = scrape_wait_s
         self.min_refresh_s = min_refresh_s
         self.names: Names | None = None
@@ -268,6 +328,7 @@ class Agent:
         out: dict[DropLabels, int] = {}
         for g in group_counts(sample.counts, by, self.names):
             loc = g.location
+            cg = self.containers.by_netns(g.netns) if g.netns else None
             labels: DropLabels = (
                 loc.text if loc is not None else "",
                 (loc.symbol or "") if loc is not None else "",
@@ -276,6 +337,7 @@ class Agent:
                 g.device or (str(g.ifindex) if g.ifindex else ""),
                 g.protocol or "",
                 str(g.netns) if g.netns else "",
+                *container_labels(cg),
             )
             out[labels] = out.get(labels, 0) + g.count
         return out, sample.lost
@@ -297,25 +359,51 @@ class Agent:
         assert self.conns is not None
         return self.conns.interval()
 
+    def _container(self, t: Totals, c: Any) -> ContainerKey:
+        """The (bounded) container labels of connection ``c``: its process's, else its
+        network namespace's."""
+        cg = self.containers.by_pid(c.pid) if c.pid else None
+        if cg is None and c.netns:
+            cg = self.containers.by_netns(c.netns)
+        key = container_labels(cg)
+        if key in t.tcp or len(t.tcp) - (OTHER_CONTAINER in t.tcp) < self.max_container_series:
+            t.tcp.setdefault(key, TcpTotals())
+            return key
+        return OTHER_CONTAINER
+
     def _add_conns(self, t: Totals, iv: Any) -> None:
-        opened: dict[tuple[str, str, str], int] = {}
-        for c in iv.conns:
-            k = (c.proto, family_name(c.family), c.direction)
+        every = (*iv.conns, *iv.closed)
+        keys = [self._container(t, c) for c in every]
+        if OTHER_CONTAINER in keys:
+            t.tcp.setdefault(OTHER_CONTAINER, TcpTotals())
+        opened: dict[tuple[str, ...], int] = {}
+        for c, ck in zip(iv.conns, keys, strict=False):
+            k = (c.proto, family_name(c.family), c.direction, *ck)
             opened[k] = opened.get(k, 0) + 1
         # every label set seen once stays, at 0 when nothing is open
         t.conns_open = {k: 0 for k in t.conns_open} | opened
-        for c in iv.closed:
-            k2 = (c.proto, family_name(c.family))
+        for c, ck in zip(iv.closed, keys[len(iv.conns) :], strict=True):
+            k2 = (c.proto, family_name(c.family), *ck)
             t.conns_closed[k2] = t.conns_closed.get(k2, 0) + 1
-        for c in (*iv.conns, *iv.closed):
+            if c.proto == "tcp" and c.rtt_us is not None:
+                t.tcp[ck].observe_rtt(c.rtt_us / 1e6)
+        for c, ck in zip(every, keys, strict=True):
             if c.proto != "tcp":
                 continue
-            prev = c.prev
-            t.tcp_bytes_sent += max(0, c.bytes_sent - prev[0])
-            t.tcp_bytes_received += max(0, c.bytes_received - prev[1])
-            t.tcp_retransmits += max(0, c.retransmits - prev[4])
+            tcp, prev = t.tcp[ck], c.prev
+            tcp.bytes_sent += max(0, c.bytes_sent - prev[0])
+            tcp.bytes_received += max(0, c.bytes_received - prev[1])
+            tcp.retransmits += max(0, c.retransmits - prev[4])
         t.conns_evicted += max(0, iv.evicted)
         t.conns_lost += max(0, iv.lost)
+
+
+def container_labels(cg: Cgroup | None) -> ContainerKey:
+    """(container_id, pod_uid) of a cgroup, empty strings where there is none."""
+    ct = cg.container if cg is not None else None
+    if ct is None:
+        return ("", "")
+    return (ct.id, ct.pod_uid or "")
 
 
 def kernel_release() -> str:

@@ -348,7 +348,9 @@ def test_drop_series_beyond_the_bound_fold_into_other(bound: int) -> None:
 
     a = Agent(None, None, offsets_source="btf", max_drop_series=bound)
     t = Totals()
-    keys = [(f"f{i}+0x1", f"f{i}", "kernel", "NO_SOCKET", "lo", "IPv4", "1") for i in range(5)]
+    keys = [
+        (f"f{i}+0x1", f"f{i}", "kernel", "NO_SOCKET", "lo", "IPv4", "1", "", "") for i in range(5)
+    ]
     a._add_drops(t, {k: 1 for k in keys}, 0)
     a._add_drops(t, {k: 2 for k in keys}, 3)
     kept = [k for k in t.drops if k != OTHER]
@@ -357,3 +359,37 @@ def test_drop_series_beyond_the_bound_fold_into_other(bound: int) -> None:
     assert t.drops[OTHER] == 3 * (5 - bound)
     assert t.folded_keys == 5 - bound
     assert sum(t.drops.values()) == 15 and t.drops_lost == 3
+
+
+def test_connection_series_per_container_are_bounded() -> None:
+    """No kernel: connections of more containers than the bound are summed in "other";
+    RTTs land in the bucket whose bound is the first at or above them."""
+    from types import SimpleNamespace
+
+    from nettracer.agent import OTHER_CONTAINER, RTT_BUCKETS, Agent, Totals
+    from nettracer.kernel.cgroup import Cgroup, Container
+
+    a = Agent(None, None, offsets_source="btf", max_container_series=2)
+    ids = [f"{i:064x}" for i in range(4)]
+    by_pid = {
+        100 + i: Cgroup(f"/docker/{cid}", Container(cid, "docker")) for i, cid in enumerate(ids)
+    }
+    a.containers.by_pid = by_pid.get  # type: ignore[method-assign]
+
+    def conn(pid: int, sent: int, rtt_us: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            pid=pid, netns=0, proto="tcp", family=4, direction="local", bytes_sent=sent,
+            bytes_received=0, retransmits=0, rtt_us=rtt_us, prev=(0, 0, 0, 0, 0),
+        )  # fmt: skip
+
+    t = Totals()
+    closed = [conn(100 + i, 10 * (i + 1), 100) for i in range(4)]
+    a._add_conns(t, SimpleNamespace(conns=[], closed=closed, evicted=0, lost=0))
+    assert list(t.tcp) == [(ids[0], ""), (ids[1], ""), OTHER_CONTAINER]
+    assert [v.bytes_sent for v in t.tcp.values()] == [10, 20, 30 + 40]
+    assert t.conns_closed[("tcp", "ipv4", "other", "other")] == 2
+    at = RTT_BUCKETS.index(0.0001)
+    assert (
+        t.tcp[OTHER_CONTAINER].rtt_buckets[at] == 2 and sum(t.tcp[OTHER_CONTAINER].rtt_buckets) == 2
+    )
+    assert t.tcp[OTHER_CONTAINER].rtt_sum == 2 * 0.0001

@@ -9,22 +9,23 @@ turns it into metric families; nothing is kept in prometheus-client's own metric
 from __future__ import annotations
 
 import errno
+import itertools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from nettracer.errors import NettracerError
 
 if TYPE_CHECKING:
-    from nettracer.agent import Agent
+    from nettracer.agent import Agent, Totals
 
 #: every metric family, with its type and help, in exposition order
 METRICS: tuple[tuple[str, str, str], ...] = (
     (
         "nettracer_drops_total",
         "counter",
-        "packets the kernel dropped (skb:kfree_skb) by location, reason, device, protocol "
-        "and network namespace; label sets beyond the bound are summed in the series whose "
-        'labels are all "other"',
+        "packets the kernel dropped (skb:kfree_skb) by location, reason, device, protocol, "
+        "network namespace and its container; label sets beyond the bound are summed in the "
+        'series whose labels are all "other"',
     ),
     (
         "nettracer_drops_lost_total",
@@ -38,13 +39,14 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ),
     ("nettracer_connections_open", "gauge", "connections open at the last refresh"),
     ("nettracer_connections_closed_total", "counter", "connections closed or expired"),
-    ("nettracer_tcp_bytes_sent_total", "counter", "bytes sent on TCP connections, all together"),
-    (
-        "nettracer_tcp_bytes_received_total",
-        "counter",
-        "bytes received on TCP connections, all together",
-    ),
+    ("nettracer_tcp_bytes_sent_total", "counter", "bytes sent on TCP connections"),
+    ("nettracer_tcp_bytes_received_total", "counter", "bytes received on TCP connections"),
     ("nettracer_tcp_retransmits_total", "counter", "TCP segments retransmitted"),
+    (
+        "nettracer_tcp_rtt_seconds",
+        "histogram",
+        "smoothed round-trip time of each TCP connection when it closed",
+    ),
     (
         "nettracer_connections_evicted_total",
         "counter",
@@ -100,23 +102,7 @@ class AgentCollector:
             m.add_metric([], t.folded_keys)
             yield m
         if a.conns is not None:
-            m = gauge("nettracer_connections_open", ("proto", "family", "direction"))
-            for k, n in sorted(t.conns_open.items()):
-                m.add_metric(list(k), n)
-            yield m
-            m = counter("nettracer_connections_closed_total", ("proto", "family"))
-            for k2, n in sorted(t.conns_closed.items()):
-                m.add_metric(list(k2), n)
-            yield m
-            for name, value in (
-                ("nettracer_tcp_bytes_sent_total", t.tcp_bytes_sent),
-                ("nettracer_tcp_bytes_received_total", t.tcp_bytes_received),
-                ("nettracer_tcp_retransmits_total", t.tcp_retransmits),
-                ("nettracer_connections_evicted_total", t.conns_evicted),
-            ):
-                m = counter(name)
-                m.add_metric([], value)
-                yield m
+            yield from _conn_families(t, counter, gauge, helps["nettracer_tcp_rtt_seconds"])
         m = counter("nettracer_events_lost_total", ("tracer",))
         if a.drops is not None:
             m.add_metric(["drops"], t.drops_lost)
@@ -136,6 +122,40 @@ class AgentCollector:
         m = gauge("nettracer_build_info", ("version", "kernel"))
         m.add_metric([self.version, self.kernel], 1)
         yield m
+
+
+def _conn_families(t: Totals, counter: Any, gauge: Any, rtt_help: str) -> Iterator[Any]:
+    """The connection tracer's families, per container (see :mod:`nettracer.agent`)."""
+    from prometheus_client.core import HistogramMetricFamily
+
+    from nettracer.agent import CONTAINER_LABELS, RTT_BUCKETS
+
+    m = gauge("nettracer_connections_open", ("proto", "family", "direction", *CONTAINER_LABELS))
+    for k, n in sorted(t.conns_open.items()):
+        m.add_metric(list(k), n)
+    yield m
+    m = counter("nettracer_connections_closed_total", ("proto", "family", *CONTAINER_LABELS))
+    for k2, n in sorted(t.conns_closed.items()):
+        m.add_metric(list(k2), n)
+    yield m
+    for name, field in (
+        ("nettracer_tcp_bytes_sent_total", "bytes_sent"),
+        ("nettracer_tcp_bytes_received_total", "bytes_received"),
+        ("nettracer_tcp_retransmits_total", "retransmits"),
+    ):
+        m = counter(name, CONTAINER_LABELS)
+        for ck, tcp in sorted(t.tcp.items()):
+            m.add_metric(list(ck), getattr(tcp, field))
+        yield m
+    h = HistogramMetricFamily("nettracer_tcp_rtt_seconds", rtt_help, labels=list(CONTAINER_LABELS))
+    bounds = [*(repr(b) for b in RTT_BUCKETS), "+Inf"]
+    for ck, tcp in sorted(t.tcp.items()):
+        cumulative = list(itertools.accumulate(tcp.rtt_buckets))
+        h.add_metric(list(ck), list(zip(bounds, cumulative, strict=True)), tcp.rtt_sum)
+    yield h
+    m = counter("nettracer_connections_evicted_total")
+    m.add_metric([], t.conns_evicted)
+    yield m
 
 
 class ListenError(NettracerError):
