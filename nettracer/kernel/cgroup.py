@@ -187,8 +187,9 @@ def netns_owners(proc: str = "/proc") -> dict[int, int]:
 class ContainerResolver:
     """Cached :func:`read_cgroup` by pid and by network namespace inode.
 
-    A pid's answer is kept ``ttl_s`` seconds (pids get reused); a namespace miss rescans
-    ``/proc`` at most once per ``rescan_s``.  Each cache holds at most ``max_entries``
+    A pid's answer is kept ``ttl_s`` seconds (pids get reused).  A namespace seen for the
+    first time that is not in the last scan of ``/proc`` rescans it; an expired answer
+    rescans at most once per ``rescan_s``.  Each cache holds at most ``max_entries``
     answers and is emptied when full (the next lookups read ``/proc`` again).
     """
 
@@ -228,7 +229,11 @@ class ContainerResolver:
         if hit is not None and now - hit[0] < self.ttl_s:
             return hit[1]
         pid = self._owners.get(inode)
-        if (pid is None or hit is not None) and now - self._scanned >= self.rescan_s:
+        # a namespace never asked about is looked up at once (its first drops must not
+        # go to "no container" because a scan ran a moment before it got its process);
+        # one asked about before rescans at most once per rescan_s
+        first = hit is None and pid is None
+        if first or (hit is not None and now - self._scanned >= self.rescan_s):
             self._owners = netns_owners(self.proc)
             self._scanned = now
             self.scans += 1
