@@ -87,6 +87,19 @@ def _describe_fd(fd: int) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def kernel_without() -> None:
+    """``NETTRACER_KERNEL__WITHOUT`` forces fallbacks for the whole session, read as the
+    CLI reads it (the ``kernel.without`` setting), for code built without the CLI."""
+    from nettracer.config import load_config
+    from nettracer.kernel import features
+
+    var = "NETTRACER_KERNEL__WITHOUT"
+    env = {var: os.environ[var]} if var in os.environ else {}
+    cfg = load_config(None, environ=env, default_path="/nonexistent/nettracer.yaml")
+    features.configure(cfg["kernel.without"])  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_leaks_at_session_end():
     """The session ends with the fds it started with: no program, map or link of ours is
     left (we never pin, so an object outlives the session only through an open fd)."""

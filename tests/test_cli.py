@@ -77,6 +77,33 @@ def test_kernel_table() -> None:
 
 
 @pytest.mark.kernel
+def test_kernel_shows_the_path_kernel_without_forces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NETTRACER_KERNEL__WITHOUT", "ringbuf,raw_tracepoint")
+    out = nettracer("kernel", "--json")
+    assert out.returncode == 0, out.stderr
+    paths = json.loads(out.stdout)["paths"]
+    assert paths["ringbuf"] == {
+        "present": True,
+        "since": "5.8",
+        "forced": True,
+        "uses": "perf event array",
+    }
+    assert paths["raw_tracepoint"]["uses"] == "classic tracepoints"
+    assert paths["batch_ops"] == {
+        "present": True,
+        "since": "5.6",
+        "forced": False,
+        "uses": "batch map operations",
+    }
+    text = nettracer("kernel").stdout
+    assert "yes (5.8) -> perf event array (forced by kernel.without)" in text
+    monkeypatch.setenv("NETTRACER_KERNEL__WITHOUT", "ringbuf,nosuch")
+    out = nettracer("kernel")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "unknown item 'nosuch'" in out.stderr and "batch_ops" in out.stderr
+
+
+@pytest.mark.kernel
 def test_not_root_is_one_line_exit_2() -> None:
     out = nettracer("kernel", unprivileged=True)
     assert out.returncode == 2, out.stderr

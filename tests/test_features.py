@@ -31,13 +31,50 @@ def test_kprobes_matches_kallsyms() -> None:
     assert features.has_kprobes() == has_register_kprobe
 
 
+def _kallsyms_has(symbol: str) -> bool:
+    with open("/proc/kallsyms") as f:
+        return any(line.rstrip().endswith(f" {symbol}") for line in f)
+
+
 def test_require_raises_typed_not_supported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(features.FEATURES, "ringbuf", (lambda: False, "5.8"))
+    monkeypatch.setattr(features, "_probed", {"ringbuf": False})
     with pytest.raises(
-        NotSupported, match=r"ringbuf not supported by this kernel \(needs Linux 5.8\)"
+        NotSupported, match=r"ring buffer not supported by this kernel \(needs Linux 5.8\)"
     ):
         features.require("ringbuf")
     features.require("raw_tracepoint")
+
+
+def test_probe_read_kernel_matches_kallsyms() -> None:
+    """The helper's implementation ``bpf_probe_read_kernel`` came with it (5.5)."""
+    assert features.has_probe_read_kernel() == _kallsyms_has("bpf_probe_read_kernel")
+
+
+def test_batch_ops_match_kallsyms() -> None:
+    """``generic_map_lookup_batch`` (kernel/bpf/syscall.c) came with the commands (5.6)."""
+    assert features.has_batch_ops() == _kallsyms_has("generic_map_lookup_batch")
+
+
+def test_atomic_fetch_on_this_kernel() -> None:
+    """6.18 has BPF_FETCH (5.12); the probe's own program is the fetch-and-add."""
+    assert features.has_atomic_fetch()
+
+
+def test_forced_features_take_their_fallback() -> None:
+    """``kernel.without`` takes a present feature away; the others stay."""
+    kf = features.KernelFeatures(["ringbuf", "batch_ops"])
+    assert not kf.use("ringbuf") and not kf.use("batch_ops")
+    assert kf.use("raw_tracepoint") and kf.use("probe_read_kernel")
+    assert kf.describe("ringbuf") == "yes (5.8) -> perf event array (forced by kernel.without)"
+    assert kf.describe("raw_tracepoint") == "yes (4.17)"
+    assert kf.path("ringbuf") == {
+        "present": True,
+        "since": "5.8",
+        "forced": True,
+        "uses": "perf event array",
+    }
+    assert kf.path("batch_ops")["uses"] == "per-key map walk"
+    assert features.KernelFeatures().path("ringbuf")["uses"] == "ring buffer"
 
 
 def test_memcg_accounting_matches_kallsyms() -> None:

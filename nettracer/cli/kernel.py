@@ -13,17 +13,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "kernel",
         help="show what this kernel offers",
         description="Show the running kernel's identity, BTF, tracefs and the eBPF features "
-        "nettracer uses, each probed by asking the kernel.",
+        "nettracer uses, each probed by asking the kernel, and which path each takes "
+        "(the feature, or its fallback when the kernel lacks it or kernel.without names it).",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="YAML configuration file (default: /etc/nettracer/nettracer.yaml if present)",
+    )
     return p
 
 
 def report() -> dict[str, object]:
-    """The facts ``nettracer kernel`` shows, as one JSON-ready dict."""
+    """The facts ``nettracer kernel`` shows, as one JSON-ready dict; ``paths`` says, per
+    feature with a fallback, which one nettracer takes under :func:`features.current`."""
     from nettracer.kernel import features, identity, tracefs
     from nettracer.kernel.btf import Btf
 
+    kf = features.current()
     ident = identity.current()
     btf: dict[str, object] = {"present": features.has_btf(), "path": features.BTF_VMLINUX}
     if btf["present"]:
@@ -36,6 +44,9 @@ def report() -> dict[str, object]:
         "btf": btf,
         "tracefs": tracefs.tracefs_state(),
         "features": features.probe_all(),
+        "paths": {
+            name: kf.path(name) for name, f in features.FEATURES.items() if f.fallback is not None
+        },
     }
 
 
@@ -43,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
     from nettracer.errors import require_root
 
     require_root("nettracer kernel", "it loads eBPF programs to probe features")
+    from nettracer.config import load_config
+    from nettracer.kernel import features
+
+    config = load_config(args.config)
+    for notice in config.notices:
+        sys.stderr.write(f"nettracer: {notice}\n")
+    kf = features.configure(config["kernel.without"])  # type: ignore[arg-type]
     facts = report()
     if args.json:
         json.dump(facts, sys.stdout, indent=2)
@@ -74,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("tracefs", "not mounted (commands that trace mount it while they run)")
     else:
         table.add_row("tracefs", "not mounted, and this kernel has no tracefs")
-    feats = facts["features"]
-    assert isinstance(feats, dict)
-    for name, ok in feats.items():
-        table.add_row(f"feature: {name.replace('_', ' ')}", "yes" if ok else "no")
+    for name, f in features.FEATURES.items():
+        table.add_row(f"feature: {f.title}", kf.describe(name))
     Console(width=120 if not sys.stdout.isatty() else None).print(table)
     return 0

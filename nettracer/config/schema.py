@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from nettracer.kernel.features import FORCEABLE
 from nettracer.layout import SOURCES
 from nettracer.value import Value
 
@@ -399,6 +400,15 @@ SCHEMA: dict[str, Key] = _keys(
         "address",
         "127.0.0.1:9410",
         "address the metrics endpoint listens on",
+    ),
+    Key(
+        "kernel.without",
+        "list",
+        [],
+        "behave as if the kernel lacked these features: their fallbacks run instead "
+        "(to test them, or to work around a kernel bug); 'nettracer kernel' shows each path",
+        choices=FORCEABLE,
+        unique_items=True,
     ),
 )
 
