@@ -127,6 +127,9 @@ def _replace_line(path: Path, index: int, line: str) -> None:
         lambda p: _replace_line(p, 3, "1\t2\tnot a number"),
         lambda p: _replace_line(p, 3, "1\tbad \\q escape"),
         lambda p: p.write_text(p.read_text() + "1\t2\t3\n"),  # two rows
+        lambda p: _replace_line(p, 3, "7\t9"),  # a value decode accepts: the checksum
+        lambda p: _replace_line(p, 4, "#crc32=00000000"),
+        lambda p: _replace_line(p, 4, ""),
     ],
 )
 def test_damaged_cache_is_recomputed_and_rewritten(tmp_path: Path, damage: Any) -> None:
@@ -242,3 +245,46 @@ def test_kfree_skb_args_and_reasons_from_the_cache_match_btf(
     assert drops.cached_kfree_skb_args(str(tmp_path)) == args
     if reasons is not None:
         assert drops.cached_reason_names(str(tmp_path)) == reasons
+
+
+@pytest.mark.kernel
+def test_one_offset_edited_in_a_real_cache_gives_btf_again(tmp_path: Path) -> None:
+    """The report behind the checksum: one offset changed by hand in the cache made
+    every device ``-`` while the source still said btf. The edited file is refused by
+    the function and by the command, which answer BTF's value and rewrite the file."""
+    _need_btf()
+    import json
+    import subprocess
+    import sys
+
+    from nettracer.layout.btf_offsets import btf_offsets
+    from nettracer.layout.source import offsets_for
+
+    want = btf_offsets().offset("sk_buff.dev")
+    offsets_for("btf", cache_dir=str(tmp_path))
+    (path,) = tmp_path.iterdir()
+    good = path.read_text()
+    row = f"field\tsk_buff.dev\t{want}\t8\n"
+    assert row in good
+    edited = good.replace(row, f"field\tsk_buff.dev\t{want + 8}\t8\n")
+
+    path.write_text(edited)
+    btf_cache.forget()
+    o = offsets_for("btf", cache_dir=str(tmp_path))
+    assert o.source == "btf" and o.offset("sk_buff.dev") == want
+    assert path.read_text() == good
+
+    path.write_text(edited)
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "nettracer", "offsets", "--source", "btf", "--json"),
+            *("--cache-dir", str(tmp_path), "--config", os.devnull),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    out = json.loads(r.stdout)
+    assert out["source"] == "btf" and out["fields"]["sk_buff.dev"]["offset"] == want
+    assert path.read_text() == good

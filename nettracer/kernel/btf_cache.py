@@ -17,6 +17,7 @@ of tab-separated fields (``\\``, tab, newline and carriage return escaped as ``\
     unresolved      sock.sk_protocol        is a 8-bit bitfield ...
     @tracepoint_args.kfree_skb
     skb     location        reason  rx_sk
+    #crc32=0123abcd                      (CRC-32 of every byte above, newlines included)
 
 The stamp is cheap to take (``uname``, one ``stat`` and the 24-byte ``struct
 btf_header``; no hash of the 5.5 MB blob) and sound: sysfs creates the
@@ -27,8 +28,14 @@ given by path the stamp is the usual one of build tools (size, times, inode).  T
 ``catalogue`` entry is a digest of :data:`nettracer.layout.catalogue.CATALOGUE`, so
 that a nettracer with other fields never reads an older list.
 
-A file whose stamp differs, or that is unreadable, corrupt or not what the caller's
-``decode`` accepts, is ignored: the fact is computed from BTF again and the file
+The last line is a CRC-32 of the rest of the file: a file damaged on disk or edited
+by hand (one offset changed: every device then read as ``-``) no longer matches it.
+It guards against accidents, not against someone who may write the cache directory
+(root's) and recomputes it; a keyed hash would need a key kept elsewhere, and hashlib
+alone costs 20 ms of start-up.
+
+A file whose stamp or checksum differs, or that is unreadable, corrupt or not what
+the caller's ``decode`` accepts, is ignored: the fact is computed from BTF again and the file
 rewritten (atomically).  A cache directory that cannot be written only costs the
 saving: errors writing it are not reported.
 """
@@ -47,7 +54,9 @@ if TYPE_CHECKING:
 
     T = TypeVar("T")
 
-FORMAT = "nettracer-btf-cache 1"
+FORMAT = "nettracer-btf-cache 2"  # 2: the checksum line
+#: the last line: ``#crc32=`` and 8 hex digits
+CHECKSUM = "#crc32="
 _HEADER_BYTES = 24  # struct btf_header: magic, version, flags, hdr_len, type/str off+len
 
 #: a fact as stored: rows of text fields
@@ -139,14 +148,24 @@ def cache_file(cache_dir: str, st: dict[str, str]) -> str:
     return os.path.join(cache_dir, f"btf-{release}-{st['machine']}-{zlib.crc32(what):08x}.tsv")
 
 
+def _checksum(body: str) -> str:
+    """The checksum line of a file whose other lines are ``body``."""
+    import zlib
+
+    return f"{CHECKSUM}{zlib.crc32(body.encode()):08x}"
+
+
 def _parse(text: str, line: str) -> dict[str, Rows]:
-    """The facts in ``text`` when its stamp line is ``line``; ValueError otherwise."""
+    """The facts in ``text`` when its stamp line is ``line`` and its checksum line
+    matches the rest; ValueError otherwise."""
     lines = text.split("\n")
-    if len(lines) < 3 or lines[0] != FORMAT or lines[1] != line or lines[-1] != "":
+    if len(lines) < 4 or lines[0] != FORMAT or lines[1] != line or lines[-1] != "":
         raise ValueError("not this kernel's facts file, or cut short")
+    if lines[-2] != _checksum(text[: len(text) - len(lines[-2]) - 1]):
+        raise ValueError("the content does not match its checksum")
     facts: dict[str, Rows] = {}
     rows: Rows | None = None
-    for row in lines[2:-1]:
+    for row in lines[2:-2]:
         if row.startswith("@"):
             rows = facts.setdefault(row[1:], [])
         elif rows is None:
@@ -180,8 +199,9 @@ def _write(path: str, st: dict[str, str], facts: dict[str, Rows]) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        body = "\n".join(out) + "\n"
         with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write("\n".join(out) + "\n")
+            f.write(body + _checksum(body) + "\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError:
