@@ -275,21 +275,26 @@ def test_read_program_with_netns_filter_listing() -> None:
 
 
 @pytest.mark.kernel
-def test_null_and_fault_markers_by_test_run(btf, kfree_args) -> None:
-    """A NULL ``skb`` gives null, an unmapped one a fault; the argument itself is read."""
+@pytest.mark.parametrize("legacy", [False, True], ids=["probe_read_kernel", "probe_read"])
+def test_null_and_fault_markers_by_test_run(btf, kfree_args, legacy: bool) -> None:
+    """A NULL ``skb`` gives null, an unmapped one a fault; the argument itself is read.
+    The same with the read helpers of kernels before 5.5."""
     import ctypes
 
     from nettracer.access.reader import key_type
     from nettracer.bpf import prog
     from nettracer.bpf.counters import lost_counter
     from nettracer.bpf.maps import hash_map
+    from nettracer.bpf.memory import KernelReads
 
     paths = [resolve_btf(e, btf, kfree_args) for e in ("skb->dev->name", "skb->len", "location")]
     rec = Record.of(paths)
+    program = build_program(rec, "count", reads=KernelReads(legacy=legacy))
+    assert ("call probe_read_str#45" in program.listing()) is legacy
     with (
         hash_map(key_type(rec), ctypes.c_uint64, 16, "out") as out,
         lost_counter("lost") as lost,
-        prog.load(build_program(rec, "count").insns, maps={"out": out, "lost": lost}) as p,
+        prog.load(program.insns, maps={"out": out, "lost": lost}) as p,
     ):
         p.test_run([0, 0x1234, 0, 0])
         p.test_run([0, 0x1234, 0, 0])
@@ -526,56 +531,3 @@ def test_read_user_errors(args: list[str], wanted: str) -> None:
 def test_resolve_exprs_needs_a_source() -> None:
     with pytest.raises(ValueError):
         resolve_exprs(["skb->len"], "kfree_skb")
-
-
-# -- the read planner ----------------------------------------------------------------
-
-
-def test_plan_reads_coalesces_catalogue_keys_within_the_span() -> None:
-    from nettracer.access.plan import plan_reads
-    from nettracer.layout.offsets import Field, Offsets, UnresolvedField
-
-    o = Offsets(
-        "btf",
-        {
-            "sock_common.skc_daddr": Field(0, 4),
-            "sock_common.skc_dport": Field(12, 2),
-            "sock_common.skc_net": Field(48, 8),
-            "sock_common.skc_v6_daddr": Field(56, 16),
-            "sock.sk_protocol": Field(517, 1),
-        },
-    )
-    plan = plan_reads(o, ["sock_common.skc_dport", "sock_common.skc_daddr", "sock_common.skc_net"])
-    assert plan.reads == ((0, 56, 0),) and plan.size == 56
-    assert plan.where == {
-        "sock_common.skc_daddr": 0,
-        "sock_common.skc_dport": 12,
-        "sock_common.skc_net": 48,
-    }
-    # 517 is beyond the span: its own read, starting 8-aligned (512), 8-aligned in the buffer
-    plan = plan_reads(o, ["sock_common.skc_v6_daddr", "sock.sk_protocol"], max_span=64)
-    assert plan.reads == ((56, 16, 0), (512, 6, 16))
-    assert plan.where["sock.sk_protocol"] == 21 and plan.size == 24
-    with pytest.raises(UnresolvedField):
-        plan_reads(o, ["tcp_sock.srtt_us"])
-
-
-def test_read_chain_checks_every_pointer_before_reading() -> None:
-    from nettracer.access.plan import read_chain
-    from nettracer.bpf.insn import R7, Program
-
-    p = Program()
-    read_chain(p, R7, (16, 280), 176, 4, -8, null="null", fault="fault")
-    lines = p.listing().splitlines()
-    assert [x.split(": ", 1)[1] for x in lines if "goto" in x or "call" in x] == [
-        "if r7 == 0 goto null",
-        "call probe_read_kernel#113",
-        "if r0 s< 0 goto fault",
-        "if r7 == 0 goto null",
-        "call probe_read_kernel#113",
-        "if r0 s< 0 goto fault",
-        "if r7 == 0 goto null",
-        "call probe_read_kernel#113",
-        "if r0 s< 0 goto fault",
-    ]
-    assert sum("r7 = *(u64 *)(r10 -8)" in x for x in lines) == 2

@@ -3,8 +3,11 @@ few bounded reads, each field keeping its alignment in the buffer (no kernel nee
 
 from __future__ import annotations
 
-from nettracer.access.plan import plan_reads
-from nettracer.layout.offsets import Field, Offsets
+import pytest
+
+from nettracer.access.plan import plan_reads, read_chain
+from nettracer.bpf.insn import R7, Program
+from nettracer.layout.offsets import Field, Offsets, UnresolvedField
 
 
 def test_plan_reads_groups_near_fields() -> None:
@@ -30,3 +33,21 @@ def test_plan_reads_splits_wide_spans() -> None:
     o = Offsets("test", {"a.x": Field(0, 8), "a.y": Field(200, 8)})
     plan = plan_reads(o, ["a.x", "a.y"], max_span=128)
     assert len(plan.reads) == 2
+
+
+def test_plan_reads_names_a_missing_key() -> None:
+    with pytest.raises(UnresolvedField, match=r"tcp_sock\.srtt_us"):
+        plan_reads(Offsets("test", {"a.x": Field(0, 8)}), ["a.x", "tcp_sock.srtt_us"])
+
+
+def test_read_chain_checks_every_pointer_before_reading() -> None:
+    p = Program()
+    read_chain(p, R7, (16, 280), 176, 4, -8, null="null", fault="fault")
+    lines = p.listing().splitlines()
+    assert [x.split(": ", 1)[1] for x in lines if "goto" in x or "call" in x] == [
+        "if r7 == 0 goto null",
+        "call probe_read_kernel#113",
+        "if r0 s< 0 goto fault",
+    ] * 3
+    # each hop's pointer is loaded back from the slot it was read into
+    assert sum("r7 = *(u64 *)(r10 -8)" in x for x in lines) == 2

@@ -366,16 +366,20 @@ def test_reason_names_agree_with_the_tracepoint_print_fmt(kernel_spec_parts) -> 
 @pytest.mark.parametrize("events", [False, True])
 @pytest.mark.parametrize("stack", [False, True])
 @pytest.mark.parametrize("filtered", [False, True])
+@pytest.mark.parametrize("legacy", [False, True], ids=["probe_read_kernel", "probe_read"])
 def test_every_variant_passes_the_verifier(
-    kernel_spec_parts, events: bool, stack: bool, filtered: bool
+    kernel_spec_parts, events: bool, stack: bool, filtered: bool, legacy: bool
 ) -> None:  # type: ignore[no-untyped-def]
+    """Each filter, --stack and --events, with the 5.5 read helpers and the older ones."""
     layout, args, reasons = kernel_spec_parts
     flt = Filters()
     if filtered:
         flt = Filters(
             device=b"eth0", netns=4026531840, protocol=0x0800, reason=3 if reasons else None
         )
-    with drops.DropMonitor(DropSpec(layout, args, flt, stack=stack, events=events)) as mon:
+    reads = KernelReads(legacy=legacy)
+    spec = DropSpec(layout, args, flt, stack=stack, events=events, reads=reads)
+    with drops.DropMonitor(spec) as mon:
         assert mon.link is not None and mon.prog is not None
 
 

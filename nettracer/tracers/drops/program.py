@@ -38,7 +38,7 @@ import ctypes
 
 from nettracer.access.plan import ReadPlan, emit_plan, plan_fields, read_chain
 from nettracer.bpf.channel import event_channel
-from nettracer.bpf.counters import count_in_hash
+from nettracer.bpf.counters import count_in_hash, update_elem
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
     FP,
@@ -46,7 +46,6 @@ from nettracer.bpf.insn import (
     R1,
     R2,
     R3,
-    R4,
     R6,
     R7,
     R8,
@@ -70,7 +69,6 @@ from nettracer.bpf.insn import (
     stx,
 )
 from nettracer.bpf.memory import read
-from nettracer.bpf.syscall import BPF_ANY
 from nettracer.tracers.drops.records import (
     HEADER_BYTES,
     IFNAMSIZ,
@@ -427,15 +425,7 @@ def _count(p: Program, name_copy: int | None, lay: DropLayout) -> None:
     if name_copy is None:
         name_copy = _NAME
         read(p, FP, _NAME, IFNAMSIZ, _DEV, lay.net_device_name)
-    p += [
-        ld_map_fd(R1, "devnames"),
-        mov64(R2, FP),
-        add64(R2, _DEVKEY),
-        mov64(R3, FP),
-        add64(R3, name_copy),
-        mov64(R4, BPF_ANY),
-        call(Helper.map_update_elem),
-    ]
+    update_elem(p, "devnames", _DEVKEY, FP, name_copy)
 
 
 def _emit_event(p: Program, plans: _Plans, lay: DropLayout) -> None:
