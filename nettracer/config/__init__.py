@@ -5,7 +5,7 @@ or ``--config PATH``), ``NETTRACER_<SECTION>__<KEY>`` environment variables, com
 flags; then the running kernel may force a value off (IPv6), with a notice.  Every value
 remembers where it came from.  PyYAML is imported only when a file is read.
 
-The file must be a regular file of at most 1 MiB (a FIFO, socket, device or directory
+The file must be a regular file of at most 64 KiB (a FIFO, socket, device or directory
 is refused without being opened for reading; ``/dev/null`` reads as empty). YAML
 anchors and aliases are allowed, but all aliases together may add at most 1000
 values once expanded, and an alias inside its own anchor is refused: a config of

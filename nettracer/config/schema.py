@@ -137,7 +137,11 @@ def short_repr(value: object, limit: int = MAX_REPR) -> str:
 
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 6, 4, limit, limit
-    text = r.repr(value)
+    return shorten(r.repr(value), limit)
+
+
+def shorten(text: str, limit: int = MAX_REPR) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked by ``...``."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-from nettracer.config.schema import SCHEMA, SECTIONS, short_repr
+from nettracer.config.schema import SCHEMA, SECTIONS, short_repr, shorten
 from nettracer.config.settings import Origin
 from nettracer.errors import ConfigError
 
@@ -30,8 +30,10 @@ ENV_PREFIX = "NETTRACER_"
 #: (anchors nested 8 deep, each repeated 9 times) expands to 43 million, and every
 #: value is checked and described after loading.
 MAX_ALIAS_VALUES = 1000
-#: largest config file read (PyYAML's pure-Python parser takes seconds per MiB)
-MAX_FILE_BYTES = 1 << 20
+#: largest config file read: a config with every key and its comments is a few KiB,
+#: and PyYAML's pure-Python parser (the one that lets aliases be counted) takes
+#: 10-25 s per MiB of list items
+MAX_FILE_BYTES = 64 << 10
 
 
 def suggest(path: str) -> str | None:
@@ -57,7 +59,7 @@ def unknown_key(path: str, where: str) -> ConfigError:
         expected = f"a known key (did you mean {hint}?)"
     else:
         expected = "a known key (see 'nettracer config show')"
-    return ConfigError(f"{path}: expected {expected}, found an unknown key ({where})")
+    return ConfigError(f"{shorten(path)}: expected {expected}, found an unknown key ({where})")
 
 
 def unknown_section(section: str, where: str) -> ConfigError:
@@ -70,7 +72,9 @@ def unknown_section(section: str, where: str) -> ConfigError:
         expected = f"a section, not a bare key (did you mean {suggest(section)}?)"
     else:
         expected = "one of the sections " + ", ".join(SECTIONS)
-    return ConfigError(f"{section}: expected {expected}, found an unknown section ({where})")
+    return ConfigError(
+        f"{shorten(section)}: expected {expected}, found an unknown section ({where})"
+    )
 
 
 # -- YAML file ---------------------------------------------------------------------------
@@ -289,7 +293,8 @@ def _unknown_env(key: str, var: str) -> ConfigError:
     else:
         expected = "NETTRACER_<SECTION>__<KEY> naming a known key"
     return ConfigError(
-        f"{key}: expected {expected}, found an unknown key (in environment variable {var})"
+        f"{shorten(key)}: expected {expected}, found an unknown key "
+        f"(in environment variable {shorten(var)})"
     )
 
 
