@@ -266,6 +266,17 @@ def test_read_program_listing(mode: str) -> None:
     check_golden(f"read_{mode}", prog.listing())
 
 
+def test_read_program_shares_pointer_hops_and_coalesces_members() -> None:
+    """skb->len and skb->protocol in one read; skb->dev followed once for the name (a
+    string: read alone) and the ifindex."""
+    proto = AccessPath("skb->protocol", 0, (), 180, 2, "__be16", "be")
+    ifindex = AccessPath("skb->dev->ifindex", 0, (16,), 224, 4, "int", "int")
+    prog = build_program(Record.of([NAME, LEN, proto, ifindex]), "events")
+    check_golden("read_events_shared", prog.listing())
+    calls = prog.listing().count("call probe_read_kernel")
+    assert calls == 4  # skb->{len,protocol}; skb->dev; dev->name; dev->ifindex
+
+
 def test_read_program_with_netns_filter_listing() -> None:
     prog = build_program(Record.of([LEN]), "count", (Record.of([INUM]), 4026531840))
     check_golden("read_count_netns", prog.listing())
@@ -482,12 +493,20 @@ def test_read_events_json(topo: Topo) -> None:
     n, payload = 5, 10
     out, _err = _send_and_collect(
         topo, n, payload, "skb:kfree_skb", "skb->dev->name", "skb->sk", "skb->len",
-        "skb->dev->nd_net.net->ns.inum", "--json",
+        "skb->dev->nd_net.net->ns.inum", "skb->protocol", "skb->dev->ifindex", "--json",
     )  # fmt: skip
+    link = subprocess.run(
+        ["ip", "-j", "-n", topo.receiver, "link", "show", "dev", topo.rx],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    ifindex = json.loads(link.stdout)[0]["ifindex"]
     lines = [json.loads(line) for line in out.splitlines()]
     events = [e["values"] for e in lines if "values" in e]
     assert len(events) == n
     for e in events:
+        # len and protocol: one read; dev followed once for name, ifindex and nd_net
+        assert e["skb->protocol"] == 0x0800  # ETH_P_IP
+        assert e["skb->dev->ifindex"] == ifindex
         assert e["skb->dev->name"] == topo.rx
         assert e["skb->sk"] == "0x0"  # the pointer itself, not followed
         assert e["skb->len"] == 8 + payload

@@ -15,8 +15,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nettracer.access.path import AccessError, AccessPath
-from nettracer.access.plan import read_chain
-from nettracer.bpf.insn import FP, R0, R6, R7, Program, Reg, ja, ldx, mov64, st, stx
+from nettracer.access.plan import MAX_SPAN, PathGroup, plan_paths, read_chain
+from nettracer.bpf.insn import (
+    FP,
+    R0,
+    R6,
+    R7,
+    JmpOp,
+    Program,
+    Reg,
+    ja,
+    jeq,
+    jmp,
+    ldx,
+    mov64,
+    st,
+    stx,
+)
+from nettracer.bpf.memory import copy, read
 
 #: status byte of a path: the value was read
 OK = 0
@@ -78,31 +94,70 @@ def compile_reads(
     *,
     ctx: Reg = R6,
     base: Reg = R7,
+    tmp_off: int | None = None,
 ) -> None:
     """Append the instructions filling ``record`` at ``FP + buf_off`` (8-byte aligned,
     negative) to ``p``; may be used any number of times in one program.
 
     ``ctx`` holds the raw tracepoint context (``u64`` arguments; keep it in a
     callee-saved register, it must survive helper calls); ``base`` is a callee-saved
-    scratch register for the pointer being followed.  R0-R5 are clobbered.
-    Every read is bounded and NULL-checked (:func:`nettracer.access.plan.read_chain`):
-    ``len(derefs) + 1`` helper calls per path.
+    scratch register for the pointer being followed.  R0-R5 are clobbered.  The reads
+    are those of :func:`nettracer.access.plan.plan_paths`: paths sharing an argument and
+    pointer chain share its reads, each preceded by a NULL check; with ``tmp_off`` (an
+    8-aligned stack buffer of :data:`~nettracer.access.plan.MAX_SPAN` bytes) members of
+    one struct that lie close together are read with one call and copied into their
+    slots.  A NULL pointer or a failed read marks every path of its group.
     """
     if buf_off % 8 or buf_off + record.size > 0 or buf_off < -512:
         raise ValueError(f"record at fp{buf_off:+d} ({record.size} bytes) is not on the stack")
+    if tmp_off is not None and (tmp_off % 8 or tmp_off < -512 or tmp_off + MAX_SPAN > 0):
+        raise ValueError(f"scratch buffer at fp{tmp_off:+d} is not on the stack")
     p += [st(8, FP, buf_off + i, 0) for i in range(0, record.size, 8)]
-    for k, (path, slot) in enumerate(zip(record.paths, record.slots, strict=True)):
-        s = buf_off + slot
-        p += ldx(8, base, ctx, 8 * path.arg_index)
+    for path, slot in zip(record.paths, record.slots, strict=True):
         if path.offset is None:
-            p += stx(8, FP, s, base)
+            p += [ldx(8, base, ctx, 8 * path.arg_index), stx(8, FP, buf_off + slot, base)]
+    for group in plan_paths(record.paths, MAX_SPAN if tmp_off is not None else 0):
+        _emit_group(p, record, buf_off, group, ctx, base, tmp_off)
+
+
+def _emit_group(
+    p: Program,
+    record: Record,
+    buf_off: int,
+    group: PathGroup,
+    ctx: Reg,
+    base: Reg,
+    tmp_off: int | None,
+) -> None:
+    """The shared pointer hops (landing in the first member's slot, cleared after each:
+    a record is a map key), then the reads; the status bytes on NULL and fault."""
+    done, null, fault = p.new_label("done"), p.new_label("null"), p.new_label("fault")
+    members = group.members
+    land = buf_off + record.slots[members[0]]
+    p += ldx(8, base, ctx, 8 * group.arg_index)
+    for hop in group.derefs:
+        read_chain(p, base, (), hop, 8, land, null=null, fault=fault)
+        p += [ldx(8, base, FP, land), st(8, FP, land, 0)]
+    p += jeq(base, 0, null)
+    for src_off, length, idx, string in group.reads:
+        if len(idx) == 1:
+            read(p, FP, buf_off + record.slots[idx[0]], length, base, src_off, string=string)
+            p += jmp(JmpOp.JSLT, R0, 0, fault)
             continue
-        done, null, fault = p.new_label("done"), p.new_label("null"), p.new_label("fault")
-        read_chain(
-            p, base, path.derefs, path.offset, path.size, s, null=null, fault=fault,
-            string=path.decode == "str", clear=True,
-        )  # fmt: skip
-        p += [ja(done), st(1, FP, buf_off + k, NULL).at(null), ja(done)]
-        p += st(1, FP, buf_off + k, FAULT).at(fault)
-        p += [st(8, FP, s + i, 0) for i in range(0, _round8(max(path.size, 8)), 8)]
-        p += mov64(R0, 0).at(done)
+        assert tmp_off is not None
+        read(p, FP, tmp_off, length, base, src_off)
+        p += jmp(JmpOp.JSLT, R0, 0, fault)
+        for k in idx:
+            path = record.paths[k]
+            assert path.offset is not None
+            copy(p, FP, buf_off + record.slots[k], FP, tmp_off + path.offset - src_off, path.size)
+    p += ja(done)
+    p.label(null)
+    p += [st(1, FP, buf_off + k, NULL) for k in members]
+    p += ja(done)
+    p.label(fault)
+    p += [st(1, FP, buf_off + k, FAULT) for k in members]
+    for k in members:
+        s = buf_off + record.slots[k]
+        p += [st(8, FP, s + i, 0) for i in range(0, _round8(max(record.paths[k].size, 8)), 8)]
+    p += mov64(R0, 0).at(done)

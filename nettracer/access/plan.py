@@ -8,6 +8,10 @@ The one way a generated program reads kernel memory above :mod:`nettracer.bpf.me
   the copies out in one stack buffer (:class:`ReadPlan`); :func:`emit_plan` emits them.
 * :func:`read_chain` follows a chain of pointers (``skb->dev->nd_net.net``) with a NULL
   check before every read and reads the final value.
+* :func:`plan_paths` does both for resolved struct paths
+  (:class:`~nettracer.access.path.AccessPath`): paths that start at the same argument
+  and follow the same pointers share those reads, and their final members are grouped
+  like fields (:mod:`nettracer.access.compile` emits the result).
 
 Example: ``sk_buff.dev`` and ``sk_buff.protocol`` in one read, then the device::
 
@@ -27,6 +31,7 @@ from nettracer.value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
+    from nettracer.access.path import AccessPath
     from nettracer.layout.offsets import Offsets
 
 #: default largest span of one read (bytes)
@@ -87,6 +92,58 @@ def plan_reads(offsets: Offsets, keys: Iterable[str], max_span: int = MAX_SPAN) 
     struct; ``where`` is keyed by catalogue key. Raises
     :class:`~nettracer.layout.offsets.UnresolvedField` for a key ``offsets`` lacks."""
     return plan_fields({k: (offsets[k].offset, offsets[k].size) for k in keys}, max_span)
+
+
+class PathGroup(Value):
+    """Paths (indices into the list given to :func:`plan_paths`) that start at argument
+    ``arg_index`` and follow the same pointers ``derefs``; then ``reads`` from the
+    struct reached: ``(src_off, length, members, string)``, one helper call each
+    (``string``: one NUL-terminated member, read with the ``_str`` helper)."""
+
+    __slots__ = ("arg_index", "derefs", "reads")
+
+    def __init__(
+        self,
+        arg_index: int,
+        derefs: tuple[int, ...],
+        reads: tuple[tuple[int, int, tuple[int, ...], bool], ...],
+    ) -> None:
+        self.arg_index = arg_index
+        self.derefs = derefs
+        self.reads = reads
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return tuple(i for *_, idx, _ in self.reads for i in idx)
+
+
+def plan_paths(paths: Sequence[AccessPath], max_span: int = MAX_SPAN) -> list[PathGroup]:
+    """Group the paths that read a struct member (``offset`` not None) by argument and
+    pointer chain, in order of first appearance; within a group, members other than
+    strings are coalesced as :func:`plan_fields` does (``max_span=0``: one read each).
+    A read of several members has ``src_off`` 8-aligned; a lone member is read exactly."""
+    chains: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for i, path in enumerate(paths):
+        if path.offset is not None:
+            chains.setdefault((path.arg_index, path.derefs), []).append(i)
+    groups = []
+    for (arg, derefs), idx in chains.items():
+        plain = {str(i): (paths[i].offset, paths[i].size) for i in idx if paths[i].decode != "str"}
+        plan = plan_fields(plain, max_span) if max_span else None
+        reads: list[tuple[int, int, tuple[int, ...], bool]] = []
+        for i in idx:
+            if paths[i].decode == "str" or plan is None:
+                reads.append((paths[i].offset, paths[i].size, (i,), paths[i].decode == "str"))
+        if plan is not None:
+            for src_off, length, pos in plan.reads:
+                members = tuple(int(k) for k, w in plan.where.items() if pos <= w < pos + length)
+                if len(members) == 1:
+                    m = paths[members[0]]
+                    src_off, length = m.offset, m.size
+                reads.append((src_off, length, members, False))
+        reads.sort(key=lambda r: r[2][0])
+        groups.append(PathGroup(arg, derefs, tuple(reads)))
+    return groups
 
 
 def emit_plan(p: Program, plan: ReadPlan, buf_off: int, src: Reg, dst: Reg = FP) -> None:

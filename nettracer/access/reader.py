@@ -22,6 +22,7 @@ from nettracer.access.path import (
     resolve_offsets,
     tracepoint_args_btf,
 )
+from nettracer.access.plan import MAX_SPAN
 from nettracer.bpf.channel import event_channel
 from nettracer.bpf.counters import count_in_hash, lost_counter
 from nettracer.bpf.insn import FP, R0, R1, R6, JmpOp, Program, exit_, jmp32, ldx, mov64
@@ -108,6 +109,7 @@ def build_program(
     if mode not in ("events", "count"):
         raise ValueError(f"mode must be 'events' or 'count', not {mode!r}")
     buf = _SCRATCH - record.size
+    tmp = buf - (netns_filter[0].size if netns_filter else 0) - MAX_SPAN
     p = Program(reads=reads)
     p += mov64(R6, R1)
     if netns_filter is not None:
@@ -121,7 +123,7 @@ def build_program(
             ldx(4, R0, FP, fbuf + frec.slots[0]),
             jmp32(JmpOp.JNE, R0, imm, "out"),
         ]
-    compile_reads(p, record, buf)
+    compile_reads(p, record, buf, tmp_off=tmp)
     if mode == "events":
         event_channel(out_map, lost_map).output(
             p, ctx=R6, buf_off=buf, size=record.size, done="out", scratch_off=_SCRATCH

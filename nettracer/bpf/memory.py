@@ -12,7 +12,7 @@ one read, NULL checks) lives above, in :mod:`nettracer.access.plan`.
 from __future__ import annotations
 
 from nettracer.bpf.helpers import Helper
-from nettracer.bpf.insn import R1, R2, R3, Program, Reg, add64, call, mov64
+from nettracer.bpf.insn import R1, R2, R3, Program, Reg, add64, call, ldx, mov64, stx
 from nettracer.value import Value
 
 
@@ -71,3 +71,16 @@ def read(
         p += add64(R3, src_off)
     reads = p.reads if p.reads is not None else MODERN
     p += call(reads.helper(string))
+
+
+def copy(p: Program, dst: Reg, dst_off: int, src: Reg, src_off: int, size: int) -> None:
+    """Append a copy of ``size`` bytes from ``src + src_off`` to ``dst + dst_off`` (both
+    readable by the program: stack, map value, record) with the widest loads both
+    offsets' alignment allows; clobbers R1."""
+    pos = 0
+    while pos < size:
+        for w in (8, 4, 2, 1):
+            if size - pos >= w and (dst_off + pos) % w == 0 and (src_off + pos) % w == 0:
+                break
+        p += [ldx(w, R1, src, src_off + pos), stx(w, dst, dst_off + pos, R1)]
+        pos += w
