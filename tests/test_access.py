@@ -23,7 +23,7 @@ import pytest
 from conftest import kernel_skip
 from golden import check_golden
 
-from nettracer.access.compile import FAULT, NULL, OK, Record, compile_reads
+from nettracer.access.compile import FAULT, NULL, OK, RecordLayout, compile_reads
 from nettracer.access.path import (
     AccessError,
     AccessPath,
@@ -239,7 +239,7 @@ def test_decode_values() -> None:
         "0xffff888012345678"
     )
     assert p("uint", 1, bit_shift=1, bit_size=3).decode_value(bytes([0b1010])) == 0b101
-    rec = Record.of([p("uint", 4), p("str", 16)])
+    rec = RecordLayout.of([p("uint", 4), p("str", 16)])
     assert rec.slots == (8, 16) and rec.size == 32
     raw = bytes([OK, NULL]) + bytes(6) + (7).to_bytes(8, "little") + bytes(16)
     assert rec.decode(raw) == [7, None]
@@ -249,7 +249,7 @@ def test_decode_values() -> None:
 def test_record_too_large() -> None:
     big = AccessPath("skb->cb", 0, (), 40, 48, "char[48]", "str")
     with pytest.raises(AccessError, match="at most 256"):
-        Record.of([big] * 6)
+        RecordLayout.of([big] * 6)
 
 
 # -- generated programs (listings) ----------------------------------------------------
@@ -262,7 +262,7 @@ INUM = AccessPath("skb->dev->nd_net.net->ns.inum", 0, (16, 280), 176, 4, "unsign
 
 @pytest.mark.parametrize("mode", ["count", "events"])
 def test_read_program_listing(mode: str) -> None:
-    prog = build_program(Record.of([NAME, LEN]), mode)
+    prog = build_program(RecordLayout.of([NAME, LEN]), mode)
     check_golden(f"read_{mode}", prog.listing())
 
 
@@ -278,7 +278,7 @@ def test_read_program_shares_pointer_hops_and_coalesces_members() -> None:
 
 
 def test_read_program_with_netns_filter_listing() -> None:
-    prog = build_program(Record.of([LEN]), "count", (Record.of([INUM]), 4026531840))
+    prog = build_program(RecordLayout.of([LEN]), "count", (RecordLayout.of([INUM]), 4026531840))
     check_golden("read_count_netns", prog.listing())
 
 
@@ -299,7 +299,7 @@ def test_null_and_fault_markers_by_test_run(btf, kfree_args, legacy: bool) -> No
     from nettracer.bpf.memory import KernelReads
 
     paths = [resolve_btf(e, btf, kfree_args) for e in ("skb->dev->name", "skb->len", "location")]
-    rec = Record.of(paths)
+    rec = RecordLayout.of(paths)
     program = build_program(rec, "count", reads=KernelReads(legacy=legacy))
     assert ("call probe_read_str#45" in program.listing()) is legacy
     with (
@@ -327,8 +327,8 @@ def test_compile_reads_twice_in_one_program(btf, kfree_args) -> None:
     from nettracer.bpf import prog
     from nettracer.bpf.insn import R0, R1, R6, Program, exit_, mov64
 
-    a = Record.of([resolve_btf("skb->dev->name", btf, kfree_args)])
-    b = Record.of([resolve_btf("skb->sk->__sk_common.skc_dport", btf, kfree_args)])
+    a = RecordLayout.of([resolve_btf("skb->dev->name", btf, kfree_args)])
+    b = RecordLayout.of([resolve_btf("skb->sk->__sk_common.skc_dport", btf, kfree_args)])
     p = Program([mov64(R6, R1)])
     compile_reads(p, a, -a.size)
     compile_reads(p, b, -a.size - b.size)

@@ -235,7 +235,7 @@ def test_stack_frames_skip_tracing_machinery() -> None:
 
 def test_interval_text_and_json() -> None:
     groups = drops.group_counts(counts(), drops.DEFAULT_BY, names())
-    iv = out.Interval(time.time(), 5.0, groups, 16, 3)
+    iv = out.DropInterval(time.time(), 5.0, groups, 16, 3)
     text = out.interval_text(iv, drops.DEFAULT_BY).splitlines()
     assert "drops in the last 5.0 s" in text[0]
     assert text[1].split() == ["COUNT", "LOCATION", "DEVICE", "MODULE", "REASON", "PROTOCOL"]
@@ -246,7 +246,7 @@ def test_interval_text_and_json() -> None:
     assert set(obj) == {"time", "interval_s", "drops", "total", "lost"}
     assert obj["total"] == 16 and obj["lost"] == 3 and obj["interval_s"] == 5.0
     assert len(obj["drops"]) == 5
-    empty = out.interval_text(out.Interval(time.time(), 1.0, [], 0, 0), drops.DEFAULT_BY)
+    empty = out.interval_text(out.DropInterval(time.time(), 1.0, [], 0, 0), drops.DEFAULT_BY)
     assert empty.splitlines()[-1].strip() == "total 0 drops in 0 groups, 0 lost"
 
 

@@ -1,6 +1,6 @@
 """Compile :class:`~nettracer.access.path.AccessPath`\\ s into eBPF instructions.
 
-The values land in a *record* on the program's stack, laid out by :class:`Record`:
+The values land in a *record* on the program's stack, laid out by :class:`RecordLayout`:
 one status byte per path (:data:`OK`, :data:`NULL`, :data:`FAULT`), padded to 8,
 then one 8-byte aligned slot per path.  The record is zeroed first and every byte of
 it is defined afterwards (strings are read with ``bpf_probe_read_kernel_str``, Linux
@@ -49,7 +49,7 @@ def _round8(n: int) -> int:
 
 
 @dataclass(frozen=True)
-class Record:
+class RecordLayout:
     """Where each path's status byte and value live in the record."""
 
     paths: tuple[AccessPath, ...]
@@ -57,7 +57,7 @@ class Record:
     size: int
 
     @classmethod
-    def of(cls, paths: Sequence[AccessPath]) -> Record:
+    def of(cls, paths: Sequence[AccessPath]) -> RecordLayout:
         """The layout for ``paths``; AccessError when it exceeds :data:`MAX_RECORD`."""
         off = _round8(len(paths))
         slots = []
@@ -89,7 +89,7 @@ class Record:
 
 def compile_reads(
     p: Program,
-    record: Record,
+    record: RecordLayout,
     buf_off: int,
     *,
     ctx: Reg = R6,

@@ -13,7 +13,7 @@ import ctypes
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from nettracer.access.compile import OK, Record, compile_reads
+from nettracer.access.compile import OK, RecordLayout, compile_reads
 from nettracer.access.path import (
     KNOWN_ARGS,
     AccessError,
@@ -87,7 +87,7 @@ def netns_expr(tracepoint: str, btf: Btf | None = None) -> str:
     )
 
 
-def key_type(record: Record) -> type[ctypes.Structure]:
+def key_type(record: RecordLayout) -> type[ctypes.Structure]:
     """The ctypes type of a record used as a hash map key."""
     return type(
         "RecordKey", (ctypes.Structure,), {"_fields_": [("raw", ctypes.c_uint8 * record.size)]}
@@ -95,9 +95,9 @@ def key_type(record: Record) -> type[ctypes.Structure]:
 
 
 def build_program(
-    record: Record,
+    record: RecordLayout,
     mode: str,
-    netns_filter: tuple[Record, int] | None = None,
+    netns_filter: tuple[RecordLayout, int] | None = None,
     out_map: str = "out",
     lost_map: str = "lost",
     reads: KernelReads | None = None,
@@ -162,7 +162,7 @@ class Reader:
     ) -> None:
         self.tracepoint = tracepoint
         self.paths = list(paths)
-        self.record = Record.of(paths)
+        self.record = RecordLayout.of(paths)
         self.mode = mode
         self.netns = netns
         self._sizes = (max_entries, ringbuf_size)
@@ -219,7 +219,7 @@ class Reader:
                 self.out = hash_map(key_type(self.record), ctypes.c_uint64, max_entries, "out")
                 self._objs.append(self.out)
                 maps = {"out": self.out, "lost": self.lost_map}
-            flt = (Record.of([self.netns[0]]), self.netns[1]) if self.netns else None
+            flt = (RecordLayout.of([self.netns[0]]), self.netns[1]) if self.netns else None
             insns = build_program(self.record, self.mode, flt).insns
             self.prog = prog.load(insns, maps=maps, name="nt_read")
             self._objs.append(self.prog)

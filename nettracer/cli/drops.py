@@ -197,7 +197,7 @@ class _Session:
         sample = self.monitor.collect()
         stacks = self.monitor.stack if self.args.stack else None
         groups = group_counts(sample.counts, self.by, self.names, stacks)
-        iv = out.Interval(time.time(), now - self.last, groups, sample.total, sample.lost)
+        iv = out.DropInterval(time.time(), now - self.last, groups, sample.total, sample.lost)
         if self.json:
             write(out.interval_json(iv), self.out)
         else:

@@ -21,7 +21,7 @@ from nettracer.tracers.packet import Packet, decode, ethertype_from_skb
 
 
 @dataclass(frozen=True)
-class Interval:
+class DropInterval:
     """One reporting interval: when it ended, how long it was, its groups and totals."""
 
     end: float  # epoch seconds
@@ -31,7 +31,7 @@ class Interval:
     lost: int
 
 
-def interval_json(iv: Interval) -> dict[str, object]:
+def interval_json(iv: DropInterval) -> dict[str, object]:
     return {
         "time": iso_time(iv.end),
         "interval_s": round(iv.seconds, 3),
@@ -67,7 +67,7 @@ def _cell(g: DropGroup, attr: str) -> object:
     return getattr(g, attr)
 
 
-def interval_text(iv: Interval, by: Sequence[str]) -> str:
+def interval_text(iv: DropInterval, by: Sequence[str]) -> str:
     """Header line, table (with stacks under their rows), summary line."""
     lines = [f"{clock_time(iv.end)}  drops in the last {iv.seconds:.1f} s"]
     cols = _columns(by)
