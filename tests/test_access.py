@@ -271,7 +271,7 @@ def test_read_program_shares_pointer_hops_and_coalesces_members() -> None:
     string: read alone) and the ifindex."""
     proto = AccessPath("skb->protocol", 0, (), 180, 2, "__be16", "be")
     ifindex = AccessPath("skb->dev->ifindex", 0, (16,), 224, 4, "int", "int")
-    prog = build_program(Record.of([NAME, LEN, proto, ifindex]), "events")
+    prog = build_program(RecordLayout.of([NAME, LEN, proto, ifindex]), "events")
     check_golden("read_events_shared", prog.listing())
     calls = prog.listing().count("call probe_read_kernel")
     assert calls == 4  # skb->{len,protocol}; skb->dev; dev->name; dev->ifindex

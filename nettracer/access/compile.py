@@ -122,7 +122,7 @@ def compile_reads(
 
 def _emit_group(
     p: Program,
-    record: Record,
+    record: RecordLayout,
     buf_off: int,
     group: PathGroup,
     ctx: Reg,
