@@ -89,6 +89,17 @@ def test_probe_program_listings(spec) -> None:  # type: ignore[no-untyped-def]
     )
 
 
+def test_probe_programs_follow_the_read_helper_choice() -> None:
+    from nettracer.bpf.memory import KernelReads
+    from nettracer.layout.guess import probes
+    from nettracer.layout.guess import run as guess
+
+    modern = probes.program(guess.SOCK_RECV).listing()
+    legacy = probes.program(guess.SOCK_RECV, KernelReads(legacy=True)).listing()
+    assert "probe_read_kernel" in modern
+    assert legacy == modern.replace("call probe_read_kernel#113", "call probe_read#4")
+
+
 def test_rtnetlink_attributes_are_padded() -> None:
     from nettracer.layout.guess.rtnl import attr
 

@@ -159,8 +159,11 @@ class Reader:
         netns: tuple[AccessPath, int] | None = None,
         max_entries: int = 10240,
         ringbuf_size: int = 1 << 20,
+        reads: KernelReads | None = None,
     ) -> None:
         self.tracepoint = tracepoint
+        #: which helper reads kernel memory (:mod:`nettracer.bpf.memory`)
+        self.reads = reads
         self.paths = list(paths)
         self.record = RecordLayout.of(paths)
         self.mode = mode
@@ -220,7 +223,7 @@ class Reader:
                 self._objs.append(self.out)
                 maps = {"out": self.out, "lost": self.lost_map}
             flt = (RecordLayout.of([self.netns[0]]), self.netns[1]) if self.netns else None
-            insns = build_program(self.record, self.mode, flt).insns
+            insns = build_program(self.record, self.mode, flt, reads=self.reads).insns
             self.prog = prog.load(insns, maps=maps, name="nt_read")
             self._objs.append(self.prog)
             self.link = link.attach_raw_tracepoint(self.prog, self.tracepoint)

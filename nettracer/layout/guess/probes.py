@@ -59,7 +59,7 @@ from nettracer.bpf.insn import (
     st,
     stx,
 )
-from nettracer.bpf.memory import read
+from nettracer.bpf.memory import KernelReads, read
 from nettracer.bpf.syscall import BpfSyscallError
 from nettracer.errors import NotSupported
 from nettracer.errors import require_root as _require_root
@@ -186,15 +186,16 @@ CHANNEL = event_channel("events", "lost")
 
 
 @functools.cache
-def build(spec: ProbeSpec) -> tuple[Insn, ...]:
+def build(spec: ProbeSpec, reads: KernelReads | None = None) -> tuple[Insn, ...]:
     """The instructions of ``spec``'s program (maps ``ctl``, ``events``, ``lost``)."""
-    return tuple(program(spec).insns)
+    return tuple(program(spec, reads).insns)
 
 
-def program(spec: ProbeSpec) -> Program:
+def program(spec: ProbeSpec, reads: KernelReads | None = None) -> Program:
     """``spec``'s program: R6 the context, R7 the tid then the struct pointer, R8 the
-    record, R9 the ``followed`` bits."""
-    p = Program()
+    record, R9 the ``followed`` bits; ``reads`` chooses the read helper
+    (:mod:`nettracer.bpf.memory`)."""
+    p = Program(reads=reads)
     p += [
         mov64(R6, R1),
         call(Helper.get_current_pid_tgid),
@@ -297,7 +298,8 @@ class ProbeSet:
     ``close()`` detaches everything. ``missing`` names optional tracepoints this kernel
     lacks."""
 
-    def __init__(self, ringbuf_size: int = 4 << 20) -> None:
+    def __init__(self, ringbuf_size: int = 4 << 20, reads: KernelReads | None = None) -> None:
+        self.reads = reads
         self._objs: list = []
         self.by_kind: dict[int, ProbeSpec] = {}
         self.missing: list[str] = []
@@ -314,7 +316,7 @@ class ProbeSet:
     def add(self, spec: ProbeSpec) -> bool:
         """Load ``spec``'s program and attach it; False when its tracepoint does not exist
         and it is optional (:class:`NotSupported` when it is required)."""
-        p = prog.load(build(spec), maps=self._maps, name=f"ntg_{spec.tracepoint}"[:15])
+        p = prog.load(build(spec, self.reads), maps=self._maps, name=f"ntg_{spec.tracepoint}"[:15])
         self._objs.append(p)
         try:
             self._objs.append(link.attach_raw_tracepoint(p, spec.tracepoint))
