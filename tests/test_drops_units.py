@@ -370,16 +370,26 @@ def test_reason_names_agree_with_the_tracepoint_print_fmt(kernel_spec_parts) -> 
 def test_every_variant_passes_the_verifier(
     kernel_spec_parts, events: bool, stack: bool, filtered: bool, legacy: bool
 ) -> None:  # type: ignore[no-untyped-def]
-    """Each filter, --stack and --events, with the 5.5 read helpers and the older ones."""
-    layout, args, reasons = kernel_spec_parts
-    flt = Filters()
+    """Each filter, stack and events, with the 5.5 read helpers and the older ones."""
+    _layout, args, reasons = kernel_spec_parts
+    filters: dict[str, object] = {}
     if filtered:
-        flt = Filters(
-            device=b"eth0", netns=4026531840, protocol=0x0800, reason=3 if reasons else None
-        )
-    reads = KernelReads(legacy=legacy)
-    spec = DropSpec(layout, args, flt, stack=stack, events=events, reads=reads)
-    with drops.DropMonitor(spec) as mon:
+        filters = {"device": "eth0", "netns": 4026531840, "protocol": "IPv4"}
+        if reasons:
+            filters["reason"] = "NO_SOCKET"
+    mon = drops.DropMonitor.from_config(
+        settings(offsets__source="btf"),
+        events=events,
+        stack=stack,
+        reads=KernelReads(legacy=legacy),
+        **filters,  # type: ignore[arg-type]
+    )
+    want = Filters()
+    if filtered:
+        reason = drops.parse_reason("NO_SOCKET", reasons) if reasons else None
+        want = Filters(device=b"eth0", netns=4026531840, reason=reason, protocol=0x0800)
+    assert (mon.spec.filters, mon.spec.args) == (want, args)
+    with mon:
         assert mon.link is not None and mon.prog is not None
 
 

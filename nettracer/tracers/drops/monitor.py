@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from typing import Any, TypeVar
 
     from nettracer.bpf.channel import ChannelReader
+    from nettracer.bpf.memory import KernelReads
     from nettracer.kernel.tracefs import TracepointFormat
     from nettracer.layout.offsets import Offsets
     from nettracer.tracers.drops.groups import Names, Sample
@@ -274,6 +275,7 @@ class DropMonitor:
         protocol: str | None = None,
         offsets: Offsets | None = None,
         kfree_skb: KfreeSkbArgs | None = None,
+        reads: KernelReads | None = None,
         **sizes: int,
     ) -> DropMonitor:
         """The monitor (not started) for the settings of ``cfg`` (``offsets.*``,
@@ -281,7 +283,8 @@ class DropMonitor:
         drop), ``stack``, the filters (``device``, ``netns`` inode, ``reason`` name,
         ``protocol`` name; errors name them ``drops.<name>``), ``offsets`` already
         loaded (the agent shares them), ``kfree_skb`` to build for another kernel's
-        tracepoint arguments, and the map ``sizes`` of :meth:`__init__`.
+        tracepoint arguments, ``reads`` to choose the helper that reads kernel memory
+        (:mod:`nettracer.bpf.memory`), and the map ``sizes`` of :meth:`__init__`.
 
         Only what the program needs is read before attaching: the offsets, whether
         ``kfree_skb`` has a reason and, to filter by reason, the reason names; from
@@ -307,7 +310,8 @@ class DropMonitor:
             device, netns, reason, protocol, reasons if isinstance(reasons, dict) else None
         )
         layout = DropLayout.from_offsets(offsets, events=events)
-        monitor = cls(DropSpec(layout, kfree_skb, filters, stack=stack, events=events), **sizes)
+        spec = DropSpec(layout, kfree_skb, filters, stack=stack, events=events, reads=reads)
+        monitor = cls(spec, **sizes)
         monitor.source = offsets.source
         monitor.reasons = reasons
         monitor.group_by = group_by
