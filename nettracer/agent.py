@@ -362,10 +362,7 @@ class Agent:
     def _container(self, t: Totals, c: Any) -> ContainerKey:
         """The (bounded) container labels of connection ``c``: its process's, else its
         network namespace's."""
-        cg = self.containers.by_pid(c.pid) if c.pid else None
-        if cg is None and c.netns:
-            cg = self.containers.by_netns(c.netns)
-        key = container_labels(cg)
+        key = container_labels(self.containers.of(c.pid, c.netns))
         if key in t.tcp or len(t.tcp) - (OTHER_CONTAINER in t.tcp) < self.max_container_series:
             t.tcp.setdefault(key, TcpTotals())
             return key

@@ -377,3 +377,29 @@ def test_netns_filter_is_a_32_bit_compare() -> None:
     prog = cp.build_state(fake_offsets(), cp.ConnSpec(netns=inode))
     [cmp] = [i for i in prog.insns if i.imm == inode]
     assert cmp.cls == JMP32
+
+
+def test_container_of_a_connection_in_both_writers(tmp_path) -> None:
+    """The owner's container by pid; without a known pid, the namespace's."""
+    from test_drops_units import fake_proc
+
+    from nettracer.kernel.cgroup import ContainerResolver
+
+    cid = "c" * 64
+    ino = fake_proc(
+        tmp_path,
+        {3: f"/kubepods/besteffort/pod{'1' * 8}-{'2' * 4}-{'3' * 4}-{'4' * 4}-{'5' * 12}/{cid}"},
+    )
+    res = ContainerResolver(proc=str(tmp_path))
+    for fields in ({"pid": 3, "flags": 1, "netns": 1}, {"pid": 0, "flags": 0, "netns": ino[3]}):
+        rec = _rec(id=1, family=2, proto=6, **fields)
+        fast = json.loads(out.record_line(rec, False, 10**18, containers=res))
+        slow = out.conn_json(decode(rec, False), 0, 10**18, closed=True, containers=res)
+        line = json.loads(out.conn_line(decode(rec, False), 0, 10**18, True, containers=res))
+        assert fast == slow == line
+        assert slow["container"] == {
+            "id": cid, "runtime": "cri", "pod_uid": "11111111-2222-3333-4444-555555555555",
+        }  # fmt: skip
+        assert slow["cgroup"].endswith(cid)
+    rec = _rec(id=1, family=2, proto=6, pid=4, flags=1, netns=1)  # nobody: null
+    assert out.conn_json(decode(rec, False), 0, 0, containers=res)["container"] is None

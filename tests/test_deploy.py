@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +222,8 @@ class Worker:
         )
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
             f.write(str(self.proc.pid))  # before it does anything: `ip netns exec` execs
+        self.cid = ""  # set by docker_container()
+        self.netns = 0
 
     def ask(self, line: str) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -303,10 +307,11 @@ def instant(prom: Any, expr: str, at_ms: int, window_ms: int, target: str, cid: 
     return prom.query(expr, at=at_ms / 1000)
 
 
-@pytest.mark.kernel
-def test_dashboard_on_real_prometheus(tmp_path: Path) -> None:
-    from prom import prometheus
-    from test_agent import free_port, stop, wait_ready
+@contextlib.contextmanager
+def docker_container() -> Iterator[Worker]:
+    """A worker in a cgroup named like a Docker container's (``docker-<id>.scope`` under
+    the cgroup v2 mount) and a network namespace of its own; all removed afterwards.
+    The worker has ``cid`` (the container id) and ``netns`` (the namespace inode)."""
     from test_cgroup import cgroup_dir
 
     from nettracer.kernel.cgroup import cgroup2_mount
@@ -317,27 +322,36 @@ def test_dashboard_on_real_prometheus(tmp_path: Path) -> None:
         kernel_skip("no cgroup v2 hierarchy mounted")
     assert root is not None
     cid = secrets.token_hex(32)
-    netns = f"ntfleet{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+    name = f"ntfleet{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        slice_ = f"nettracer-fleet-{os.getpid()}.slice"
+        with cgroup_dir(root, slice_, f"docker-{cid}.scope") as cg:
+            worker = Worker(name, cg)
+            worker.cid, worker.netns = cid, os.stat(f"/run/netns/{name}").st_ino
+            try:
+                yield worker
+            finally:
+                worker.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.kernel
+def test_dashboard_on_real_prometheus(tmp_path: Path) -> None:
+    from prom import prometheus
+    from test_agent import free_port, stop, wait_ready
+
     port = free_port()
     target = f"127.0.0.1:{port}"
     agent = agent_with_unit_caps(port)
     try:
-        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-        ns = os.stat(f"/run/netns/{netns}").st_ino
         wait_ready(agent, port)
-        with (
-            cgroup_dir(root, f"nettracer-fleet-{os.getpid()}.slice", f"docker-{cid}.scope") as cg,
-            prometheus(tmp_path, target) as prom,
-        ):
-            worker = Worker(netns, cg)
-            try:
-                check_dashboard(prom, worker, port, target, cid, ns)
-            finally:
-                worker.close()
+        with docker_container() as worker, prometheus(tmp_path, target) as prom:
+            check_dashboard(prom, worker, port, target, worker.cid, worker.netns)
     finally:
         code, err = stop(agent)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
     assert code == 0, err
 
 

@@ -384,8 +384,9 @@ def parse_json(t: Topo, run_: Run) -> Counter[Row]:
         for d in obj["drops"]:
             assert set(d) == {
                 "count", "location", "symbol", "offset", "module", "device",
-                "ifindex", "netns", "reason", "protocol",
+                "ifindex", "netns", "reason", "protocol", "container", "cgroup",
             }  # fmt: skip
+            assert d["container"] is None  # the test's namespaces are in no container
             assert d["location"] == f"{d['symbol']}+{d['offset']:#x}"
             assert d["netns"] == t.inode
             if d["device"] is not None:

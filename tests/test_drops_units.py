@@ -199,7 +199,7 @@ def test_group_by_default_keeps_devices_of_each_netns_apart() -> None:
     assert top == {
         "count": 7, "location": "nft_thing+0x4", "symbol": "nft_thing", "offset": 4,
         "module": "nf_tables", "device": None, "ifindex": None, "netns": None,
-        "reason": "NOT_SPECIFIED", "protocol": None,
+        "reason": "NOT_SPECIFIED", "protocol": None, "container": None, "cgroup": None,
     }  # fmt: skip
     assert (groups[1].device, groups[1].netns, groups[1].ifindex) == ("eth0", 1, 2)
     assert (groups[2].device, groups[2].netns) == ("eth0", 9)
@@ -218,6 +218,52 @@ def test_group_by_module_and_reason() -> None:
     assert all(g.location is None and g.device is None for g in groups)
     groups = drops.group_counts(counts(), ("netns",), names())
     assert {g.netns: g.count for g in groups} == {1: 7, 9: 2, None: 7}
+
+
+def fake_proc(root: Path, pids: dict[int, str]) -> dict[int, int]:
+    """A /proc tree of ``pid -> cgroup path`` whose ``ns/net`` are plain files: their
+    inodes stand for the namespaces (one per pid); pid -> that inode."""
+    inodes = {}
+    for pid, path in pids.items():
+        (root / str(pid) / "ns").mkdir(parents=True)
+        (root / str(pid) / "cgroup").write_text(f"0::{path}\n")
+        (root / str(pid) / "ns" / "net").write_text("")
+        inodes[pid] = (root / str(pid) / "ns" / "net").stat().st_ino
+    return inodes
+
+
+def test_group_by_container_and_filter(tmp_path: Path) -> None:
+    from nettracer.kernel.cgroup import Container, ContainerResolver
+
+    a, b = "a" * 64, "b" * 64
+    ino = fake_proc(
+        tmp_path,
+        {10: f"/system.slice/docker-{a}.scope", 20: f"/machine.slice/libpod-{b}.scope", 30: "/"},
+    )
+    n = names()
+    n.__dict__["containers"] = ContainerResolver(proc=str(tmp_path))
+    got = [
+        drops.DropCount(0x1010, 3, 2, ino[10], 0x0800, 0xFFFF, 5),
+        drops.DropCount(0x2004, 3, 1, ino[10], 0x0800, 0xFFFF, 1),
+        drops.DropCount(0x1010, 3, 2, ino[20], 0x0800, 0xFFFF, 2),
+        drops.DropCount(0x1010, 3, 2, ino[30], 0x0800, 0xFFFF, 4),
+    ]
+    groups = drops.group_counts(got, ("container",), n)
+    assert [(g.cgroup.container if g.cgroup else None, g.count) for g in groups] == [
+        (Container(a, "docker"), 6),
+        (None, 4),
+        (Container(b, "podman"), 2),
+    ]
+    assert groups[0].to_json()["container"] == {"id": a, "runtime": "docker", "pod_uid": None}
+    assert groups[0].to_json()["cgroup"] == f"/system.slice/docker-{a}.scope"
+    assert groups[1].to_json()["cgroup"] == "/" and groups[1].to_json()["container"] is None
+    text = out.interval_text(out.DropInterval(time.time(), 1.0, groups, 12, 0), ("container",))
+    assert [line.split() for line in text.splitlines()[1:4]] == [
+        ["COUNT", "CONTAINER"], ["6", a[:12]], ["4", "-"],
+    ]  # fmt: skip
+    only = drops.group_counts(got, ("reason",), n, container=b[:12])
+    assert [(g.reason, g.count, g.cgroup) for g in only] == [("NO_SOCKET", 2, None)]
+    assert drops.group_counts(got, ("reason",), n, container="c") == []
 
 
 def test_stack_frames_skip_tracing_machinery() -> None:

@@ -8,7 +8,7 @@ import os
 from nettracer.errors import UsageError
 from nettracer.layout import SOURCES as OFFSETS_SOURCES
 
-__all__ = ["OFFSETS_SOURCES", "netns_inode", "seconds"]
+__all__ = ["OFFSETS_SOURCES", "container_id", "netns_inode", "seconds"]
 
 
 def seconds(text: str) -> float:
@@ -36,3 +36,14 @@ def netns_inode(text: str | None, flag: str = "--netns") -> int | None:
             f"{flag} {text}: expected an inode number or a namespace path "
             f"(/run/netns/NAME, /proc/PID/ns/net): {exc.strerror}"
         ) from None
+
+
+def container_id(text: str) -> str:
+    """``--container``: a container id or its prefix (``docker ps`` shows 12 of the 64 hex
+    digits), lowercase hex (argparse type)."""
+    t = text.strip().lower()
+    if not 1 <= len(t) <= 64 or any(ch not in "0123456789abcdef" for ch in t):
+        raise argparse.ArgumentTypeError(
+            f"expected a container id (up to 64 hex digits, or a prefix), found {text!r}"
+        )
+    return t

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from nettracer.cli.args import OFFSETS_SOURCES, netns_inode, seconds
+from nettracer.cli.args import OFFSETS_SOURCES, container_id, netns_inode, seconds
 from nettracer.errors import UsageError, require_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -49,6 +49,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="INUM|PATH",
         help="only connections in this network namespace: its inode, or a path such as "
         "/run/netns/NAME or /proc/PID/ns/net",
+    )
+    p.add_argument(
+        "--container",
+        type=container_id,
+        metavar="ID",
+        help="only connections of processes in this container (id or prefix; processes "
+        "gone: their network namespace's container)",
     )
     p.add_argument(
         "--no-gateway", action="store_true", help="do not look up gateways (gateway_lookup.enabled)"
@@ -120,6 +127,9 @@ class _Session:
         self.monitor = monitor
         self.json = json
         self.out = sys.stdout
+        from nettracer.kernel.cgroup import ContainerResolver
+
+        self.containers = ContainerResolver()
 
     def run(self) -> int:
         from nettracer.bpf.fd import install_signal_handlers
@@ -139,7 +149,7 @@ class _Session:
             gc.freeze()
             gc.set_threshold(100_000, 50, 100)
             use_length = monitor.tracer.use_length
-            if self.json:
+            if self.json and not self.args.container:  # the filter needs every Conn
                 import functools
 
                 from nettracer.output.conns import record_line
@@ -148,6 +158,7 @@ class _Session:
                     record_line,
                     bytes_from_tcp_sock=not use_length,
                     mono_to_epoch_ns=self.mono_to_epoch,
+                    containers=self.containers,
                 )
             sys.stderr.write(
                 f"nettracer: tracing connections (offsets: {monitor.source}, bytes from "
@@ -188,6 +199,10 @@ class _Session:
         from nettracer.output import conns as out
 
         iv = self.monitor.interval()
+        if self.args.container:
+            cs, want = self.containers, self.args.container
+            iv.conns = [c for c in iv.conns if cs.matches(cs.of(c.pid, c.netns), want)]
+            iv.closed = [c for c in iv.closed if cs.matches(cs.of(c.pid, c.netns), want)]
         self.monitor.refresh_gateways(iv)
         seconds = now - self.last
         self.last = now
@@ -195,6 +210,15 @@ class _Session:
         epoch = (now_ns + self.mono_to_epoch) / 1e9
         stats = self.monitor.stats() if self.args.stats else None
         if self.json:
-            out.write_interval(self.out, iv, epoch, seconds, now_ns, self.mono_to_epoch, stats)
+            out.write_interval(
+                self.out,
+                iv,
+                epoch,
+                seconds,
+                now_ns,
+                self.mono_to_epoch,
+                stats,
+                containers=self.containers,
+            )
         else:
             out.print_interval(iv, epoch, now_ns, top=self.args.top, stats=stats, stream=self.out)

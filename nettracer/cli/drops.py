@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from nettracer.cli.args import OFFSETS_SOURCES, netns_inode, seconds
+from nettracer.cli.args import OFFSETS_SOURCES, container_id, netns_inode, seconds
 from nettracer.errors import UsageError, require_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -60,7 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--by",
         metavar="KEYS",
         help="group by these comma-separated keys: location, device, module, reason, protocol, "
-        "netns (default: drops.group_by, location,device,reason,protocol)",
+        "netns, container (default: drops.group_by, location,device,reason,protocol)",
     )
     p.add_argument("--device", metavar="NAME", help="only drops on this interface (any netns)")
     p.add_argument(
@@ -68,6 +68,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="INUM|PATH",
         help="only drops in this network namespace: its inode, or a path such as "
         "/run/netns/NAME or /proc/PID/ns/net",
+    )
+    p.add_argument(
+        "--container",
+        type=container_id,
+        metavar="ID",
+        help="only drops in the network namespace of this container (id or prefix)",
     )
     p.add_argument("--reason", metavar="NAME", help="only drops with this reason (e.g. NO_SOCKET)")
     p.add_argument(
@@ -196,7 +202,9 @@ class _Session:
 
         sample = self.monitor.collect()
         stacks = self.monitor.stack if self.args.stack else None
-        groups = group_counts(sample.counts, self.by, self.names, stacks)
+        groups = group_counts(
+            sample.counts, self.by, self.names, stacks, container=self.args.container
+        )
         iv = out.DropInterval(time.time(), now - self.last, groups, sample.total, sample.lost)
         if self.json:
             write(out.interval_json(iv), self.out)
@@ -209,6 +217,9 @@ class _Session:
         from nettracer.output import drops as out
         from nettracer.output.jsonlines import write
 
+        want = self.args.container
+        if want and not self.names.containers.matches(self.names.cgroup(ev.netns), want):
+            return
         stack = self.monitor.stack(ev.stack_id) if self.args.stack else None
         view = out.view_event(ev, self.names, self.mono_to_epoch, stack)
         self.events_seen += 1

@@ -19,7 +19,15 @@ from nettracer.value import Value
 TYPES: tuple[str, ...] = ("bool", "int", "float", "str", "list", "address")
 
 #: what the drop monitor can group its counts by
-DROP_GROUP_KEYS: tuple[str, ...] = ("location", "device", "module", "reason", "protocol", "netns")
+DROP_GROUP_KEYS: tuple[str, ...] = (
+    "location",
+    "device",
+    "module",
+    "reason",
+    "protocol",
+    "netns",
+    "container",
+)
 
 
 class Key(Value):

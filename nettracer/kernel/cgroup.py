@@ -243,3 +243,16 @@ class ContainerResolver:
             self._netns.clear()
         self._netns[inode] = (now, got)
         return got
+
+    def of(self, pid: int | None, netns: int | None) -> Cgroup | None:
+        """Where a socket's owner lives: process ``pid``'s cgroup, else (no pid, or the
+        process is gone) the one of network namespace ``netns``'s owner."""
+        got = self.by_pid(pid) if pid else None
+        if got is None and netns:
+            got = self.by_netns(netns)
+        return got
+
+    def matches(self, cg: Cgroup | None, container: str) -> bool:
+        """Whether ``cg`` is container ``container`` (its id, or a prefix of at least
+        one digit, like ``docker ps`` shows 12)."""
+        return cg is not None and cg.container is not None and cg.container.id.startswith(container)

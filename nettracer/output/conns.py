@@ -13,12 +13,16 @@ The JSON object has the shape the command promises::
             "rtt_us", "rtt_var_us", "duration_ms",
             "gateway": {"via", "dev", "ifindex", "subnet"} | null,
             "start_time", "states": [TCP states, oldest first], "opened", "partial", "id",
-            "delta": {"bytes_sent", "bytes_received", "segs_in", "segs_out", "retransmits"}}
+            "delta": {"bytes_sent", "bytes_received", "segs_in", "segs_out", "retransmits"},
+            "container": {"id", "runtime", "pod_uid"} | null, "cgroup": str | null}
             (+ "end": "closed"|"reused"|"expired" in "closed")
 
 ``id`` is the tracer's number for the connection (the same in every interval);
 ``pid``/``comm`` are null/"" until the owner was seen in process context; ``rtt_*`` are
 null for UDP; ``partial`` means the connection was open before the tracer saw it.
+``container``/``cgroup`` (:mod:`nettracer.output.containers`) are those of the owner
+process, else of the network namespace, found by the ``containers`` resolver the
+writers are given (null without one).
 The text tables use rich (imported when the first table is printed).
 """
 
@@ -29,6 +33,7 @@ import json
 import sys
 from typing import Any, TextIO
 
+from nettracer.output.containers import container_json, container_text
 from nettracer.output.jsonlines import clock_time, iso_time
 from nettracer.tracers.conns.model import (
     ADDR_TEXT,
@@ -43,8 +48,18 @@ from nettracer.tracers.conns.model import (
 from nettracer.tracers.conns.records import END_NAMES, IDX, IPPROTO_TCP, STATE_NAMES, Flag
 from nettracer.tracers.conns.table import Interval
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    from nettracer.kernel.cgroup import ContainerResolver
 
-def conn_json(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False) -> dict[str, Any]:
+
+def conn_json(
+    c: Conn,
+    now_ns: int,
+    mono_to_epoch_ns: int,
+    closed: bool = False,
+    containers: ContainerResolver | None = None,
+) -> dict[str, Any]:
     """One connection as a JSON-ready dict (``now_ns`` on the monotonic clock, for the
     duration of open connections)."""
     out: dict[str, Any] = {
@@ -74,6 +89,7 @@ def conn_json(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False)
         "partial": c.partial,
         "id": c.id,
         "delta": c.delta(),
+        **container_json(containers.of(c.pid, c.netns) if containers else None),
     }
     if closed:
         out["end"] = c.end
@@ -87,14 +103,15 @@ def interval_json(
     now_ns: int,
     mono_to_epoch_ns: int,
     stats: dict[str, object] | None = None,
+    containers: ContainerResolver | None = None,
 ) -> dict[str, Any]:
     """The interval as a JSON-ready dict (see :func:`interval_line` for the fast path)."""
     out: dict[str, Any] = {
         "time": iso_time(end_epoch_s),
         "interval_s": round(seconds, 3),
-        "conns": [conn_json(c, now_ns, mono_to_epoch_ns) for c in iv.conns],
+        "conns": [conn_json(c, now_ns, mono_to_epoch_ns, False, containers) for c in iv.conns],
         "closed": [json.loads(t) for t in iv.closed_text]
-        + [conn_json(c, now_ns, mono_to_epoch_ns, closed=True) for c in iv.closed],
+        + [conn_json(c, now_ns, mono_to_epoch_ns, True, containers) for c in iv.closed],
         "evicted": iv.evicted,
         "lost": iv.lost,
     }
@@ -113,7 +130,7 @@ _CONN = (
     '"bytes_received":%d,"segs_in":%d,"segs_out":%d,"retransmits":%d,"rtt_us":%s,'
     '"rtt_var_us":%s,"duration_ms":%r,"gateway":%s,"start_time":"%s","states":%s,'
     '"opened":"%s","partial":%s,"id":%d,"delta":{"bytes_sent":%d,"bytes_received":%d,"segs_in":%d,'
-    '"segs_out":%d,"retransmits":%d}%s}'
+    '"segs_out":%d,"retransmits":%d}%s%s}'
 )
 _END = {
     None: ',"end":null',
@@ -155,7 +172,13 @@ def _start_time(epoch_ns: int) -> str:
     return f"{last[1]}.{ns // 1000:06d}{last[2]}"
 
 
-def conn_line(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False) -> str:
+def conn_line(
+    c: Conn,
+    now_ns: int,
+    mono_to_epoch_ns: int,
+    closed: bool = False,
+    containers: ContainerResolver | None = None,
+) -> str:
     """:func:`conn_json` as compact JSON text, without building the dict."""
     p = c.prev
     gw = c.gateway
@@ -193,6 +216,7 @@ def conn_line(c: Conn, now_ns: int, mono_to_epoch_ns: int, closed: bool = False)
         c.segs_in - p[2],
         c.segs_out - p[3],
         c.retransmits - p[4],
+        container_text(containers.of(c.pid, c.netns) if containers else None),
         end,
     )
 
@@ -220,7 +244,12 @@ _hist_json: dict[int, tuple[list[int], str]] = {}
 _STATE_TEXT = tuple(STATE_NAMES.get(i, str(i)) for i in range(256))
 
 
-def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_ns: int) -> str:
+def record_line(
+    rec: tuple[Any, ...],
+    bytes_from_tcp_sock: bool,
+    mono_to_epoch_ns: int,
+    containers: ContainerResolver | None = None,
+) -> str:
     """``conn_line(decode(rec), closed=True)`` for the record of a connection that was
     never reported open (so its delta is its totals) and has no gateway to show, without
     building a :class:`Conn`: the hot path of a host closing thousands of connections a
@@ -286,6 +315,11 @@ def record_line(rec: tuple[Any, ...], bytes_from_tcp_sock: bool, mono_to_epoch_n
         segs_in,
         segs_out,
         retrans,
+        container_text(
+            containers.of(rec[_R_PID] if flags & Flag.PID_KNOWN else None, rec[_R_NETNS])
+            if containers
+            else None
+        ),
         _END_BY_REASON[reason] if reason < 4 else f',"end":{json.dumps(END_NAMES.get(reason))}',
     )
 
@@ -333,10 +367,13 @@ def interval_line(
     now_ns: int,
     mono_to_epoch_ns: int,
     stats: dict[str, object] | None = None,
+    containers: ContainerResolver | None = None,
 ) -> str:
     """:func:`interval_json` as one line of compact JSON (no trailing newline)."""
     buf = io.StringIO()
-    write_interval(buf, iv, end_epoch_s, seconds, now_ns, mono_to_epoch_ns, stats)
+    write_interval(
+        buf, iv, end_epoch_s, seconds, now_ns, mono_to_epoch_ns, stats, containers=containers
+    )
     return buf.getvalue()[:-1]
 
 
@@ -349,13 +386,14 @@ def write_interval(
     mono_to_epoch_ns: int,
     stats: dict[str, object] | None = None,
     chunk: int = 2048,
+    containers: ContainerResolver | None = None,
 ) -> None:
     """Write :func:`interval_line` and a newline to ``stream`` piece by piece (an interval
     of a busy host holds tens of thousands of connections: no second copy of it all),
     then flush."""
     w = stream.write
     w(f'{{"time":{json.dumps(iso_time(end_epoch_s))},"interval_s":{round(seconds, 3)!r},"conns":[')
-    w(",".join([conn_line(c, now_ns, mono_to_epoch_ns) for c in iv.conns]))
+    w(",".join([conn_line(c, now_ns, mono_to_epoch_ns, False, containers) for c in iv.conns]))
     w('],"closed":[')
     sep = ""
     texts = iv.closed_text
@@ -364,7 +402,7 @@ def write_interval(
         sep = ","
     for i in range(0, len(iv.closed), chunk):
         part = iv.closed[i : i + chunk]
-        w(sep + ",".join([conn_line(c, now_ns, mono_to_epoch_ns, True) for c in part]))
+        w(sep + ",".join([conn_line(c, now_ns, mono_to_epoch_ns, True, containers) for c in part]))
         sep = ","
     tail = "" if stats is None else ',"stats":' + json.dumps(stats, separators=(",", ":"))
     w(f'],"evicted":{iv.evicted},"lost":{iv.lost}{tail}}}\n')

@@ -4,8 +4,13 @@ The JSON object per interval has the shape the command promises::
 
     {"time": ISO-8601, "interval_s": float,
      "drops": [{"count", "location", "symbol", "offset", "module", "device",
-                "ifindex", "netns", "reason", "protocol"}],   (+ "stack" with --stack)
+                "ifindex", "netns", "reason", "protocol",
+                "container", "cgroup"}],   (+ "stack" with --stack)
      "total": int, "lost": int}
+
+``container``/``cgroup`` (:mod:`nettracer.output.containers`) are those of the group's
+network namespace when the grouping determines it (device, netns or container), else
+null.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ def _columns(by: Sequence[str]) -> list[tuple[Column, str]]:
         cols.append((Column("DEVICE"), "device"))
     if "netns" in by:
         cols.append((Column("NETNS", right=True), "netns"))
+    if "container" in by:
+        cols.append((Column("CONTAINER"), "container"))
     if "location" in by or "module" in by:
         cols.append((Column("MODULE"), "module"))
     if "reason" in by:
@@ -62,6 +69,9 @@ def _columns(by: Sequence[str]) -> list[tuple[Column, str]]:
 def _cell(g: DropGroup, attr: str) -> object:
     if attr == "location":
         return g.location.text if g.location else None
+    if attr == "container":
+        ct = g.cgroup.container if g.cgroup is not None else None
+        return ct.id[:12] if ct is not None else "-"
     if attr == "device" and g.device is None and g.ifindex:
         return f"if{g.ifindex}"  # a device whose name did not fit in the side map
     return getattr(g, attr)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from nettracer.tracers.packet import ethertype_name
 
 if TYPE_CHECKING:
+    from nettracer.kernel.cgroup import Cgroup, ContainerResolver
     from nettracer.kernel.kallsyms import Symbol
 
 
@@ -86,6 +87,17 @@ class Names:
         self._reasons = reasons
         self.device_name = device_name
         self._kallsyms = kallsyms
+
+    @functools.cached_property
+    def containers(self) -> ContainerResolver:
+        """Which container a network namespace belongs to (``--by container``)."""
+        from nettracer.kernel.cgroup import ContainerResolver
+
+        return ContainerResolver()
+
+    def cgroup(self, netns: int) -> Cgroup | None:
+        """The cgroup (and container) of namespace ``netns``'s processes, if any."""
+        return self.containers.by_netns(netns) if netns else None
 
     @functools.cached_property
     def kallsyms(self) -> SymbolSource:
@@ -161,8 +173,13 @@ class DropGroup:
     reason: str | None
     protocol: str | None
     stack: tuple[str, ...] | None = None
+    #: of the group's network namespace, when the grouping determines one (device,
+    #: netns) or the container itself (container)
+    cgroup: Cgroup | None = None
 
     def to_json(self) -> dict[str, object]:
+        from nettracer.output.containers import container_json
+
         loc = self.location
         out: dict[str, object] = {
             "count": self.count,
@@ -175,6 +192,7 @@ class DropGroup:
             "netns": self.netns,
             "reason": self.reason,
             "protocol": self.protocol,
+            **container_json(self.cgroup),
         }
         if self.stack is not None:
             out["stack"] = list(self.stack)
@@ -186,15 +204,22 @@ def group_counts(
     by: Sequence[str],
     names: Names,
     stacks: Callable[[int], list[int]] | None = None,
+    container: str | None = None,
 ) -> list[DropGroup]:
     """Sum ``counts`` over the keys in ``by``; most frequent first.
 
     ``device`` means the device itself, (netns, ifindex): two ``eth0`` in two
-    namespaces are two groups.  With ``stacks`` (``--stack``) every distinct kernel
-    stack is its own group and carries its symbolized frames.
+    namespaces are two groups; ``container`` the container of the namespace (all
+    namespaces outside containers are one group).  With ``stacks`` (``--stack``) every
+    distinct kernel stack is its own group and carries its symbolized frames.
+    ``container`` (an id or its prefix) keeps only the drops in that container's
+    network namespace.
     """
     byset = set(by)
     counts = list(counts)
+    if container is not None:
+        res = names.containers
+        counts = [c for c in counts if res.matches(names.cgroup(c.netns), container)]
     wanted = {c.location for c in counts} if byset & {"location", "module"} else set()
     stack_frames: dict[int, list[int]] = {}
     if stacks is not None:
@@ -216,6 +241,9 @@ def group_counts(
             k.append((c.netns, c.ifindex))
         elif "netns" in byset:
             k.append(c.netns)
+        if "container" in byset:
+            cg = names.cgroup(c.netns)
+            k.append(cg.container if cg is not None else None)
         if "reason" in byset:
             k.append(c.reason)
         if "protocol" in byset:
@@ -240,6 +268,7 @@ def group_counts(
                 reason=names.reason(c.reason) if "reason" in byset else None,
                 protocol=names.protocol(c.protocol) if "protocol" in byset else None,
                 stack=tuple(names.frames(stack_frames[c.stack_id])) if stacks is not None else None,
+                cgroup=names.cgroup(c.netns) if byset & {"device", "netns", "container"} else None,
             )
         )
     groups.sort(key=lambda g: (-g.count, g.location.text if g.location else "", g.device or ""))

@@ -98,7 +98,7 @@ TRACEPOINT = "kfree_skb"
 #: (skb, location) since 2.6.x, + reason in 5.17, + rx_sk in 6.11
 KFREE_SKB_PROTO = ("skb", "location", "reason", "rx_sk")
 #: what ``drops.group_by`` may name
-GROUP_KEYS = ("location", "device", "module", "reason", "protocol", "netns")
+GROUP_KEYS = ("location", "device", "module", "reason", "protocol", "netns", "container")
 DEFAULT_BY = ("location", "device", "reason", "protocol")
 #: depth of the kernel stacks ``stack`` keeps (frames of u64)
 STACK_DEPTH = 64
