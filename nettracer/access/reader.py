@@ -181,12 +181,14 @@ class Reader:
         *,
         mode: str = "events",
         netns: int | None = None,
+        reads: KernelReads | None = None,
         **sizes: int,
     ) -> Reader:
         """The reader (not started) of ``exprs`` on raw tracepoint ``tracepoint``, resolved
         with BTF when ``offsets.source`` means BTF on this kernel, else with the field
         catalogue and the offsets of the ``offsets.*`` settings; ``netns`` (an inode) keeps
-        only hits in that namespace (errors name it ``read.netns``)."""
+        only hits in that namespace (errors name it ``read.netns``); ``reads`` chooses the
+        helper that reads kernel memory, ``sizes`` are :meth:`__init__`'s."""
         from nettracer.layout import source
 
         btf = offsets = None
@@ -201,7 +203,7 @@ class Reader:
         if netns is not None:
             expr = netns_expr(tracepoint, btf)
             flt = (resolve_exprs([expr], tracepoint, btf=btf, offsets=offsets)[0], netns)
-        reader = cls(tracepoint, paths, mode, flt, **sizes)
+        reader = cls(tracepoint, paths, mode, flt, reads=reads, **sizes)
         if offsets is not None:
             reader.source = offsets.source
         return reader
