@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 from nettracer.errors import NettracerError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from nettracer.kernel.cgroup import Cgroup
     from nettracer.tracers.conns.monitor import ConnMonitor
@@ -192,6 +192,8 @@ class Agent:
         self._folded: set[DropLabels] = set()
         self.running = False
         self.stopping = 0
+        self._on_hup: Callable[[], None] | None = None
+        self._hup = False
         self.errors = 0
 
     # -- life cycle ---------------------------------------------------------------------
@@ -212,7 +214,26 @@ class Agent:
             from nettracer.tracers.conns.monitor import ConnMonitor
 
             self.conns = ConnMonitor.from_config(cfg, offsets=offsets, gateway=False)
+        self.interval = float(cfg["drops.interval_s"])  # type: ignore[arg-type]
         self.start()
+
+    def reload(self, cfg: Mapping[str, object]) -> None:
+        """Replace the monitors by ones built from ``cfg`` (SIGHUP), keeping the totals:
+        what the old ones counted is added first; when the new ones cannot be built
+        or attached the old ones stay and the error is raised (main thread only)."""
+        self.refresh()
+        old = (self.drops, self.conns, self.offsets_source)
+        self.drops = self.conns = None
+        try:
+            self.load(cfg, drops=old[0] is not None, conns=old[1] is not None)
+        except BaseException:
+            self.close()  # what was built of the new ones
+            self.drops, self.conns, self.offsets_source = old
+            self.names = self.drops.names() if self.drops is not None else None
+            raise
+        for monitor in (old[1], old[0]):
+            if monitor is not None:
+                monitor.close()
 
     def start(self) -> None:
         """Load and attach the monitors' programs."""
@@ -236,15 +257,22 @@ class Agent:
         return list(self.conns.notices) if self.conns is not None else []
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.stopping = signum
+        if signum == signal.SIGHUP and self._on_hup is not None:
+            self._hup = True
+        else:
+            self.stopping = signum
 
-    def run(self, duration: float | None = None) -> None:
-        """The main loop, in the main thread, until SIGINT/SIGTERM/SIGHUP or ``duration``.
+    def run(self, duration: float | None = None, on_hup: Callable[[], None] | None = None) -> None:
+        """The main loop, in the main thread, until SIGINT/SIGTERM or ``duration``;
+        SIGHUP calls ``on_hup`` from the loop (a reload), or stops it without one.
 
-        Signals only set :attr:`stopping` (an exception in the middle of reading the ring
-        buffer would drop records already consumed), like ``nettracer conns``.
+        Signals only set flags (an exception in the middle of reading the ring buffer
+        would drop records already consumed), like ``nettracer conns``.
         """
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        from nettracer.bpf.fd import STOP_SIGNALS, ignore_stop_signals
+
+        self._on_hup, self._hup = on_hup, False
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         start = time.monotonic()
         end = start + duration if duration else float("inf")
@@ -256,6 +284,10 @@ class Agent:
                 now = time.monotonic()
                 if now >= end:
                     break
+                if self._hup and on_hup is not None:
+                    self._hup = False
+                    on_hup()
+                    continue
                 with self._cond:
                     wanted = self._wanted > self._done
                 if wanted or now >= tick:
@@ -273,8 +305,7 @@ class Agent:
             with self._cond:
                 self._done = self._wanted
                 self._cond.notify_all()
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)
+            ignore_stop_signals()
 
     # -- scrapes ----------------------------------------------------------------------
     def snapshot(self) -> Totals:

@@ -2,8 +2,9 @@
 
 Every program, map, link and perf event nettracer creates is an :class:`FdObject`.
 All live ones are closed on interpreter exit (``atexit``); :func:`install_signal_handlers`
-turns SIGTERM (and SIGHUP) into :class:`Terminated` so ``finally`` blocks and
-context managers run on SIGINT and SIGTERM as they do on a normal exit.
+turns SIGINT, SIGTERM and SIGHUP into :class:`Terminated` (once: later ones are ignored,
+so the clean-up the first one started is not cut short) so ``finally`` blocks and
+context managers run on a signal as they do on a normal exit.
 """
 
 from __future__ import annotations
@@ -79,22 +80,41 @@ def close_all() -> None:
 atexit.register(close_all)
 
 
+#: the signals that stop a command (``nettracer agent`` reloads on SIGHUP while running)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Terminated(SystemExit):
-    """Raised in the main thread when SIGTERM or SIGHUP arrives."""
+    """Raised in the main thread when SIGINT, SIGTERM or SIGHUP arrives; its exit code
+    is ``128 + signum`` (the command line makes it 0 for the monitors, as bpftrace)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
         self.signum = signum
 
 
+def _ignore(signum: int, frame: object) -> None:
+    """A handler that does nothing.  Not ``SIG_IGN``: a signal that arrived just before
+    would then make Python raise ``OSError: Signal N ignored due to race condition``
+    wherever the main thread is."""
+
+
+def ignore_stop_signals() -> None:
+    """Ignore SIGINT, SIGTERM and SIGHUP from now on (the main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _ignore)
+
+
 def _on_signal(signum: int, frame: object) -> None:
+    ignore_stop_signals()
     raise Terminated(signum)
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM/SIGHUP raise :class:`Terminated`; SIGINT raises KeyboardInterrupt (default)."""
+    """The first of SIGINT/SIGTERM/SIGHUP raises :class:`Terminated`; later ones are
+    ignored (the unwinding the first one started runs to its end)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
-    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -2,7 +2,10 @@
 
 Attaches the drop monitor and the connection tracer (each can be left out), serves
 cumulative counters on ``--listen`` (``agent.listen``, 127.0.0.1:9410) and runs until
-SIGINT/SIGTERM or ``--duration``; then detaches everything and exits 0.  The metrics and
+SIGINT/SIGTERM or ``--duration``; then detaches everything and exits 0.  SIGHUP reloads
+the configuration file (``--config``): the monitors are rebuilt from it and the counters
+go on; a configuration that does not load or attach is refused in one line on stderr and
+the old one stays.  ``agent.listen`` takes effect at the next start.  The metrics and
 how they are read are described in :mod:`nettracer.agent` and
 :mod:`nettracer.output.prometheus`.
 """
@@ -13,10 +16,11 @@ import argparse
 import sys
 
 from nettracer.cli.args import OFFSETS_SOURCES, seconds
-from nettracer.errors import UsageError, require_root
+from nettracer.errors import NettracerError, UsageError, require_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
+    from nettracer.agent import Agent
     from nettracer.config import Config
 
 #: setting -> the flag that sets it here (errors below the CLI name settings)
@@ -53,13 +57,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from nettracer.config import load_config
     from nettracer.config.schema import parse_address
 
     if args.no_conns and args.no_drops:
         raise UsageError("--no-conns and --no-drops together leave nothing to trace")
-    values = {"offsets.source": args.offsets, "agent.listen": args.listen}
-    config = load_config(args.config, {k: (v, FLAGS[k]) for k, v in values.items()})
+    config = _load(args)
     for notice in config.notices:
         sys.stderr.write(f"nettracer: notice: {notice}\n")
     listen = str(config["agent.listen"])
@@ -67,16 +69,43 @@ def run(args: argparse.Namespace) -> int:
     if address is None:  # the schema checked it; never trust a second parser blindly
         raise UsageError(f"--listen {listen}: expected HOST:PORT or [IPV6]:PORT")
     require_root("nettracer agent")
-    return _run(args, config, address)
+    return _run(args, config, address, listen)
 
 
-def _run(args: argparse.Namespace, cfg: Config, address: tuple[str, int]) -> int:
+def _load(args: argparse.Namespace) -> Config:
+    """The configuration: the file (``--config``), the environment, the flags."""
+    from nettracer.config import load_config
+
+    values = {"offsets.source": args.offsets, "agent.listen": args.listen}
+    return load_config(args.config, {k: (v, FLAGS[k]) for k, v in values.items()})
+
+
+def _reload(args: argparse.Namespace, agent: Agent, listen: str) -> None:
+    """SIGHUP: the monitors rebuilt from the configuration as it is now, or one line
+    saying why the old one stays."""
+    from nettracer.cli.main import as_flags
+
+    try:
+        cfg = _load(args)
+        agent.reload(cfg)
+    except NettracerError as exc:
+        sys.stderr.write(
+            f"nettracer: configuration not reloaded, the old one stays: {as_flags(exc, FLAGS)}\n"
+        )
+        return
+    for notice in cfg.notices:
+        sys.stderr.write(f"nettracer: notice: {notice}\n")
+    if str(cfg["agent.listen"]) != listen:
+        sys.stderr.write("nettracer: notice: agent.listen changes take effect at the next start\n")
+    sys.stderr.write(f"nettracer: configuration reloaded (offsets: {agent.offsets_source})\n")
+    sys.stderr.flush()
+
+
+def _run(args: argparse.Namespace, cfg: Config, address: tuple[str, int], listen: str) -> int:
     from nettracer import __version__
     from nettracer.agent import Agent, kernel_release
-    from nettracer.bpf.fd import install_signal_handlers
     from nettracer.output.prometheus import AgentCollector, serve
 
-    install_signal_handlers()
     # bind first: a busy port fails before anything is loaded into the kernel
     agent = Agent(None, None, interval=float(cfg["drops.interval_s"]))  # type: ignore[arg-type]
     collector = AgentCollector(agent, __version__, kernel_release())
@@ -95,7 +124,7 @@ def _run(args: argparse.Namespace, cfg: Config, address: tuple[str, int]) -> int
             f"http://{shown}:{port}/metrics, Ctrl-C to stop\n"
         )
         sys.stderr.flush()
-        agent.run(args.duration)
+        agent.run(args.duration, on_hup=lambda: _reload(args, agent, listen))
     finally:
         agent.close()
         server.shutdown()

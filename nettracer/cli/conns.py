@@ -132,14 +132,9 @@ class _Session:
         self.containers = ContainerResolver()
 
     def run(self) -> int:
-        from nettracer.bpf.fd import install_signal_handlers
+        from nettracer.bpf.fd import STOP_SIGNALS, ignore_stop_signals
 
-        install_signal_handlers()
-        # from here on SIGINT/SIGTERM/SIGHUP only ask the loop to stop: an exception in
-        # the middle of reading the ring buffer would drop records already consumed
         self.stopping = 0
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
         with self.monitor as monitor:
             for notice in monitor.notices:
                 sys.stderr.write(f"nettracer: notice: {notice}\n")
@@ -166,11 +161,14 @@ class _Session:
                 f"{self.args.interval:g} s, Ctrl-C to stop\n"
             )
             sys.stderr.flush()
+            # from here on a signal only asks the loop to stop: an exception in the
+            # middle of reading the ring buffer would drop records already consumed
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._on_signal)
             start = time.monotonic()
             self.last = start
             self._loop(start)
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)
+            ignore_stop_signals()
             self._report(time.monotonic())  # the last (partial) interval
         return 0
 

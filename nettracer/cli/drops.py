@@ -142,11 +142,10 @@ class _Session:
         self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
 
     def run(self) -> int:
-        from nettracer.bpf.fd import Terminated, install_signal_handlers
+        from nettracer.bpf.fd import Terminated
         from nettracer.tracers.drops.monitor import TRACEPOINT
 
         args = self.args
-        install_signal_handlers()
         with self.monitor as monitor:
             self.names = monitor.names()
             what = "events" if args.events else f"every {self.interval:g} s"
@@ -158,11 +157,7 @@ class _Session:
             start = time.monotonic()
             try:
                 self._loop(start)
-            except (KeyboardInterrupt, Terminated):
-                import signal
-
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(sig, signal.SIG_IGN)
+            except Terminated:  # later signals are ignored: the last report is printed
                 self._report(time.monotonic(), final=True)
         return 0
 

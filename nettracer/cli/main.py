@@ -7,6 +7,12 @@ Errors the user can cause (:class:`nettracer.errors.NettracerError`) are printed
 as one line on stderr with their exit code, the settings they name said as the
 command's flags (its ``FLAGS`` table, setting -> flag); anything else is an internal
 failure (exit code 1, traceback only with ``NETTRACER_DEBUG=1``).
+
+Signals: from the start of :func:`main`, the first SIGINT, SIGTERM or SIGHUP unwinds
+the command (every ``finally`` runs, everything attached is detached) and later ones
+are ignored; a monitor (:data:`MONITORS`) stopped that way exits 0, at start-up as
+while running (as bpftrace does), any other command ``128 + signum``.  ``nettracer
+agent`` reloads its configuration on SIGHUP once it runs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from nettracer.errors import NettracerError
 
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS: tuple[str, ...] = ("drops", "conns", "read", "agent", "offsets", "kernel", "config")
+#: the commands that run until stopped: a signal that stops them is a normal end (exit 0)
+MONITORS: tuple[str, ...] = ("drops", "conns", "read", "agent")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,8 +72,19 @@ def as_flags(exc: NettracerError, flags: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nettracer.bpf.fd import Terminated, install_signal_handlers
+
+    install_signal_handlers()
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        return _dispatch(argv, chosen)
+    except Terminated as exc:
+        return 0 if chosen in MONITORS else int(exc.code)  # type: ignore[arg-type]
+
+
+def _dispatch(argv: list[str], chosen: str | None) -> int:
+    """Parse ``argv`` and run the command; errors as one line and their exit code."""
     parser = build_parser(chosen)
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
@@ -76,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     except NettracerError as exc:
         sys.stderr.write(f"nettracer: {as_flags(exc, args._flags)}\n")
         return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
     except BrokenPipeError:
         return 0
     except Exception as exc:  # internal failure

@@ -120,7 +120,7 @@ class _Printer:
 
 def run(args: argparse.Namespace) -> int:
     from nettracer.access.reader import Reader, tracepoint_name
-    from nettracer.bpf.fd import install_signal_handlers
+    from nettracer.bpf.fd import Terminated
     from nettracer.config import load_config
 
     tp = tracepoint_name(args.tracepoint)
@@ -132,7 +132,6 @@ def run(args: argparse.Namespace) -> int:
     inum = netns_inode(args.filter_netns, FLAGS["read.netns"])
     mode = "count" if args.count else "events"
     reader = Reader.from_config(config, tp, args.exprs, mode=mode, netns=inum)
-    install_signal_handlers()
     with reader:
         how = "btf" if reader.source == "btf" else f"catalogue, {reader.source} offsets"
         sys.stderr.write(
@@ -143,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         printer = _Printer(reader, args.json, sys.stdout)
         try:
             _loop(args, reader, printer)
-        except (KeyboardInterrupt, SystemExit):  # SIGTERM: nettracer.bpf.fd.Terminated
+        except Terminated:  # later signals are ignored: the end is printed
             pass
         finally:
             if not args.count:
