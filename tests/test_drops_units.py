@@ -27,14 +27,13 @@ from nettracer.output.table import Column, render
 from nettracer.tracers.drops import monitor as drops
 from nettracer.tracers.drops.program import (
     MAX_SPAN,
-    DropEvent,
-    DropKey,
     DropLayout,
     DropSpec,
     Filters,
     KfreeSkbArgs,
     build,
 )
+from nettracer.tracers.drops.records import DropEvent, DropKey
 from nettracer.tracers.packet import (
     Packet,
     decode,

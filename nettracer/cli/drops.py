@@ -19,7 +19,7 @@ from nettracer.errors import UsageError, require_root
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
     from nettracer.tracers.drops.monitor import DropMonitor
-    from nettracer.tracers.drops.program import DropEvent
+    from nettracer.tracers.drops.records import DropEvent
 
 #: setting -> the flag that sets it here (errors below the CLI name settings)
 FLAGS = {

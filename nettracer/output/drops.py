@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from nettracer.output.jsonlines import clock_time, iso_time
 from nettracer.output.table import Column, plural, render
 from nettracer.tracers.drops.monitor import DropGroup, Names
-from nettracer.tracers.drops.program import DropEvent
+from nettracer.tracers.drops.records import DropEvent
 from nettracer.tracers.packet import Packet, decode, ethertype_from_skb
 
 

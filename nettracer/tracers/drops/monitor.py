@@ -49,18 +49,8 @@ from nettracer.bpf.prog import Prog, load
 from nettracer.bpf.syscall import BpfSyscallError, MapType
 from nettracer.errors import NotSupported, UsageError
 from nettracer.kernel import BTF_VMLINUX
-from nettracer.tracers.drops.program import (
-    STACK_NONE,
-    DevKey,
-    DevName,
-    DropEvent,
-    DropKey,
-    DropLayout,
-    DropSpec,
-    Filters,
-    KfreeSkbArgs,
-    build,
-)
+from nettracer.tracers.drops.program import DropLayout, DropSpec, Filters, KfreeSkbArgs, build
+from nettracer.tracers.drops.records import STACK_NONE, DevKey, DevName, DropEvent, DropKey
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:

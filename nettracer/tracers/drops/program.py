@@ -1,4 +1,4 @@
-"""The drop monitor's eBPF program, built from offsets, and the records it shares with user space.
+"""The drop monitor's eBPF program, built from offsets (its records: :mod:`.records`).
 
 One raw tracepoint program on ``kfree_skb``, whose context is the ``TP_PROTO``
 array ``(struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct
@@ -74,7 +74,6 @@ from nettracer.tracers.drops.records import (
     IFNAMSIZ,
     STACK_NONE,
     DevKey,
-    DevName,  # noqa: F401 - re-exported for the monitor
     DropEvent,
     DropKey,
 )
