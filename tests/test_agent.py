@@ -393,3 +393,19 @@ def test_connection_series_per_container_are_bounded() -> None:
         t.tcp[OTHER_CONTAINER].rtt_buckets[at] == 2 and sum(t.tcp[OTHER_CONTAINER].rtt_buckets) == 2
     )
     assert t.tcp[OTHER_CONTAINER].rtt_sum == 2 * 0.0001
+
+
+@pytest.mark.kernel
+def test_busy_port_is_one_line_naming_the_flag() -> None:
+    """The endpoint's error names the setting (agent.listen); the command says --listen."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proc = agent("--listen", f"127.0.0.1:{port}", "--duration", "1")
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert err == (
+        f"nettracer: cannot listen on 127.0.0.1:{port}: the address is in use; choose "
+        "another with --listen HOST:PORT\n"
+    )

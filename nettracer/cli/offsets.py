@@ -24,6 +24,7 @@ FLAGS = {
     "offsets.cache_dir": "--cache-dir",
     "offsets.guess_timeout_ms": "--timeout-ms",
     "offsets.profile": "--profile",
+    "offsets.force": "--force",
 }
 
 

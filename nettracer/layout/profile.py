@@ -189,7 +189,8 @@ def load_profile(path: str, identity: KernelIdentity, force: bool = False) -> Of
         raise ForeignProfile(
             f"profile {path} was made on another kernel ({made_on}, version "
             f"{made_on.version!r}); this is {identity} ({identity.version!r}): its offsets "
-            f"would be wrong here; guess again, or use --force if you know they match"
+            f"would be wrong here; guess again, or use offsets.force if you know they match",
+            setting="offsets.force",
         )
     offsets.elapsed_ms = (time.perf_counter() - start) * 1e3
     return offsets

@@ -180,8 +180,10 @@ def serve(collector: AgentCollector, host: str, port: int) -> tuple[Any, Any]:
         if exc.errno == errno.EADDRINUSE:
             raise ListenError(
                 f"cannot listen on {host}:{port}: the address is in use; choose another "
-                f"with --listen HOST:PORT (or agent.listen)"
+                f"with agent.listen HOST:PORT",
+                setting="agent.listen",
             ) from None
         raise ListenError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --listen HOST:PORT"
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; check agent.listen HOST:PORT",
+            setting="agent.listen",
         ) from None
