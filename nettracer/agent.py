@@ -401,7 +401,14 @@ class Agent:
 
     def _add_conns(self, t: Totals, iv: Any) -> None:
         every = (*iv.conns, *iv.closed)
-        keys = [self._container(t, c) for c in every]
+        memo: dict[tuple[int | None, int], ContainerKey] = {}  # one lookup per owner
+        keys = []
+        for c in every:
+            owner = (c.pid, c.netns)
+            key = memo.get(owner)
+            if key is None:
+                key = memo[owner] = self._container(t, c)
+            keys.append(key)
         if OTHER_CONTAINER in keys:
             t.tcp.setdefault(OTHER_CONTAINER, TcpTotals())
         opened: dict[tuple[str, ...], int] = {}
