@@ -18,8 +18,13 @@ from nettracer.errors import UsageError, require_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
+    from nettracer.output.drops import EventView
+    from nettracer.output.pcapng import PcapngWriter
     from nettracer.tracers.drops.monitor import DropMonitor
     from nettracer.tracers.drops.records import DropEvent
+
+#: the most bytes of a packet the kernel side copies (DropEvent.header)
+SNAPLEN_MAX = 128
 
 #: setting -> the flag that sets it here (errors below the CLI name settings)
 FLAGS = {
@@ -86,6 +91,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--stack", action="store_true", help="show the kernel stack of each group")
     p.add_argument(
+        "--pcap",
+        metavar="FILE",
+        help="also write each dropped packet to FILE as pcapng for Wireshark/tshark, with a "
+        "comment naming the drop ('-': standard output, e.g. | tshark -r -; the reports then "
+        "go to standard error)",
+    )
+    p.add_argument(
+        "--snaplen",
+        type=int,
+        metavar="N",
+        help=f"bytes of each packet to capture from its network header, 1 to {SNAPLEN_MAX} "
+        f"(the most the kernel side copies; default {SNAPLEN_MAX})",
+    )
+    p.add_argument(
+        "--pcap-max-mb",
+        type=float,
+        metavar="MB",
+        help="stop writing the capture before it passes MB MiB (counting goes on; the "
+        "capture's statistics say how many packets it misses)",
+    )
+    p.add_argument(
         "--config",
         metavar="PATH",
         help="YAML configuration file (default: /etc/nettracer/nettracer.yaml if present)",
@@ -112,9 +138,11 @@ def run(args: argparse.Namespace) -> int:
     require_root("nettracer drops")
     from nettracer.tracers.drops.monitor import DropMonitor
 
+    capture = _open_capture(args)
     monitor = DropMonitor.from_config(
         config,
-        events=args.events,
+        events=args.events or capture is not None,
+        counts=not args.events,
         stack=args.stack,
         device=args.device,
         netns=netns,
@@ -122,7 +150,40 @@ def run(args: argparse.Namespace) -> int:
         protocol=args.protocol,
     )
     interval = float(config["drops.interval_s"])  # type: ignore[arg-type]
-    return _Session(args, monitor, interval, fmt == "json").run()
+    session = _Session(args, monitor, interval, fmt == "json")
+    session.capture = capture
+    if args.pcap == "-":
+        session.out = sys.stderr
+    return session.run()
+
+
+def _open_capture(args: argparse.Namespace) -> PcapngWriter | None:
+    """The pcapng writer of ``--pcap`` (its file created now, before attaching), or None;
+    UsageError for capture flags that make no sense."""
+    if args.pcap is None:
+        if args.snaplen is not None or args.pcap_max_mb is not None:
+            raise UsageError("--snaplen and --pcap-max-mb go with --pcap FILE")
+        return None
+    snaplen = SNAPLEN_MAX if args.snaplen is None else args.snaplen
+    if not 0 < snaplen <= SNAPLEN_MAX:
+        raise UsageError(
+            f"--snaplen {snaplen}: expected 1 to {SNAPLEN_MAX} (the kernel side copies at most "
+            f"{SNAPLEN_MAX} bytes from each packet's network header)"
+        )
+    if args.pcap_max_mb is not None and not args.pcap_max_mb > 0:
+        raise UsageError(f"--pcap-max-mb {args.pcap_max_mb:g}: expected a size above 0")
+    from nettracer.output.pcapng import PcapngWriter
+
+    max_bytes = None if args.pcap_max_mb is None else int(args.pcap_max_mb * (1 << 20))
+    if args.pcap == "-":
+        if sys.stdout.isatty():
+            raise UsageError("--pcap -: standard output is a terminal; pipe it (| tshark -r -)")
+        return PcapngWriter(sys.stdout.buffer, snaplen, max_bytes)
+    try:
+        stream = open(args.pcap, "wb")  # noqa: SIM115 - closed by the session
+    except OSError as exc:
+        raise UsageError(f"--pcap {args.pcap}: {exc.strerror}") from None
+    return PcapngWriter(stream, snaplen, max_bytes)
 
 
 class _Session:
@@ -138,6 +199,7 @@ class _Session:
         self.json = json
         self.out = sys.stdout
         self.events_seen = 0
+        self.capture: PcapngWriter | None = None
         self._lost_shown = 0
         self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
 
@@ -159,6 +221,8 @@ class _Session:
                 self._loop(start)
             except Terminated:  # later signals are ignored: the last report is printed
                 self._report(time.monotonic(), final=True)
+            finally:
+                self._close_capture()
         return 0
 
     # -- the loop -----------------------------------------------------------------------
@@ -171,7 +235,7 @@ class _Session:
             now = time.monotonic()
             wake = min(tick, end)
             if now < wake:
-                if self.args.events:
+                if self.monitor.spec.events:
                     self.monitor.poll_events(wake - now, self._on_event)
                 else:
                     time.sleep(wake - now)
@@ -187,6 +251,9 @@ class _Session:
         if self.args.events:
             self._report_events(final)
         else:
+            if final and self.capture is not None:  # what is still in the ring buffer
+                while self.monitor.poll_events(0, self._on_event):
+                    pass
             self._report_counts(now)
         self.last = now
 
@@ -217,6 +284,10 @@ class _Session:
             return
         stack = self.monitor.stack(ev.stack_id) if self.args.stack else None
         view = out.view_event(ev, self.names, self.mono_to_epoch, stack)
+        if self.capture is not None:
+            self._capture(ev, view)
+        if not self.args.events:
+            return
         self.events_seen += 1
         if self.json:
             write(out.event_json(view), self.out)
@@ -242,3 +313,33 @@ class _Session:
         else:
             self.out.write(out.lost_text(lost, self.events_seen) + "\n")
             self.out.flush()
+
+    # -- the capture (--pcap) ------------------------------------------------------------
+    def _capture(self, ev: DropEvent, view: EventView) -> None:
+        from nettracer.output import drops as out
+
+        assert self.capture is not None
+        full = self.capture.full
+        out.write_packet(self.capture, ev, view, ev.ts_ns + self.mono_to_epoch)
+        if self.capture.full and not full:
+            sys.stderr.write(
+                "nettracer: the capture reached --pcap-max-mb: no more packets are written "
+                "to it (counting goes on)\n"
+            )
+        try:
+            self.capture.flush()
+        except BrokenPipeError:  # the reader of --pcap - went away: stop writing to it
+            self.capture.full = True
+
+    def _close_capture(self) -> None:
+        """Statistics (packets per interface, what the capture misses), then close."""
+        capture, self.capture = self.capture, None
+        if capture is None:
+            return
+        import contextlib
+
+        with contextlib.suppress(BrokenPipeError):
+            capture.statistics(time.time_ns(), self.monitor.events_lost())
+            capture.flush()
+        if capture.stream is not sys.stdout.buffer:
+            capture.stream.close()

@@ -22,7 +22,11 @@ from nettracer.output.jsonlines import clock_time, iso_time
 from nettracer.output.table import Column, plural, render
 from nettracer.tracers.drops.monitor import DropGroup, Names
 from nettracer.tracers.drops.records import DropEvent
-from nettracer.tracers.packet import Packet, decode, ethertype_from_skb
+from nettracer.tracers.packet import Packet, decode, ethertype_from_skb, original_length
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    from nettracer.output.pcapng import PcapngWriter
 
 
 @dataclass(frozen=True)
@@ -190,3 +194,28 @@ def event_text(e: EventView) -> str:
 
 def lost_text(lost: int, events: int) -> str:
     return f"# {plural(events, 'event')} shown, {lost} lost (ring buffer full or program busy)"
+
+
+# -- captures (--pcap) ------------------------------------------------------------------
+
+
+def drop_comment(e: EventView) -> str:
+    """The pcapng packet comment naming a drop, ``key=value`` words that Wireshark's
+    ``frame.comment contains "reason=NO_SOCKET"`` finds."""
+    return (
+        f"nettracer drop: reason={e.reason or '-'} location={e.location} "
+        f"module={e.module or '-'} device={e.device or '-'} netns={e.netns or '-'} "
+        f"pid={e.pid} comm={e.comm}"
+    )
+
+
+def write_packet(writer: PcapngWriter, ev: DropEvent, e: EventView, epoch_ns: int) -> bool:
+    """The dropped packet of ``ev`` (named by its view ``e``) as one pcapng packet on the
+    interface of its (namespace, device); False once the capture's size limit is reached."""
+    iface = writer.interface(ev.netns, e.device, ev.ifindex)
+    header = bytes(ev.header)[: ev.header_len]
+    ethertype = ethertype_from_skb(ev.protocol)
+    length = original_length(ethertype, header, ev.len)
+    # the kernel side copies a fixed number of bytes: past the packet's end they are not its
+    data = header[:length] if length else header
+    return writer.packet(iface, epoch_ns, ethertype, data, length, drop_comment(e))

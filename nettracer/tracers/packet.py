@@ -248,3 +248,15 @@ def _arp(data: bytes) -> Packet:
         dst=str(ipaddress.IPv4Address(tpa)),
         proto={1: "request", 2: "reply"}.get(op, f"op {op}"),
     )
+
+
+def original_length(ethertype: int, data: bytes, fallback: int) -> int:
+    """The packet's length from its own network header: IPv4's total length (RFC 791),
+    IPv6's payload length + 40 (RFC 8200); ``fallback`` (``skb->len``, which counts
+    from ``skb->data`` and so may include a link-layer header) for anything else or a
+    header too short to say."""
+    if ethertype == 0x0800 and len(data) >= 4 and data[0] >> 4 == 4:
+        return int.from_bytes(data[2:4], "big")
+    if ethertype == 0x86DD and len(data) >= 6 and data[0] >> 4 == 6:
+        return 40 + int.from_bytes(data[4:6], "big")
+    return fallback

@@ -258,6 +258,7 @@ class DropMonitor:
         cfg: Mapping[str, object],
         *,
         events: bool = False,
+        counts: bool | None = None,
         stack: bool = False,
         device: str | None = None,
         netns: int | None = None,
@@ -270,7 +271,7 @@ class DropMonitor:
     ) -> DropMonitor:
         """The monitor (not started) for the settings of ``cfg`` (``offsets.*``,
         ``drops.group_by``) and what only the caller knows: ``events`` (one record per
-        drop), ``stack``, the filters (``device``, ``netns`` inode, ``reason`` name,
+        drop), ``counts`` (count as well; by default only without ``events``), ``stack``, the filters (``device``, ``netns`` inode, ``reason`` name,
         ``protocol`` name; errors name them ``drops.<name>``), ``offsets`` already
         loaded (the agent shares them), ``kfree_skb`` to build for another kernel's
         tracepoint arguments, ``reads`` to choose the helper that reads kernel memory
@@ -300,7 +301,9 @@ class DropMonitor:
             device, netns, reason, protocol, reasons if isinstance(reasons, dict) else None
         )
         layout = DropLayout.from_offsets(offsets, events=events)
-        spec = DropSpec(layout, kfree_skb, filters, stack=stack, events=events, reads=reads)
+        spec = DropSpec(
+            layout, kfree_skb, filters, stack=stack, events=events, reads=reads, counts=counts
+        )
         monitor = cls(spec, **sizes)
         monitor.source = offsets.source
         monitor.reasons = reasons
@@ -362,9 +365,10 @@ class DropMonitor:
                 )
                 maps["stacks"] = self.stacks
             if self.spec.events:
-                from nettracer.tracers.drops.program import CHANNEL
+                from nettracer.tracers.drops.program import channel_for
 
-                self.reader = CHANNEL.open(ringbuf_bytes, lost_map=self.lost_map)
+                shared = None if self.spec.counts else self.lost_map
+                self.reader = channel_for(self.spec).open(ringbuf_bytes, lost_map=shared)
                 maps |= self.reader.maps
             program = build(self.spec)
             self.prog = self._keep(load(program.insns, maps=maps, name="nt_drops"))
@@ -483,8 +487,15 @@ class DropMonitor:
         return self.reader.poll(timeout_s, one)
 
     def lost(self) -> int:
-        """Drops not counted (or events not delivered) so far, in total."""
+        """Drops not counted (or, without counts, events not delivered) so far, in total."""
         return self._lost_total()
+
+    def events_lost(self) -> int:
+        """Events not delivered so far (ring buffer full, or the program busy on its CPU)."""
+        if not self.spec.counts:
+            return self._lost_total()
+        assert self.reader is not None and self.prog is not None
+        return self.reader.lost + self.prog.stats().recursion_misses
 
 
 def parse_by(text: str | Sequence[str]) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import ctypes
 
 from nettracer.access.plan import ReadPlan, emit_plan, plan_fields, read_chain
-from nettracer.bpf.channel import event_channel
+from nettracer.bpf.channel import EventChannel, event_channel
 from nettracer.bpf.counters import count_in_hash, update_elem
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
@@ -90,6 +90,14 @@ MAX_SPAN = 192
 HEADER_UNSET = 0xFFFF
 #: where ``--events`` records go (maps ``events`` and ``lost``)
 CHANNEL = event_channel("events", "lost")
+#: where records go when the program also counts (``--pcap`` next to the periodic
+#: counts): their own lost counter, so that a full ring buffer is not a lost count
+COUNTING_CHANNEL = event_channel("events", "events_lost")
+
+
+def channel_for(spec: DropSpec) -> EventChannel:
+    """The event channel of a program built from ``spec`` (which has ``events``)."""
+    return COUNTING_CHANNEL if spec.counts else CHANNEL
 
 
 class Filters(Value):
@@ -231,7 +239,7 @@ _CTX, _SKB, _DEV, _NETNS = R6, R7, R8, R9
 class DropSpec(Value):
     """Everything that shapes the generated program."""
 
-    __slots__ = ("layout", "args", "filters", "stack", "events", "reads")  # noqa: RUF023
+    __slots__ = ("layout", "args", "filters", "stack", "events", "reads", "counts")  # noqa: RUF023
 
     def __init__(
         self,
@@ -241,6 +249,7 @@ class DropSpec(Value):
         stack: bool = False,
         events: bool = False,
         reads: KernelReads | None = None,
+        counts: bool | None = None,
     ) -> None:
         self.layout = layout
         self.args = args
@@ -249,6 +258,8 @@ class DropSpec(Value):
         self.events = events
         #: which helper reads kernel memory (:mod:`nettracer.bpf.memory`; None: the 5.5 one)
         self.reads = reads
+        #: count in ``counts`` (by default unless ``events``; both for ``--pcap`` with counts)
+        self.counts = not events if counts is None else counts
 
 
 class _Plans(Value):
@@ -305,7 +316,9 @@ def _plans(spec: DropSpec) -> _Plans:
 
 def build(spec: DropSpec) -> Program:
     """The instructions for ``spec``; maps referenced by name: ``counts``, ``devnames``,
-    ``lost``, and ``stacks`` (with ``stack``) or ``events`` (with ``events``)."""
+    ``lost``, ``stacks`` (with ``stack``), ``events`` (with ``events``) and
+    ``events_lost`` (with both ``events`` and ``counts``: each drop is sent as a record,
+    then counted)."""
     flt = spec.filters
     plans = _plans(spec)
     p = Program(reads=spec.reads)
@@ -332,8 +345,9 @@ def build(spec: DropSpec) -> Program:
     else:
         p += st(2, FP, _K["stack_id"], STACK_NONE)
     if spec.events:
-        _emit_event(p, plans, spec.layout)
-    else:
+        _emit_event(p, plans, spec, done="count" if spec.counts else "out")
+    if spec.counts:
+        p.label("count")
         _count(p, plans.dv("name") if flt.device is not None else None, spec.layout)
     p.label("out")
     p += [mov64(R0, 0), exit_()]
@@ -427,11 +441,14 @@ def _count(p: Program, name_copy: int | None, lay: DropLayout) -> None:
     update_elem(p, "devnames", _DEVKEY, FP, name_copy)
 
 
-def _emit_event(p: Program, plans: _Plans, lay: DropLayout) -> None:
-    """Fill and submit one :class:`DropEvent` in R7 (``skb`` is no longer needed)."""
+def _emit_event(p: Program, plans: _Plans, spec: DropSpec, done: str) -> None:
+    """Fill and submit one :class:`DropEvent` in R7 (``skb`` is no longer needed), then
+    go on at ``done`` (also when the channel had no room)."""
     rec = R7
     size = ctypes.sizeof(DropEvent)
-    CHANNEL.reserve(p, rec, size, on_fail="out", scratch_off=_TMP)
+    lay = spec.layout
+    channel = channel_for(spec)
+    channel.reserve(p, rec, size, on_fail=done, scratch_off=_TMP)
     p += [
         call(Helper.ktime_get_ns),
         stx(8, rec, _E["ts_ns"], R0),
@@ -473,4 +490,4 @@ def _emit_event(p: Program, plans: _Plans, lay: DropLayout) -> None:
     read(p, rec, _E["header"], HEADER_BYTES, R3)
     p += [jne(R0, 0, "ev_submit"), st(2, rec, _E["header_len"], HEADER_BYTES)]
     p.label("ev_submit")
-    CHANNEL.submit(p, rec, ctx=_CTX, size=size, scratch_off=_TMP)
+    channel.submit(p, rec, ctx=_CTX, size=size, scratch_off=_TMP)
