@@ -398,7 +398,7 @@ def test_pcap_file_has_exactly_the_drops(topo: Topo, tmp_path: Path) -> None:  #
 @pytest.mark.kernel
 def test_pcap_to_stdout_into_tshark(topo: Topo) -> None:  # noqa: F811
     rows, counts, stderr = capture(topo, ["--pcap", "-", "--snaplen", "64"], pipe=True)
-    assert stderr.count("\"interval_s\"") >= 2, stderr  # the reports, on stderr, and the last
+    assert stderr.count('"interval_s"') >= 2, stderr  # the reports, on stderr, and the last
     assert rows is not None
     check_packets(topo, rows, counts)
     assert max(int(r["frame.cap_len"]) for r in rows) == SLL_HEADER + 64
