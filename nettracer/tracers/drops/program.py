@@ -347,7 +347,8 @@ def build(spec: DropSpec) -> Program:
     if spec.events:
         _emit_event(p, plans, spec, done="count" if spec.counts else "out")
     if spec.counts:
-        p.label("count")
+        if spec.events:
+            p.label("count")
         _count(p, plans.dv("name") if flt.device is not None else None, spec.layout)
     p.label("out")
     p += [mov64(R0, 0), exit_()]
