@@ -156,6 +156,10 @@ def test_kubernetes_daemonset_matches_unit_and_podmonitor() -> None:
     env = {e["name"]: e["value"] for e in c.get("env", [])}
     assert set(env) <= {k.env_var for k in SCHEMA.values()}
     assert env["NETTRACER_OFFSETS__CACHE_DIR"] == "/var/cache/nettracer"
+    profiles = next(
+        v for v in spec["volumes"] if v["name"] == mounts[env["NETTRACER_OFFSETS__PROFILE_DIR"]]
+    )
+    assert profiles["configMap"]["optional"] is True
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     # the PodMonitor (monitoring.coreos.com/v1, no schema in kubernetes-validate) and
     # the Service select the DaemonSet's pods and name its metrics port

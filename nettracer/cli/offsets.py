@@ -53,6 +53,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--save", metavar="FILE", help="also write the offsets as a profile to FILE")
+    p.add_argument(
+        "--save-dir",
+        metavar="DIR",
+        help="also write the offsets as this kernel build's profile into DIR, named as "
+        "offsets.profile_dir expects (a fleet's profile directory)",
+    )
     p.add_argument("--profile", metavar="FILE", help="use the offsets of a saved profile")
     p.add_argument(
         "--force",
@@ -152,14 +158,17 @@ def run(args: argparse.Namespace) -> int:
         source = "guess"
     if args.force and args.profile is None:
         raise UsageError("--force only applies to --profile FILE")
-    if args.save:
-        from nettracer.layout.profile import save_dir
-
-        save_dir(args.save)  # refused before any work is done
     from nettracer.kernel.identity import current
-    from nettracer.layout.source import offsets_for
+    from nettracer.layout.profile import cache_path, save_dir
 
     identity = current()
+    saves = [args.save] if args.save else []
+    if args.save_dir:
+        saves.append(cache_path(args.save_dir, identity))
+    for path in saves:
+        save_dir(path)  # refused before any work is done
+    from nettracer.layout.source import offsets_for, profile_dir
+
     btf = None
     if args.verify:
         from nettracer.kernel.btf import NoBtfError
@@ -180,11 +189,12 @@ def run(args: argparse.Namespace) -> int:
         profile=args.profile,
         force=args.force,
         identity=identity,
+        profile_dir=profile_dir(config, str(config["offsets.cache_dir"]) or None),
     )
-    if args.save:
-        from nettracer.layout.profile import save_profile
+    from nettracer.layout.profile import save_profile
 
-        save_profile(args.save, offsets, identity)
+    for path in saves:
+        save_profile(path, offsets, identity)
     verified = verify(offsets, btf) if btf is not None else None
     if args.json:
         json.dump(report(identity, offsets, verified), sys.stdout, indent=2)

@@ -309,6 +309,16 @@ SCHEMA: dict[str, Key] = _keys(
         absolute_path=True,
     ),
     Key(
+        "offsets.profile_dir",
+        "str",
+        "",
+        "directory of offset profiles made elsewhere, one per kernel build as `nettracer "
+        "offsets --save-dir` names them (a fleet's nodes with the same kernel share one "
+        "guess); read before guessing, a profile of another kernel is never used; empty: "
+        "offsets.cache_dir/profiles",
+        absolute_path=True,
+    ),
+    Key(
         "offsets.guess_timeout_ms",
         "int",
         2000,

@@ -8,8 +8,11 @@
     guessed now (:func:`nettracer.layout.guess.guess`); a complete guess refreshes the
     cache of this kernel;
 ``auto``
-    BTF when the kernel has it, else the cached profile of this exact kernel build, else
-    a guess (which is then cached). A corrupt cache file is ignored with a warning.
+    BTF when the kernel has it, else the profile of this exact kernel build in the
+    profile directory (``offsets.profile_dir``: profiles made elsewhere, shared by a
+    fleet; by default ``profiles/`` under the cache directory), else the cached profile
+    of this build, else a guess (which is then cached).  A corrupt profile, or one of
+    another kernel under this kernel's name, is ignored with a warning.
 
 A profile file given explicitly (``offsets.profile``, which only ``nettracer offsets``
 has) is used instead of BTF or a guess, after checking it was made on this kernel
@@ -51,13 +54,23 @@ def uses_btf(source: str, btf_path: str = BTF_VMLINUX) -> bool:
 
 def from_config(cfg: Mapping[str, object]) -> Offsets:
     """:func:`offsets_for` with the settings ``offsets.source``, ``offsets.cache_dir``
-    (empty: no caches) and ``offsets.guess_timeout_ms`` of ``cfg`` (what
-    :func:`nettracer.config.load_config` returns)."""
+    (empty: no caches), ``offsets.profile_dir`` and ``offsets.guess_timeout_ms`` of
+    ``cfg`` (what :func:`nettracer.config.load_config` returns)."""
+    cache_dir = str(cfg["offsets.cache_dir"]) or None
     return offsets_for(
         str(cfg["offsets.source"]),
-        cache_dir=str(cfg["offsets.cache_dir"]) or None,
+        cache_dir=cache_dir,
         timeout_ms=int(cfg["offsets.guess_timeout_ms"]),  # type: ignore[call-overload]
+        profile_dir=profile_dir(cfg, cache_dir),
     )
+
+
+def profile_dir(cfg: Mapping[str, object], cache_dir: str | None) -> str | None:
+    """``offsets.profile_dir``, or ``profiles`` under the cache directory when empty."""
+    configured = str(cfg["offsets.profile_dir"])
+    if configured:
+        return configured
+    return os.path.join(cache_dir, "profiles") if cache_dir else None
 
 
 def offsets_for(
@@ -69,10 +82,12 @@ def offsets_for(
     warn: Callable[[str], None] = _stderr_warning,
     identity: KernelIdentity | None = None,
     btf_path: str = BTF_VMLINUX,
+    profile_dir: str | None = None,
 ) -> Offsets:
     """The offsets for ``source`` (``auto``, ``btf`` or ``guess``); see the module docstring.
 
     ``cache_dir`` None disables the caches (of guessed profiles and of BTF offsets);
+    ``profile_dir`` is where ``auto`` looks first for a profile of this kernel build;
     ``btf_path`` is where ``auto`` and ``btf`` look for BTF.
     Errors are :class:`NettracerError`\\ s: no BTF
     for ``btf``, a foreign or corrupt ``profile``, the guesser's errors.
@@ -97,11 +112,13 @@ def offsets_for(
     from nettracer.layout.profile import load_cached, store_cached
 
     ident = identity or current()
-    if source == "auto" and cache_dir is not None:
+    dirs = [d for d in (profile_dir, cache_dir) if d is not None] if source == "auto" else []
+    for i, directory in enumerate(dirs):
         try:
-            cached = load_cached(cache_dir, ident)
+            cached = load_cached(directory, ident)
         except ProfileError as exc:
-            warn(f"ignoring the cached offsets ({exc}); guessing again")
+            then = f"looking in {dirs[i + 1]}" if i + 1 < len(dirs) else "guessing again"
+            warn(f"ignoring the cached offsets in {directory} ({exc}); {then}")
             cached = None
         if cached is not None:
             return cached
