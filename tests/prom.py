@@ -90,18 +90,25 @@ class Prometheus:
             (r["metric"], [(float(t), float(v)) for t, v in r["values"]]) for r in data["result"]
         ]
 
+    def rules(self) -> list[dict[str, object]]:
+        """Every rule the server loaded, with its ``health`` and ``lastEvaluation``."""
+        data = self._get("/api/v1/rules", {})
+        assert isinstance(data, dict)
+        return [r for g in data["groups"] for r in g["rules"]]
+
     def targets_up(self) -> bool:
         """Whether the last scrape of every target succeeded."""
         got = self.query('up{job="nettracer"}')
         return bool(got) and all(v == 1 for _, v in got)
 
 
-def _config(target: str, interval: str) -> str:
+def _config(target: str, interval: str, rules: Path | None) -> str:
     return (
         "global:\n"
         f"  scrape_interval: {interval}\n"
         f"  evaluation_interval: {interval}\n"
-        "scrape_configs:\n"
+        + (f"rule_files: ['{rules}']\n" if rules is not None else "")
+        + "scrape_configs:\n"
         "  - job_name: nettracer\n"
         f"    scrape_timeout: {interval}\n"
         "    static_configs:\n"
@@ -136,15 +143,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def prometheus(tmp_path: Path, target: str, interval: str = "1s") -> Iterator[Prometheus]:
-    """A Prometheus scraping ``target`` (``HOST:PORT``) every ``interval``; stopped on exit."""
+def prometheus(
+    tmp_path: Path, target: str, interval: str = "1s", rules: Path | None = None
+) -> Iterator[Prometheus]:
+    """A Prometheus scraping ``target`` (``HOST:PORT``) every ``interval`` and evaluating
+    the rule file ``rules`` as often; stopped on exit."""
     binary = shutil.which("prometheus")
     if binary is None:
         kernel_skip("needs Debian's prometheus (scripts/install-test-deps)")
     assert binary is not None
     root = tmp_path / "prometheus"
     (root / "data").mkdir(parents=True)
-    (root / "prometheus.yml").write_text(_config(target, interval))
+    (root / "prometheus.yml").write_text(_config(target, interval, rules))
     log = root / "prometheus.log"
     port = free_port()
     with open(log, "wb") as out:

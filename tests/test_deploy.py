@@ -352,8 +352,12 @@ def test_dashboard_on_real_prometheus(tmp_path: Path) -> None:
     agent = agent_with_unit_caps(port)
     try:
         wait_ready(agent, port)
-        with docker_container() as worker, prometheus(tmp_path, target) as prom:
-            check_dashboard(prom, worker, port, target, worker.cid, worker.netns)
+        with (
+            docker_container() as worker,
+            prometheus(tmp_path, target, rules=ALERTS) as prom,
+        ):
+            t1 = check_dashboard(prom, worker, port, target, worker.cid, worker.netns)
+            check_alert_rules(prom, t1, worker.cid)
     finally:
         code, err = stop(agent)
     assert code == 0, err
@@ -364,9 +368,31 @@ def per_second(expr: str) -> bool:
     return "rate(" in expr and " / " not in expr and "histogram_quantile" not in expr
 
 
-def check_dashboard(prom: Any, worker: Worker, port: int, target: str, cid: str, ns: int) -> None:
+def check_alert_rules(prom: Any, at_ms: int, cid: str) -> None:
+    """Prometheus loaded and evaluated every rule of alerts.yaml without an error; each
+    expression runs at ``at_ms``, and the container drop rule's rate (its threshold
+    taken off) has our container."""
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    deadline = time.monotonic() + 30
+    while True:
+        loaded = prom.rules()
+        if all(r["lastEvaluation"] > "1970-01-02" for r in loaded) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert {r["name"] for r in loaded} == {r["alert"] for r in rules}
+    assert all(r["health"] == "ok" and not r.get("lastError") for r in loaded), loaded
+    for rule in rules:
+        prom.query(rule["expr"], at=at_ms / 1000)
+    (container_rule,) = [r for r in rules if r["alert"] == "NettracerContainerPacketDrops"]
+    rate = container_rule["expr"].rsplit(" > ", 1)[0]
+    got = {ls.get("container_id"): v for ls, v in prom.query(rate, at=at_ms / 1000)}
+    assert got.get(cid, 0) > 0, got
+
+
+def check_dashboard(prom: Any, worker: Worker, port: int, target: str, cid: str, ns: int) -> int:
     """Warm up (so that every series of ours exists before the window), cause the
-    traffic the window is about, then run every dashboard query over that window."""
+    traffic the window is about, then run every dashboard query over that window; the
+    time (ms) of the window's end."""
     worker.ask("keep")  # stays open: two ends, direction local
     worker.ask(f"tcp {W_BYTES}")
     assert worker.ask(f"drops {N_WARM}") == N_WARM
@@ -416,3 +442,4 @@ def check_dashboard(prom: Any, worker: Worker, port: int, target: str, cid: str,
     assert {labels["tracer"] for labels, _ in got[15]} == {"drops", "conns"}
     assert all(v >= 0 for _, v in got[15])
     assert one(16)[1].expected >= 0 and one(17)[1].expected > 0
+    return t1
