@@ -228,3 +228,33 @@ def test_docker_cgroupfs_in_v1_of_a_hybrid_host() -> None:
         assert (0, (), "/") in entries or not any(hid == 0 for hid, _, _ in entries)
         assert read_cgroup(proc.pid) == Cgroup(f"/docker/{cid}", Container(cid, "docker"))
     assert not os.path.exists(os.path.join(root, "docker", cid))
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    ("runtime", "scope"),
+    [
+        ("containerd", "cri-containerd-{}.scope"),
+        ("crio", "crio-{}.scope"),
+        ("podman", "libpod-{}.scope"),
+    ],
+)
+def test_kubernetes_pod_slices_in_cgroup_v2(runtime: str, scope: str) -> None:
+    """A pod's cgroups as the kubelet's systemd driver names them (the pod UID's dashes
+    written as underscores), a process of ours inside: its container and pod UID."""
+    import uuid
+
+    root = cgroup2_mount()
+    if root is None:
+        kernel_skip("no cgroup v2 hierarchy mounted")
+    cid, uid = secrets.token_hex(32), str(uuid.uuid4())
+    parts = (
+        f"nettracer-test-{os.getpid()}.slice",
+        "kubepods-burstable.slice",
+        f"kubepods-burstable-pod{uid.replace('-', '_')}.slice",
+        scope.format(cid),
+    )
+    with cgroup_dir(root, *parts) as cg, child() as proc:
+        move(proc.pid, cg)
+        got = read_cgroup(proc.pid)
+        assert got == Cgroup("/" + "/".join(parts), Container(cid, runtime, uid))
