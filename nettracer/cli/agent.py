@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nettracer.cli.args import OFFSETS_SOURCES, seconds
+from nettracer.cli.args import OFFSETS_SOURCES, load_settings, seconds
 from nettracer.errors import NettracerError, UsageError, require_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -61,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.no_conns and args.no_drops:
         raise UsageError("--no-conns and --no-drops together leave nothing to trace")
-    config = _load(args)
-    for notice in config.notices:
-        sys.stderr.write(f"nettracer: notice: {notice}\n")
+    config = _load(args, notices=True)
     listen = str(config["agent.listen"])
     address = parse_address(listen)
     if address is None:  # the schema checked it; never trust a second parser blindly
@@ -72,12 +70,10 @@ def run(args: argparse.Namespace) -> int:
     return _run(args, config, address, listen)
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace, notices: bool = False) -> Config:
     """The configuration: the file (``--config``), the environment, the flags."""
-    from nettracer.config import load_config
-
     values = {"offsets.source": args.offsets, "agent.listen": args.listen}
-    return load_config(args.config, {k: (v, FLAGS[k]) for k, v in values.items()})
+    return load_settings(args.config, values, FLAGS, notices=notices)
 
 
 def _reload(args: argparse.Namespace, agent: Agent, listen: str) -> None:

@@ -1,14 +1,36 @@
-"""Argument types shared by the subcommands (seconds, network namespaces)."""
+"""What the subcommands share: argument types (seconds, network namespaces, containers)
+and loading the configuration with their flags."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from nettracer.errors import UsageError
 from nettracer.layout import SOURCES as OFFSETS_SOURCES
 
-__all__ = ["OFFSETS_SOURCES", "container_id", "netns_inode", "seconds"]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+if TYPE_CHECKING:
+    from nettracer.config import Config
+
+__all__ = ["OFFSETS_SOURCES", "container_id", "load_settings", "netns_inode", "seconds"]
+
+
+def load_settings(
+    path: str | None, values: dict[str, object], flags: dict[str, str], *, notices: bool = True
+) -> Config:
+    """The configuration: the file ``path`` (``--config``), the environment, then the
+    flags' ``values`` by setting (None: not given), each remembered as its flag in
+    ``flags`` (the command's ``FLAGS``); its notices on stderr unless ``notices`` is
+    false."""
+    from nettracer.config import load_config
+
+    config = load_config(path, {k: (v, flags[k]) for k, v in values.items()})
+    if notices:
+        for notice in config.notices:
+            sys.stderr.write(f"nettracer: notice: {notice}\n")
+    return config
 
 
 def seconds(text: str) -> float:

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from nettracer.cli.args import OFFSETS_SOURCES, container_id, netns_inode, seconds
+from nettracer.cli.args import OFFSETS_SOURCES, container_id, load_settings, netns_inode, seconds
 from nettracer.errors import UsageError, require_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -94,16 +94,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from nettracer.config import load_config
 
     values = {
         "offsets.source": args.offsets,
         "output.format": "json" if args.json else None,
         "gateway_lookup.enabled": False if args.no_gateway else None,
     }
-    config = load_config(args.config, {k: (v, FLAGS[k]) for k, v in values.items()})
-    for notice in config.notices:
-        sys.stderr.write(f"nettracer: notice: {notice}\n")
+    config = load_settings(args.config, values, FLAGS)
     fmt = str(config["output.format"])
     if fmt not in ("text", "json"):
         raise UsageError(f"nettracer conns prints text or json, not {fmt} (output.format)")

@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from nettracer.cli.args import OFFSETS_SOURCES, container_id, netns_inode, seconds
+from nettracer.cli.args import OFFSETS_SOURCES, container_id, load_settings, netns_inode, seconds
 from nettracer.errors import UsageError, require_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -120,7 +120,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from nettracer.config import load_config
 
     values = {
         "drops.interval_s": args.interval,
@@ -128,9 +127,7 @@ def run(args: argparse.Namespace) -> int:
         "output.format": "json" if args.json else None,
         "offsets.source": args.offsets,
     }
-    config = load_config(args.config, {k: (v, FLAGS[k]) for k, v in values.items()})
-    for notice in config.notices:
-        sys.stderr.write(f"nettracer: {notice}\n")
+    config = load_settings(args.config, values, FLAGS)
     fmt = str(config["output.format"])
     if fmt not in ("text", "json"):
         raise UsageError(f"nettracer drops prints text or json, not {fmt} (output.format)")

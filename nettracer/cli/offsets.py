@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from nettracer.cli.args import OFFSETS_SOURCES
+from nettracer.cli.args import OFFSETS_SOURCES, load_settings
 from nettracer.errors import Mismatch, UsageError
 
 #: setting -> the flag that sets it here (errors below the CLI name settings); the offsets
@@ -143,16 +143,13 @@ def _mismatch_message(offsets: Any, btf: Any, verified: dict[str, bool]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nettracer.config import load_config
 
     values = {
         "offsets.source": args.source,
         "offsets.cache_dir": args.cache_dir,
         "offsets.guess_timeout_ms": args.timeout_ms,
     }
-    config = load_config(args.config, {k: (v, FLAGS[k]) for k, v in values.items()})
-    for notice in config.notices:
-        sys.stderr.write(f"nettracer: {notice}\n")
+    config = load_settings(args.config, values, FLAGS)
     source = str(config["offsets.source"])
     if args.verify and args.source is None and args.profile is None:
         source = "guess"

@@ -17,7 +17,7 @@ import json
 import sys
 import time
 
-from nettracer.cli.args import OFFSETS_SOURCES, netns_inode, seconds
+from nettracer.cli.args import OFFSETS_SOURCES, load_settings, netns_inode, seconds
 from nettracer.errors import UsageError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -121,14 +121,11 @@ class _Printer:
 def run(args: argparse.Namespace) -> int:
     from nettracer.access.reader import Reader, tracepoint_name
     from nettracer.bpf.fd import Terminated
-    from nettracer.config import load_config
 
     tp = tracepoint_name(args.tracepoint)
     if not tp:
         raise UsageError(f"bad tracepoint {args.tracepoint!r} (want e.g. kfree_skb)")
-    config = load_config(args.config, {"offsets.source": (args.offsets, FLAGS["offsets.source"])})
-    for notice in config.notices:
-        sys.stderr.write(f"nettracer: notice: {notice}\n")
+    config = load_settings(args.config, {"offsets.source": args.offsets}, FLAGS)
     inum = netns_inode(args.filter_netns, FLAGS["read.netns"])
     mode = "count" if args.count else "events"
     reader = Reader.from_config(config, tp, args.exprs, mode=mode, netns=inum)
