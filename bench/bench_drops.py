@@ -1,7 +1,8 @@
 """``nettracer drops`` side by side with bpftrace's kfree_skb one-liner, on the same drops.
 
 Run as root from the repository: ``python3 bench/bench_drops.py [--drops N] [--rounds R]
-[--seconds S] [--startups K] [--installed VENV] [--only-startup]``.  It builds two network namespaces (blaster B, target T,
+[--seconds S] [--solo R] [--startups K] [--installed VENV] [--other-repo PATH] [--guess]
+[--parts startup,shared,solo,workload] [--only-startup]``.  It builds two network namespaces (blaster B, target T,
 one veth pair with static neighbours; removed at the end) and measures:
 
 1. start-up, command start to attached, for ``nettracer drops`` (with its byte-code
@@ -17,12 +18,15 @@ one veth pair with static neighbours; removed at the end) and measures:
    after one unmeasured start of each); next to the wall time, the CPU time each
    command used until then (all threads, exited ones too: a cgroup v2 leaf per start),
    which other load on a shared machine stretches less;
-2. with both attached at once (and, as a cross-check, each alone in alternating
-   rounds), plus an empty raw_tp program on ``kfree_skb`` (the
-   floor), N UDP datagrams from B to a closed port in T: BPF run time / run count of
-   each program over exactly that window (``BPF_ENABLE_STATS``), and the counts:
-   drops caused, ours for T's namespace, ours summed over every namespace at
-   (location, reason) -- the key bpftrace has -- and bpftrace's;
+2. (``shared``) with both attached at once, plus an empty raw_tp program on
+   ``kfree_skb`` (the floor), N UDP datagrams from B to a closed port in T: BPF run
+   time / run count of each program over exactly that window (``BPF_ENABLE_STATS``),
+   and the counts: drops caused, ours for T's namespace, ours summed over every
+   namespace at (location, reason) -- the key bpftrace has -- and bpftrace's;
+   (``solo``, issue 15's figure) each program attached alone, in turn, R rounds of N
+   drops: ours (default options; with ``--guess`` also ``--offsets guess``; with
+   ``--other-repo`` also that checkout's), bpftrace with our key (location, reason,
+   protocol, ifindex, netns inode) and bpftrace with location and reason only;
 3. the send rate of the same blaster for S seconds, alternating without / with
    ``nettracer drops`` attached / with bpftrace attached (for reference), R rounds
    (ratio of medians), per wall second and per
@@ -60,6 +64,14 @@ sys.path.insert(0, REPO)
 
 BPFTRACE_PROG = "tracepoint:skb:kfree_skb { @[ksym(args->location), args->reason] = count(); }"
 BPFTRACE = ["bpftrace", "-e", BPFTRACE_PROG]
+#: bpftrace with the key of ``nettracer drops`` (issue 15): location, reason, protocol,
+#: device index and network namespace inode
+BPFTRACE_SAME_KEY_PROG = (
+    "tracepoint:skb:kfree_skb { $s = (struct sk_buff *)args->skbaddr; "
+    "@[ksym(args->location), args->reason, args->protocol, $s->dev->ifindex, "
+    "$s->dev->nd_net.net->ns.inum] = count(); }"
+)
+BPFTRACE_SAME_KEY = ["bpftrace", "-e", BPFTRACE_SAME_KEY_PROG]
 OURS = [sys.executable, "-m", "nettracer", "drops"]
 PID = os.getpid()
 BNS, TNS = f"ntbb{PID}", f"ntbt{PID}"
@@ -312,10 +324,10 @@ def _cgroup2_root() -> str | None:
 PYC_ENV = {"PYTHONPYCACHEPREFIX": f"/tmp/nettracer-bench-pyc-{os.getuid()}"}
 
 
-def env(pyc: bool | None) -> dict[str, str]:
-    """``pyc`` True/False: this checkout with or without byte-code; None: an installed
-    command (no PYTHONPATH, the byte-code pip wrote)."""
-    e = dict(os.environ, PYTHONPATH=REPO)
+def env(pyc: bool | None, repo: str = REPO) -> dict[str, str]:
+    """``pyc`` True/False: the checkout ``repo`` with or without byte-code; None: an
+    installed command (no PYTHONPATH, the byte-code pip wrote)."""
+    e = dict(os.environ, PYTHONPATH=repo)
     if pyc is None:
         for name in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX"):
             e.pop(name, None)
@@ -328,8 +340,11 @@ def env(pyc: bool | None) -> dict[str, str]:
     return e
 
 
-def start(cmd: list[str], timeout: float = 60, pyc: bool | None = True) -> Started:
-    e = env(pyc)
+def start(
+    cmd: list[str], timeout: float = 60, pyc: bool | None = True, repo: str = REPO
+) -> Started:
+    """Start ``cmd`` (ours: from the checkout ``repo``) and wait until it attached."""
+    e = env(pyc, repo)
     account = CpuAccount()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -337,7 +352,7 @@ def start(cmd: list[str], timeout: float = 60, pyc: bool | None = True) -> Start
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        cwd="/" if pyc is None else REPO,
+        cwd="/" if pyc is None else repo,
         env=e,
         preexec_fn=account.join,
     )
@@ -390,27 +405,31 @@ def vm_hwm_mb(pid: int) -> float:
 
 
 def bench_startup(
-    k: int, installed: str | None = None
+    k: int, installed: str | None = None, other: str | None = None
 ) -> dict[str, tuple[list[float], list[float]]]:
     """Start-up of ours with byte-code cached (as installed), ours without (this checkout
-    under PYTHONDONTWRITEBYTECODE=1), bpftrace, and -- with ``installed`` (a virtual
-    environment ``pip install`` put nettracer in) -- its ``bin/nettracer``, interleaved.
+    under PYTHONDONTWRITEBYTECODE=1), bpftrace, -- with ``installed`` (a virtual
+    environment ``pip install`` put nettracer in) -- its ``bin/nettracer``, and -- with
+    ``other`` (another checkout) -- that checkout's, byte-code cached, interleaved.
     One unmeasured start of each first (byte-code, caches, page cache).  Returns
     ``{name: (wall seconds, CPU seconds)}``, both until attached."""
-    cmds = {
-        "pyc": ([*OURS, "--interval", "3600"], True),
-        "bpftrace": (BPFTRACE, True),
-        "nopyc": ([*OURS, "--interval", "3600"], False),
+    ours = [*OURS, "--interval", "3600"]
+    cmds: dict[str, tuple[list[str], bool | None, str]] = {
+        "pyc": (ours, True, REPO),
+        "bpftrace": (BPFTRACE, True, REPO),
+        "nopyc": (ours, False, REPO),
     }
+    if other:
+        cmds["other"] = (ours, True, other)
     if installed:
-        ours = [os.path.join(installed, "bin", "nettracer"), "drops", "--interval", "3600"]
-        cmds["installed"] = (ours, None)
-    for cmd, pyc in cmds.values():
-        stop(start(cmd, pyc=pyc))
+        cmd = [os.path.join(installed, "bin", "nettracer"), "drops", "--interval", "3600"]
+        cmds["installed"] = (cmd, None, REPO)
+    for cmd, pyc, repo in cmds.values():
+        stop(start(cmd, pyc=pyc, repo=repo))
     out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in cmds}
     for _ in range(k):
-        for name, (cmd, pyc) in cmds.items():
-            s = start(cmd, pyc=pyc)
+        for name, (cmd, pyc, repo) in cmds.items():
+            s = start(cmd, pyc=pyc, repo=repo)
             out[name][0].append(s.seconds)
             out[name][1].append(s.cpu)
             stop(s)
@@ -467,23 +486,40 @@ def bench_cost_and_counts(n: int, inode: int) -> dict[str, object]:
     }
 
 
-def bench_solo(n: int, rounds: int) -> tuple[list[float], list[float]]:
-    """Cost per event with each tool attached alone, alternating (no shared cache warmth)."""
+def solo_arms(guess: bool, other: str | None) -> dict[str, tuple[list[str], str]]:
+    """The programs of :func:`bench_solo`: name -> (command, checkout it runs from)."""
+    ours = [*OURS, "--interval", "3600"]
+    arms = {"ours": (ours, REPO)}
+    if guess:
+        arms["ours --offsets guess"] = ([*ours, "--offsets", "guess"], REPO)
+    if other:
+        arms["other checkout"] = (ours, other)
+    arms["bpftrace same key"] = (BPFTRACE_SAME_KEY, REPO)
+    arms["bpftrace location+reason"] = (BPFTRACE, REPO)
+    return arms
+
+
+def bench_solo(
+    n: int, rounds: int, arms: dict[str, tuple[list[str], str]]
+) -> dict[str, list[float]]:
+    """In-kernel ns/event of each program attached alone, in turn, ``rounds`` times
+    (alternating: no program profits from another's warm cache lines): run_time_ns /
+    run_cnt over ``n`` drops."""
     from nettracer.bpf import prog as bpf_prog
 
-    ours, theirs = [], []
+    out: dict[str, list[float]] = {name: [] for name in arms}
     with bpf_prog.enable_stats():
         for _ in range(rounds):
-            for cmd, out in (([*OURS, "--interval", "3600"], ours), (BPFTRACE, theirs)):
-                s = start(cmd)
+            for name, (cmd, repo) in arms.items():
+                s = start(cmd, repo=repo)
                 time.sleep(0.5)
                 t0, c0 = prog_stats(s.prog_id)
                 blast("count", n)
                 time.sleep(0.5)
                 t1, c1 = prog_stats(s.prog_id)
                 stop(s)
-                out.append((t1 - t0) / max(1, c1 - c0))
-    return ours, theirs
+                out[name].append((t1 - t0) / max(1, c1 - c0))
+    return out
 
 
 def bench_workload(
@@ -511,17 +547,34 @@ def bench_workload(
     return without, with_, with_bt, rss
 
 
-def main() -> None:
+PARTS = ("startup", "shared", "solo", "workload")
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--drops", type=int, default=200_000, help="datagrams for the cost run")
+    ap.add_argument("--drops", type=int, default=100_000, help="datagrams per cost run")
     ap.add_argument("--rounds", type=int, default=9, help="alternating workload rounds")
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per workload run")
-    ap.add_argument("--solo", type=int, default=3, help="rounds of one-tool-at-a-time cost")
+    ap.add_argument("--solo", type=int, default=3, help="rounds of one-program-at-a-time cost")
     ap.add_argument("--startups", type=int, default=7, help="start-up measurements per tool")
     ap.add_argument(
         "--installed",
         metavar="VENV",
         help="also time VENV/bin/nettracer (e.g. python3 -m venv VENV && VENV/bin/pip install .)",
+    )
+    ap.add_argument(
+        "--other-repo",
+        metavar="PATH",
+        help="also measure the nettracer of another checkout (start-up and cost alone), "
+        "e.g. a worktree of an older commit",
+    )
+    ap.add_argument(
+        "--guess", action="store_true", help="also measure ours with --offsets guess (cost alone)"
+    )
+    ap.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)",
     )
     ap.add_argument(
         "--detect",
@@ -534,31 +587,54 @@ def main() -> None:
         "--only-startup", action="store_true", help="measure start-up and peak RSS only"
     )
     args = ap.parse_args()
+    args.parts = set(("startup",) if args.only_startup else args.parts.split(","))
+    if not args.parts <= set(PARTS):
+        ap.error(f"--parts: unknown {','.join(sorted(args.parts - set(PARTS)))}")
+    if args.other_repo:
+        args.other_repo = os.path.abspath(args.other_repo)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     DETECT["how"] = args.detect
     if os.geteuid() != 0:
         raise SystemExit("bench_drops needs root")
     bt_version = subprocess.run(["bpftrace", "--version"], capture_output=True, text=True).stdout
     print(f"# command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"# kernel {platform.release()}, {os.cpu_count()} CPUs, {bt_version.strip()}, "
-          f"Python {platform.python_version()}")  # fmt: skip
+          f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    if args.other_repo:
+        rev = sh("git", "-C", args.other_repo, "rev-parse", "--short", "HEAD").strip()
+        own = sh("git", "-C", REPO, "rev-parse", "--short", "HEAD").strip()
+        print(f"# this checkout {REPO} at {own}; other checkout {args.other_repo} at {rev}")
     inode = setup()
+    rss = float("nan")
     try:
-        startup = bench_startup(args.startups, args.installed)
+        if "startup" in args.parts:
+            startup = bench_startup(args.startups, args.installed, args.other_repo)
         if args.only_startup:
             rss = bench_rss(args.seconds)
-        else:
+        if "shared" in args.parts:
             cost = bench_cost_and_counts(args.drops, inode)
-            solo_ours, solo_bt = bench_solo(args.drops, args.solo)
+        if "solo" in args.parts:
+            solo = bench_solo(args.drops, args.solo, solo_arms(args.guess, args.other_repo))
+        if "workload" in args.parts:
             load = os.getloadavg()[0]
             without, with_, with_bt, rss = bench_workload(args.rounds, args.seconds)
     finally:
         teardown()
     print()
-    if not args.only_startup:
-        report_cost(args, cost, solo_ours, solo_bt)
+    if "shared" in args.parts:
+        report_cost(cost)
+    if "solo" in args.parts:
+        report_solo(args, solo)
+    if "workload" in args.parts:
         report_workload(args, load, without, with_, with_bt)
-    report_startup(args, startup)
-    print(f"peak RSS of nettracer drops (VmHWM): {rss:.1f} MB   (target <= 60)")
+    if "startup" in args.parts:
+        report_startup(args, startup)
+    if rss == rss:
+        print(f"peak RSS of nettracer drops (VmHWM): {rss:.1f} MB   (target < 30)")
 
 
 def bench_rss(seconds: float) -> float:
@@ -572,29 +648,44 @@ def bench_rss(seconds: float) -> float:
         stop(s)
 
 
-def report_cost(
-    args: argparse.Namespace,
-    cost: dict[str, object],
-    solo_ours: list[float],
-    solo_bt: list[float],
-) -> None:
+def report_cost(cost: dict[str, object]) -> None:
     o, b, e = cost["ours_ns"], cost["bpftrace_ns"], cost["empty_ns"]
     assert isinstance(o, float) and isinstance(b, float) and isinstance(e, float)
     print("in-kernel cost per event (run_time_ns / run_cnt, all three attached at once)")
     print(f"  nettracer drops   {o:7.1f} ns   runs {cost['runs'][0]}")  # type: ignore[index]
     print(f"  bpftrace          {b:7.1f} ns   runs {cost['runs'][1]}")  # type: ignore[index]
     print(f"  empty raw_tp      {e:7.1f} ns   runs {cost['runs'][2]}")  # type: ignore[index]
-    print(f"  ours / bpftrace   {o / b:7.3f}      (target <= 1.0)")
+    print(f"  ours / bpftrace   {o / b:7.3f}")
     print(f"  ours / empty      {o / e:7.3f}")
     print(f"  above the floor   ours {o - e:.1f} ns, bpftrace {b - e:.1f} ns, "
           f"ratio {(o - e) / (b - e):.3f}")  # fmt: skip
-    so, sb = statistics.median(solo_ours), statistics.median(solo_bt)
-    print(f"  attached alone, alternating ({args.solo} rounds, median): ours {so:.1f} ns, "
-          f"bpftrace {sb:.1f} ns, ratio {so / sb:.3f}  "
-          f"{[round(x) for x in solo_ours]} {[round(x) for x in solo_bt]}")  # fmt: skip
     print("counts of UDP-to-closed-port drops (__udp4_lib_rcv, NO_SOCKET)")
     print(f"  caused {cost['caused']}, ours in T's netns {cost['ours_target_netns']}, "
           f"ours all netns {cost['ours_all_netns']}, bpftrace {cost['bpftrace']}")  # fmt: skip
+
+
+#: issue 15's targets, ours / bpftrace's
+SOLO_TARGETS = {"bpftrace same key": 0.7, "bpftrace location+reason": 1.0}
+
+
+def report_solo(args: argparse.Namespace, solo: dict[str, list[float]]) -> None:
+    """Medians, each round's figure, and ours (and the variants) / each other program:
+    the ratio of medians and the spread of the per-round ratios."""
+    med = statistics.median
+    print(f"in-kernel ns/event, each program attached alone, alternating, {args.solo} rounds "
+          f"of {args.drops} drops (median; per round)")  # fmt: skip
+    for name, xs in solo.items():
+        print(f"  {name:26} {med(xs):6.1f} ns  {[round(x, 1) for x in xs]}")
+    for name in ("ours", "ours --offsets guess", "other checkout"):
+        if name not in solo:
+            continue
+        for ref in solo:
+            if ref == name or ref.startswith("ours"):
+                continue
+            pairs = [a / b for a, b in zip(solo[name], solo[ref], strict=True)]
+            target = f"  (target <= {SOLO_TARGETS[ref]})" if ref in SOLO_TARGETS else ""
+            print(f"  {name} / {ref}: {med(solo[name]) / med(solo[ref]):.3f}{target}; "
+                  f"per round {min(pairs):.3f}-{max(pairs):.3f}")  # fmt: skip
 
 
 def report_workload(
@@ -635,6 +726,7 @@ def report_startup(
     rows = (
         ("installed", f"nettracer drops, pip-installed in {args.installed} (byte-code)"),
         ("pyc", "nettracer drops, this checkout, byte-code cached (PYTHONPATH; editable site)"),
+        ("other", f"nettracer drops, {args.other_repo}, byte-code cached (PYTHONPATH)"),
         ("nopyc", "nettracer drops, this checkout without byte-code (PYTHONDONTWRITEBYTECODE=1)"),
     )
     for name, what in rows:
@@ -649,6 +741,11 @@ def report_startup(
         print(f"                       CPU {med(cpu) * 1000:4.0f} ms {ms(cpu)}")
         print(f"      ratio to bpftrace: wall {med(wall) / bt_wall:.3f}{target}, "
               f"CPU {med(cpu) / bt_cpu:.3f}")  # fmt: skip
+    if "other" in times:
+        (w, c), (ow, oc) = times["pyc"], times["other"]
+        pairs = [a / b for a, b in zip(w, ow, strict=True)]
+        print(f"  this checkout / other checkout (byte-code cached): wall {med(w) / med(ow):.3f} "
+              f"(per start {min(pairs):.3f}-{max(pairs):.3f}), CPU {med(c) / med(oc):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
