@@ -226,7 +226,9 @@ class ContainerResolver:
         no process is in it (any more)."""
         now = time.monotonic()
         hit = self._netns.get(inode)
-        if hit is not None and now - hit[0] < self.ttl_s:
+        # "no process in it" is kept only rescan_s: namespace inodes are reused at once
+        # (proc_alloc_inum), and a new namespace must not inherit a dead one's answer
+        if hit is not None and now - hit[0] < (self.ttl_s if hit[1] else self.rescan_s):
             return hit[1]
         pid = self._owners.get(inode)
         # a namespace never asked about is looked up at once (its first drops must not
