@@ -90,3 +90,30 @@ def test_memcg_accounting_matches_kallsyms() -> None:
     after = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     inf = resource.RLIM_INFINITY
     assert after == ((inf, inf) if charges else before)  # raised only where it matters
+
+
+def test_forced_batch_ops_walk_key_by_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``batch_ops`` forced away, map walks give the same pairs and never issue a
+    batch command (the walk nettracer does before 5.6)."""
+    import ctypes
+
+    from nettracer.bpf import maps, syscall
+
+    with maps.hash_map(ctypes.c_uint32, ctypes.c_uint64, 64, "nt_t") as m:
+        for k in range(40):
+            m[k] = k * k
+        batched = sorted(m.items())
+        assert batched == [(k, k * k) for k in range(40)]
+        before = features.current().without
+        features.configure(["batch_ops"])
+        try:
+
+            def no_batch(*args: object) -> None:
+                raise AssertionError("batch command issued")
+
+            monkeypatch.setattr(syscall, "map_batch", no_batch)
+            assert sorted(m.items()) == batched
+            assert sorted(m.pop_items()) == batched
+            assert m.items() == []
+        finally:
+            features.configure(before)

@@ -37,10 +37,14 @@ def test_forced_feature_is_not_probed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_configure_replaces_the_process_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nettracer.bpf import maps
+
     monkeypatch.setattr(features, "_current", None)
+    monkeypatch.setattr(maps, "_batch_policy", maps._batch_policy)
     assert features.current().without == ()
     kf = features.configure(["batch_ops"])
     assert features.current() is kf and kf.forced("batch_ops")
+    assert maps.use_batch_ops() is False  # forced: not even probed
 
 
 def test_environment_variable_sets_kernel_without() -> None:

@@ -33,6 +33,7 @@ from nettracer.bpf.insn import (
     stx,
 )
 from nettracer.bpf.memory import copy, read
+from nettracer.kernel.tracepoints import TracepointArgs
 
 #: status byte of a path: the value was read
 OK = 0
@@ -95,12 +96,14 @@ def compile_reads(
     ctx: Reg = R6,
     base: Reg = R7,
     tmp_off: int | None = None,
+    args: TracepointArgs | None = None,
 ) -> None:
     """Append the instructions filling ``record`` at ``FP + buf_off`` (8-byte aligned,
     negative) to ``p``; may be used any number of times in one program.
 
-    ``ctx`` holds the raw tracepoint context (``u64`` arguments; keep it in a
-    callee-saved register, it must survive helper calls); ``base`` is a callee-saved
+    ``ctx`` holds the tracepoint context, laid out as ``args`` says (default: the raw
+    tracepoint's ``u64`` arguments, :func:`raw_args`; keep it in a callee-saved
+    register, it must survive helper calls); ``base`` is a callee-saved
     scratch register for the pointer being followed.  R0-R5 are clobbered.  The reads
     are those of :func:`nettracer.access.plan.plan_paths`: paths sharing an argument and
     pointer chain share its reads, each preceded by a NULL check; with ``tmp_off`` (an
@@ -112,12 +115,14 @@ def compile_reads(
         raise ValueError(f"record at fp{buf_off:+d} ({record.size} bytes) is not on the stack")
     if tmp_off is not None and (tmp_off % 8 or tmp_off < -512 or tmp_off + MAX_SPAN > 0):
         raise ValueError(f"scratch buffer at fp{tmp_off:+d} is not on the stack")
+    if args is None:
+        args = raw_args("", record.paths)
     p += [st(8, FP, buf_off + i, 0) for i in range(0, record.size, 8)]
     for path, slot in zip(record.paths, record.slots, strict=True):
         if path.offset is None:
-            p += [ldx(8, base, ctx, 8 * path.arg_index), stx(8, FP, buf_off + slot, base)]
+            p += [args.load(base, ctx, path.arg), stx(8, FP, buf_off + slot, base)]
     for group in plan_paths(record.paths, MAX_SPAN if tmp_off is not None else 0):
-        _emit_group(p, record, buf_off, group, ctx, base, tmp_off)
+        _emit_group(p, record, buf_off, group, (args, ctx, base), tmp_off)
 
 
 def _emit_group(
@@ -125,8 +130,7 @@ def _emit_group(
     record: RecordLayout,
     buf_off: int,
     group: PathGroup,
-    ctx: Reg,
-    base: Reg,
+    regs: tuple[TracepointArgs, Reg, Reg],
     tmp_off: int | None,
 ) -> None:
     """The shared pointer hops (landing in the first member's slot, cleared after each:
@@ -134,7 +138,8 @@ def _emit_group(
     done, null, fault = p.new_label("done"), p.new_label("null"), p.new_label("fault")
     members = group.members
     land = buf_off + record.slots[members[0]]
-    p += ldx(8, base, ctx, 8 * group.arg_index)
+    args, ctx, base = regs
+    p += args.load(base, ctx, record.paths[members[0]].arg)
     for hop in group.derefs:
         read_chain(p, base, (), hop, 8, land, null=null, fault=fault)
         p += [ldx(8, base, FP, land), st(8, FP, land, 0)]
@@ -161,3 +166,11 @@ def _emit_group(
         s = buf_off + record.slots[k]
         p += [st(8, FP, s + i, 0) for i in range(0, _round8(max(record.paths[k].size, 8)), 8)]
     p += mov64(R0, 0).at(done)
+
+
+def raw_args(tracepoint: str, paths: Sequence[AccessPath]) -> TracepointArgs:
+    """The raw tracepoint layout of the arguments ``paths`` start from (each at
+    ``8 * arg_index``; arguments no path names are ``arg<i>``)."""
+    by_index = {p.arg_index: p.arg for p in paths}
+    names = [by_index.get(i, f"arg{i}") for i in range(max(by_index, default=-1) + 1)]
+    return TracepointArgs.raw_args(tracepoint, names)

@@ -101,6 +101,11 @@ class AccessPath:
     bit_size: int = 0
 
     @property
+    def arg(self) -> str:
+        """The tracepoint argument the path starts from (the expression's first name)."""
+        return parse(self.expr)[0].name
+
+    @property
     def reads(self) -> int:
         """``bpf_probe_read_kernel`` calls this path costs."""
         return len(self.derefs) + (self.offset is not None)

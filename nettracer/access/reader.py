@@ -13,7 +13,7 @@ import ctypes
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from nettracer.access.compile import OK, RecordLayout, compile_reads
+from nettracer.access.compile import OK, RecordLayout, compile_reads, raw_args
 from nettracer.access.path import (
     KNOWN_ARGS,
     AccessError,
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from nettracer.bpf.maps import Map
     from nettracer.bpf.memory import KernelReads
     from nettracer.kernel.btf import Btf
+    from nettracer.kernel.tracepoints import TracepointArgs
     from nettracer.layout.offsets import Offsets
 
 #: stack: fp-8 holds the constant 1 for new hash entries, fp-16 the u32 key of ``lost``
@@ -101,11 +102,13 @@ def build_program(
     out_map: str = "out",
     lost_map: str = "lost",
     reads: KernelReads | None = None,
+    args: TracepointArgs | None = None,
 ) -> Program:
     """The raw tracepoint program: optional netns filter, the reads, then either the
     record to the event channel ``out_map`` (``mode="events"``) or ``out[record] += 1``
     (``mode="count"``). What does not fit (channel full, hash map full) is counted
-    in ``lost[0]``. ``reads`` chooses the helper (:mod:`nettracer.bpf.memory`)."""
+    in ``lost[0]``. ``reads`` chooses the helper (:mod:`nettracer.bpf.memory`), ``args``
+    the context's layout (default: raw tracepoint, :func:`nettracer.access.compile.raw_args`)."""
     if mode not in ("events", "count"):
         raise ValueError(f"mode must be 'events' or 'count', not {mode!r}")
     buf = _SCRATCH - record.size
@@ -116,14 +119,14 @@ def build_program(
         frec, inum = netns_filter
         fbuf = buf - frec.size
         imm = inum - (1 << 32) if inum >= 1 << 31 else inum
-        compile_reads(p, frec, fbuf)
+        compile_reads(p, frec, fbuf, args=args)
         p += [
             ldx(1, R0, FP, fbuf),
             jmp32(JmpOp.JNE, R0, OK, "out"),
             ldx(4, R0, FP, fbuf + frec.slots[0]),
             jmp32(JmpOp.JNE, R0, imm, "out"),
         ]
-    compile_reads(p, record, buf, tmp_off=tmp)
+    compile_reads(p, record, buf, tmp_off=tmp, args=args)
     if mode == "events":
         event_channel(out_map, lost_map).output(
             p, ctx=R6, buf_off=buf, size=record.size, done="out", scratch_off=_SCRATCH
@@ -210,7 +213,7 @@ class Reader:
 
     def start(self) -> Reader:
         """Create the maps, load the program and attach it."""
-        from nettracer.bpf import link, prog
+        from nettracer.bpf import prog
         from nettracer.bpf.maps import hash_map
 
         max_entries, ringbuf_size = self._sizes
@@ -225,10 +228,12 @@ class Reader:
                 self._objs.append(self.out)
                 maps = {"out": self.out, "lost": self.lost_map}
             flt = (RecordLayout.of([self.netns[0]]), self.netns[1]) if self.netns else None
-            insns = build_program(self.record, self.mode, flt, reads=self.reads).insns
-            self.prog = prog.load(insns, maps=maps, name="nt_read")
+            paths = self.paths + ([self.netns[0]] if self.netns else [])
+            args = raw_args(self.tracepoint, paths).for_kernel()
+            insns = build_program(self.record, self.mode, flt, reads=self.reads, args=args).insns
+            self.prog = prog.load(insns, prog_type=args.prog_type, maps=maps, name="nt_read")
             self._objs.append(self.prog)
-            self.link = link.attach_raw_tracepoint(self.prog, self.tracepoint)
+            self.link = args.attach(self.prog)
             self._objs.append(self.link)
         except BaseException:
             self.close()

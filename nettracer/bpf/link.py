@@ -57,17 +57,20 @@ def attach_raw_tracepoint(prog: Prog, name: str) -> Link:
     return Link(fd, prog, f"raw_tp/{name}")
 
 
-def attach_tracepoint(prog: Prog, tp_id: int, name: str = "") -> Link:
+def attach_tracepoint(prog: Prog, tp_id: int, name: str = "", bpf_link: bool = True) -> Link:
     """Attach a classic tracepoint program to the tracepoint with id ``tp_id``.
 
-    Uses a perf-event BPF link (LINK_CREATE, Linux 5.15) where the kernel has it,
-    else ``PERF_EVENT_IOC_SET_BPF`` on the perf event (the link is then the event).
+    Uses a perf-event BPF link (LINK_CREATE, Linux 5.15) where the kernel has it and
+    ``bpf_link`` allows it, else ``PERF_EVENT_IOC_SET_BPF`` on the perf event (Linux
+    4.7; the link is then the event). One event on CPU 0 runs the program on every
+    CPU: the program hangs off the tracepoint (``trace_event_call.prog_array``).
     """
     perf = PerfEvent(syscall.perf_event_open_tracepoint(tp_id))
     target = f"tp/{name or tp_id}"
     try:
-        fd = syscall.link_create(prog.fd, perf.fd, syscall.BPF_PERF_EVENT)
-        return Link(fd, prog, target, perf)
+        if bpf_link:
+            fd = syscall.link_create(prog.fd, perf.fd, syscall.BPF_PERF_EVENT)
+            return Link(fd, prog, target, perf)
     except BpfSyscallError as exc:
         if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
             perf.close()

@@ -19,7 +19,7 @@ from nettracer.errors import NettracerError
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up)
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from typing import Any
 
 CType = object  # a ctypes type (simple or Structure)
@@ -185,8 +185,9 @@ class Map(FdObject):
         return self.keys()
 
     def items(self) -> list[tuple[Any, Any]]:
-        """All (key, value) pairs: one batch call where the kernel has it (5.6), else a walk."""
-        if self.map_type not in (MapType.RINGBUF,):
+        """All (key, value) pairs: batch calls where :func:`use_batch_ops` says so (5.6),
+        else (or where the map type has none) a walk, one key at a time."""
+        if self.map_type not in (MapType.RINGBUF,) and use_batch_ops():
             try:
                 return self._batch(Cmd.MAP_LOOKUP_BATCH)
             except BpfSyscallError as exc:
@@ -200,12 +201,14 @@ class Map(FdObject):
         return out
 
     def pop_items(self) -> list[tuple[Any, Any]]:
-        """Read and delete every element, each atomically (LOOKUP_AND_DELETE_BATCH, 5.6)."""
-        try:
-            return self._batch(Cmd.MAP_LOOKUP_AND_DELETE_BATCH)
-        except BpfSyscallError as exc:
-            if exc.errno not in _NO_BATCH:
-                raise
+        """Read and delete every element, each atomically (LOOKUP_AND_DELETE_BATCH, 5.6,
+        where :func:`use_batch_ops` says so; else one key at a time)."""
+        if use_batch_ops():
+            try:
+                return self._batch(Cmd.MAP_LOOKUP_AND_DELETE_BATCH)
+            except BpfSyscallError as exc:
+                if exc.errno not in _NO_BATCH:
+                    raise
         out = []
         for k in list(self.keys()):
             v = self.lookup_and_delete(k, _MISSING)
@@ -249,6 +252,28 @@ _MISSING = object()
 _BATCH = 512
 #: errnos meaning "this kernel or map type has no batch operations" (524 is ENOTSUPP)
 _NO_BATCH = {errno.EINVAL, errno.EOPNOTSUPP, 524}
+
+
+def _always() -> bool:
+    return True
+
+
+#: asked before each batch walk; :func:`nettracer.kernel.features.configure` makes it
+#: "use batch_ops?" (the probe, and ``kernel.without``), asked only when a map is walked
+_batch_policy: Callable[[], bool] = _always
+
+
+def use_batch_ops() -> bool:
+    """Whether map walks use the batch commands (``BPF_MAP_LOOKUP_BATCH``, Linux 5.6).
+    Until :func:`set_batch_policy` they are tried, and a kernel without them answers
+    ``EINVAL`` once per walk."""
+    return _batch_policy()
+
+
+def set_batch_policy(policy: Callable[[], bool]) -> None:
+    """Make ``policy`` the answer of :func:`use_batch_ops` (the kernel layer's choice)."""
+    global _batch_policy
+    _batch_policy = policy
 
 
 def array(value_type: CType, max_entries: int, name: str = "") -> Map:

@@ -23,13 +23,16 @@ def load_settings(
     """The configuration: the file ``path`` (``--config``), the environment, then the
     flags' ``values`` by setting (None: not given), each remembered as its flag in
     ``flags`` (the command's ``FLAGS``); its notices on stderr unless ``notices`` is
-    false."""
+    false. Its ``kernel.without`` becomes this process's
+    (:func:`nettracer.kernel.features.configure`): the fallbacks it names are taken."""
     from nettracer.config import load_config
+    from nettracer.kernel import features
 
     config = load_config(path, {k: (v, flags[k]) for k, v in values.items()})
     if notices:
         for notice in config.notices:
             sys.stderr.write(f"nettracer: notice: {notice}\n")
+    features.configure(config["kernel.without"])  # type: ignore[arg-type]
     return config
 
 

@@ -54,13 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from nettracer.errors import require_root
 
     require_root("nettracer kernel", "it loads eBPF programs to probe features")
-    from nettracer.config import load_config
+    from nettracer.cli.args import load_settings
     from nettracer.kernel import features
 
-    config = load_config(args.config)
-    for notice in config.notices:
-        sys.stderr.write(f"nettracer: {notice}\n")
-    kf = features.configure(config["kernel.without"])  # type: ignore[arg-type]
+    load_settings(args.config, {}, {})
+    kf = features.current()
     facts = report()
     if args.json:
         json.dump(facts, sys.stdout, indent=2)

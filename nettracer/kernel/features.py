@@ -347,7 +347,11 @@ def current() -> KernelFeatures:
 
 
 def configure(without: Iterable[str]) -> KernelFeatures:
-    """Make ``KernelFeatures(without)`` the process's object (from ``kernel.without``)."""
+    """Make ``KernelFeatures(without)`` the process's object (from ``kernel.without``),
+    and its "use batch_ops?" the map walks' choice (:func:`nettracer.bpf.maps.use_batch_ops`)."""
+    from nettracer.bpf import maps
+
     global _current
-    _current = KernelFeatures(without)
-    return _current
+    kf = _current = KernelFeatures(without)
+    maps.set_batch_policy(lambda: kf.use("batch_ops"))
+    return kf

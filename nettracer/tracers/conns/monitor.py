@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from nettracer.bpf import maps, prog, ringbuf, syscall
 from nettracer.bpf.link import Link, UnknownTracepoint, attach_raw_tracepoint
-from nettracer.bpf.syscall import BpfSyscallError, Cmd
+from nettracer.bpf.syscall import BpfSyscallError, Cmd, ProgType
 from nettracer.errors import NotSupported
+from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers.conns import program as cp
 from nettracer.tracers.conns.model import Conn, decode, record_is_local
@@ -41,12 +42,6 @@ if TYPE_CHECKING:
 
     from nettracer.net.gateway import GatewayResolver
 
-#: raw tracepoints used, with the kernel that introduced them
-TP_STATE: tuple[str, str | None] = ("inet_sock_set_state", "4.16")
-TP_DESTROY: tuple[str, str | None] = ("tcp_destroy_sock", None)
-TP_SEND = ("sock_send_length", "6.3")
-TP_RECV = ("sock_recv_length", "6.3")
-TP_OWNER: tuple[str, str | None] = ("tcp_rcv_space_adjust", None)
 
 #: bytes sources: the sock_*_length tracepoints, or struct tcp_sock counters
 BYTES_SOURCES = ("auto", "length", "tcp_sock")
@@ -179,15 +174,19 @@ class ConnTracer:
             cp.MAP_ENDED: self.ended,
         }
         use_length = self.bytes_source in ("auto", "length")
-        if use_length and not (_has_raw_tp(TP_SEND[0]) and _has_raw_tp(TP_RECV[0])):
+        tps = {
+            tp: _tracepoint(tp)
+            for tp in (cp.TP_STATE, cp.TP_DESTROY, cp.TP_SEND, cp.TP_RECV, cp.TP_OWNER)
+        }
+        if use_length and not (tps[cp.TP_SEND] and tps[cp.TP_RECV]):
             if self.bytes_source == "length":
-                raise NotSupported(f"tracepoint sock:{TP_SEND[0]}", since=TP_SEND[1])
+                raise NotSupported(f"tracepoint sock:{cp.TP_SEND[0]}", since=cp.TP_SEND[1])
             use_length = False
         if not use_length:
             if opts.collect_udp:
                 opts = replace(opts, collect_udp=False)
                 why = (
-                    f"this kernel has no sock:{TP_SEND[0]} tracepoint (Linux {TP_SEND[1]})"
+                    f"this kernel has no sock:{cp.TP_SEND[0]} tracepoint (Linux {cp.TP_SEND[1]})"
                     if self.bytes_source == "auto"
                     else "bytes are read from struct tcp_sock"
                 )
@@ -195,32 +194,36 @@ class ConnTracer:
             if not opts.collect_tcp:
                 raise NotSupported(
                     "UDP flows",
-                    since=TP_SEND[1],
-                    detail=f"no sock:{TP_SEND[0]} tracepoint and network.collect_tcp is "
+                    since=cp.TP_SEND[1],
+                    detail=f"no sock:{cp.TP_SEND[0]} tracepoint and network.collect_tcp is "
                     "false: nothing to trace",
                 )
         self.use_length = use_length
         self.opts = opts
+        for tp in (cp.TP_STATE, cp.TP_DESTROY):
+            if tps[tp] is None:
+                self.close()
+                raise NotSupported(f"tracepoint {tp[0]}", since=tp[1])
+        state, destroy = tps[cp.TP_STATE], tps[cp.TP_DESTROY]
+        assert state is not None and destroy is not None
         builds = {
-            "conn_destroy": (cp.build_destroy(self.offsets, opts), TP_DESTROY),
-            "conn_state": (cp.build_state(self.offsets, opts), TP_STATE),
+            "conn_destroy": (cp.build_destroy(self.offsets, opts, destroy), destroy),
+            "conn_state": (cp.build_state(self.offsets, opts, state), state),
             "conn_refresh": (cp.build_refresh(self.offsets, opts), None),
         }
-        if use_length:
-            builds["conn_send"] = (cp.build_length(self.offsets, opts, True), TP_SEND)
-            builds["conn_recv"] = (cp.build_length(self.offsets, opts, False), TP_RECV)
-        elif _has_raw_tp(TP_OWNER[0]):
-            builds["conn_owner"] = (cp.build_owner(self.offsets, opts), TP_OWNER)
-        for name, (program, _) in builds.items():
-            self.progs[name] = prog.load(program.insns, maps=m, name=name)
-        for name, (_, tp) in builds.items():
-            if tp is None:
-                continue
-            try:
-                self.links.append(attach_raw_tracepoint(self.progs[name], tp[0]))
-            except UnknownTracepoint:
-                self.close()
-                raise NotSupported(f"raw tracepoint {tp[0]}", since=tp[1]) from None
+        send, recv, owner = tps[cp.TP_SEND], tps[cp.TP_RECV], tps[cp.TP_OWNER]
+        if use_length and send is not None and recv is not None:
+            builds["conn_send"] = (cp.build_length(self.offsets, opts, True, send), send)
+            builds["conn_recv"] = (cp.build_length(self.offsets, opts, False, recv), recv)
+        elif owner is not None:
+            builds["conn_owner"] = (cp.build_owner(self.offsets, opts, owner), owner)
+        for name, (program, args) in builds.items():
+            # conn_refresh is run by BPF_PROG_TEST_RUN: a raw tracepoint program always
+            kind = args.prog_type if args is not None else ProgType.RAW_TRACEPOINT
+            self.progs[name] = prog.load(program.insns, prog_type=kind, maps=m, name=name)
+        for name, (_, args) in builds.items():
+            if args is not None:
+                self.links.append(args.attach(self.progs[name]))
         self._reader = RecordReader(self.events, self.lost)
 
     # -- reading --------------------------------------------------------------------------
@@ -283,7 +286,7 @@ class ConnTracer:
         result: list[tuple[Any, ...]] = []
         in_batch = None
         try:
-            while True:
+            while maps.use_batch_ops():
                 n, err = syscall.map_batch(
                     Cmd.MAP_LOOKUP_BATCH, self.conns.fd, in_batch, out_batch, keys, values, chunk
                 )
@@ -344,6 +347,18 @@ def _vm_hwm() -> int:
     except OSError:
         pass
     return 0
+
+
+def _tracepoint(tp: tuple[str, str | None]) -> TracepointArgs | None:
+    """The layout of tracepoint ``tp`` (a ``cp.TP_*``) this kernel is to use, or None
+    when the kernel lacks the tracepoint."""
+    try:
+        args = cp.tracepoint_args(tp).for_kernel()
+    except UnknownTracepoint:
+        return None
+    if args.raw and not _has_raw_tp(tp[0]):
+        return None
+    return args
 
 
 def _has_raw_tp(name: str) -> bool:

@@ -74,6 +74,7 @@ from nettracer.bpf.insn import (
 )
 from nettracer.bpf.memory import read
 from nettracer.bpf.syscall import BPF_NOEXIST
+from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers.conns.records import (
     AF_INET,
@@ -165,13 +166,38 @@ TMP2 = -24  #: u32/u64 scratch (array index, netns inode, id)
 STATS_BUF = 480
 
 
+#: the tracepoints the programs run on, with the kernel that introduced them
+TP_STATE: tuple[str, str | None] = ("inet_sock_set_state", "4.16")
+TP_DESTROY: tuple[str, str | None] = ("tcp_destroy_sock", None)
+TP_SEND = ("sock_send_length", "6.3")
+TP_RECV = ("sock_recv_length", "6.3")
+TP_OWNER: tuple[str, str | None] = ("tcp_rcv_space_adjust", None)
+
+#: ``TP_PROTO`` argument names of each (include/trace/events/sock.h and tcp.h)
+TP_ARGS: dict[str, tuple[str, ...]] = {
+    TP_STATE[0]: ("sk", "oldstate", "newstate"),
+    TP_DESTROY[0]: ("sk",),
+    TP_SEND[0]: ("sk", "ret", "flags"),
+    TP_RECV[0]: ("sk", "ret", "flags"),
+    TP_OWNER[0]: ("sk",),
+}
+
+
+def tracepoint_args(tp: tuple[str, str | None]) -> TracepointArgs:
+    """The raw tracepoint layout of tracepoint ``tp`` (one of the ``TP_*``);
+    :meth:`~TracepointArgs.for_kernel` gives the one this kernel is to use."""
+    return TracepointArgs.raw_args(tp[0], TP_ARGS[tp[0]])
+
+
 @dataclass
 class _Builder:
-    """Snippet emitters over one :class:`Program`; all snippets clobber R0-R5."""
+    """Snippet emitters over one :class:`Program`; all snippets clobber R0-R5. ``args``
+    reads the tracepoint's arguments from the context (R1 at entry)."""
 
     offsets: Offsets
     opts: ConnSpec
     name: str
+    args: TracepointArgs
     p: Program = field(default_factory=Program)
 
     def copy(self, dst: Reg, dst_off: int, src: Reg, src_off: int, n: int) -> None:
@@ -317,18 +343,20 @@ def _layout(plan: ReadPlan) -> tuple[int, int]:
     return buf, val
 
 
-def build_state(offsets: Offsets, opts: ConnSpec) -> Program:
-    """The ``inet_sock_set_state`` program (see the module docstring)."""
-    b = _Builder(offsets, opts, "state")
+def build_state(offsets: Offsets, opts: ConnSpec, args: TracepointArgs | None = None) -> Program:
+    """The ``inet_sock_set_state`` program (see the module docstring); ``args`` its
+    context's layout (default: raw tracepoint, :func:`tracepoint_args`)."""
+    args = args or tracepoint_args(TP_STATE)
+    b = _Builder(offsets, opts, "state", args)
     p = b.p
     plan = tuple_plan(offsets, opts)
     buf, val = _layout(plan)
     p += [
         mov64(R6, R1),
-        ldx(8, R9, R6, 16),  # newstate
-        ldx(8, R1, R6, 8),  # oldstate
+        args.load(R9, R6, "newstate"),
+        args.load(R1, R6, "oldstate"),
         stx(8, FP, TMP, R1),
-        ldx(8, R6, R6, 0),  # sk
+        args.load(R6, R6, "sk"),
         stx(8, FP, KEY, R6),
         jeq(R9, TcpState.LISTEN, "out"),
         jne(R1, TcpState.LISTEN, "not_listener"),
@@ -439,17 +467,21 @@ def _apply_transition(b: _Builder, buf: int, plan: ReadPlan | None) -> None:
     p += mov64(R0, 0)
 
 
-def build_length(offsets: Offsets, opts: ConnSpec, send: bool) -> Program:
+def build_length(
+    offsets: Offsets, opts: ConnSpec, send: bool, args: TracepointArgs | None = None
+) -> Program:
     """The ``sock_send_length`` (``send``) or ``sock_recv_length`` program."""
-    return _build_socket_event(offsets, opts, "send" if send else "recv")
+    args = args or tracepoint_args(TP_SEND if send else TP_RECV)
+    return _build_socket_event(offsets, opts, "send" if send else "recv", args)
 
 
-def build_owner(offsets: Offsets, opts: ConnSpec) -> Program:
+def build_owner(offsets: Offsets, opts: ConnSpec, args: TracepointArgs | None = None) -> Program:
     """The ``tcp:tcp_rcv_space_adjust (struct sock *sk)`` program, for kernels without
     ``sock_recv_length``: ``tcp_recvmsg`` calls it in the reader's process context, so
     it names the owner of an accepted connection (and creates entries for TCP
     connections that were open before the tracer started).  It counts no bytes."""
-    return _build_socket_event(offsets, replace(opts, collect_udp=False), "owner")
+    args = args or tracepoint_args(TP_OWNER)
+    return _build_socket_event(offsets, replace(opts, collect_udp=False), "owner", args)
 
 
 @dataclass(frozen=True)
@@ -478,12 +510,14 @@ class _Event:
         return "segs_out" if self.send else "segs_in"
 
 
-def _build_socket_event(offsets: Offsets, opts: ConnSpec, kind: str) -> Program:
+def _build_socket_event(
+    offsets: Offsets, opts: ConnSpec, kind: str, args: TracepointArgs
+) -> Program:
     """Programs on tracepoints that run in the socket owner's context: ``send``/``recv``
     count bytes (``ret``) and datagrams; ``owner`` only records the owner.
 
     R6 = sk, R7 = its entry, R8 = bytes (0 for ``owner``), R9 = protocol (on a miss)."""
-    b = _Builder(offsets, opts, kind)
+    b = _Builder(offsets, opts, kind, args)
     ev = _Event(kind)
     plan = tuple_plan(offsets, opts)
     buf, val = _layout(plan)
@@ -509,15 +543,15 @@ def _event_args(b: _Builder, ev: _Event) -> None:
     p += mov64(R6, R1)
     if ev.counts:
         p += [
-            ldx(8, R8, R6, 8),  # ret (int)
+            b.args.load(R8, R6, "ret"),  # int
             jsle32(R8, 0, "out"),
             mov32(R8, R8),
         ]
     else:
         p += mov64(R8, 0)
     if ev.kind == "recv":
-        p += [ldx(8, R1, R6, 16), jset(R1, MSG_PEEK, "out")]
-    p += [ldx(8, R6, R6, 0), stx(8, FP, KEY, R6)]
+        p += [b.args.load(R1, R6, "flags"), jset(R1, MSG_PEEK, "out")]
+    p += [b.args.load(R6, R6, "sk"), stx(8, FP, KEY, R6)]
 
 
 def _udp_reused(b: _Builder, buf: int) -> None:
@@ -639,11 +673,12 @@ def _event_insert(b: _Builder) -> None:
     b.p += [mov64(R7, R0), ja("add")]
 
 
-def build_destroy(offsets: Offsets, opts: ConnSpec) -> Program:
+def build_destroy(offsets: Offsets, opts: ConnSpec, args: TracepointArgs | None = None) -> Program:
     """The ``tcp_destroy_sock`` program: final stats to the ring buffer, entry deleted."""
-    b = _Builder(offsets, opts, "destroy")
+    args = args or tracepoint_args(TP_DESTROY)
+    b = _Builder(offsets, opts, "destroy", args)
     p = b.p
-    p += [ldx(8, R6, R1, 0), stx(8, FP, KEY, R6)]
+    p += [args.load(R6, R1, "sk"), stx(8, FP, KEY, R6)]
     lookup(b.p, MAP_CONNS, KEY)
     p += [jeq(R0, 0, "out"), mov64(R7, R0)]
     b.snapshot_tcp(R7, R6, STATS_BUF)
@@ -656,9 +691,9 @@ def build_refresh(offsets: Offsets, opts: ConnSpec) -> Program:
     """Run by user space (``BPF_PROG_TEST_RUN``, args ``[sk]``): copy the current
     ``tcp_sock`` stats into the entry; bump ``last_ns`` when segments moved.  Returns 1
     when the entry exists, 0 when it is gone."""
-    b = _Builder(offsets, opts, "refresh")
+    b = _Builder(offsets, opts, "refresh", TracepointArgs.raw_args("", ["sk"]))
     p = b.p
-    p += [ldx(8, R6, R1, 0), stx(8, FP, KEY, R6)]
+    p += [b.args.load(R6, R1, "sk"), stx(8, FP, KEY, R6)]
     lookup(b.p, MAP_CONNS, KEY)
     p += [jeq(R0, 0, "out"), mov64(R7, R0)]
     p += [ldx(1, R1, R7, off("proto")), jne(R1, IPPROTO_TCP, "done")]

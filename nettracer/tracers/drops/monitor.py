@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 
 from nettracer.bpf import maps as bpf_maps
 from nettracer.bpf.fd import FdObject
-from nettracer.bpf.link import Link, attach_raw_tracepoint
+from nettracer.bpf.link import Link
 from nettracer.bpf.prog import Prog, load
 from nettracer.bpf.syscall import BpfSyscallError, MapType
 from nettracer.errors import NotSupported, UsageError
@@ -370,9 +370,12 @@ class DropMonitor:
                 shared = None if self.spec.counts else self.lost_map
                 self.reader = channel_for(self.spec).open(ringbuf_bytes, lost_map=shared)
                 maps |= self.reader.maps
-            program = build(self.spec)
-            self.prog = self._keep(load(program.insns, maps=maps, name="nt_drops"))
-            self.link = self._keep(attach_raw_tracepoint(self.prog, TRACEPOINT))
+            spec = self.spec.replace(args=self.spec.args.for_kernel())
+            program = build(spec)
+            self.prog = self._keep(
+                load(program.insns, prog_type=spec.args.prog_type, maps=maps, name="nt_drops")
+            )
+            self.link = self._keep(spec.args.attach(self.prog))
         except BaseException:
             self.close()
             raise

@@ -69,6 +69,7 @@ from nettracer.bpf.insn import (
     stx,
 )
 from nettracer.bpf.memory import read
+from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.tracers.drops.records import (
     HEADER_BYTES,
     IFNAMSIZ,
@@ -122,20 +123,21 @@ class Filters(Value):
         self.protocol = protocol
 
 
-class KfreeSkbArgs(Value):
-    """The ``TP_PROTO`` arguments ``kfree_skb`` has on this kernel, in order."""
+class KfreeSkbArgs(TracepointArgs):
+    """The arguments ``kfree_skb`` has on this kernel, as the program reads them: built
+    from the ``TP_PROTO`` names in order (the raw tracepoint layout);
+    :meth:`~TracepointArgs.for_kernel` gives the classic record's layout (``skbaddr``,
+    ``location``, ``reason`` from ``events/skb/kfree_skb/format``)."""
 
-    __slots__ = ("names",)
+    __slots__ = ()
 
     def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
+        raw = TracepointArgs.raw_args("kfree_skb", names, "skb")
+        super().__init__(raw.name, raw.category, raw.raw, raw.fields)
 
     @property
     def has_reason(self) -> bool:
-        return "reason" in self.names
-
-    def index(self, name: str) -> int:
-        return self.names.index(name)
+        return self.has("reason")
 
 
 class DropLayout(Value):
@@ -244,7 +246,7 @@ class DropSpec(Value):
     def __init__(
         self,
         layout: DropLayout,
-        args: KfreeSkbArgs,
+        args: TracepointArgs,
         filters: Filters | None = None,
         stack: bool = False,
         events: bool = False,
@@ -359,15 +361,15 @@ def _key(p: Program, spec: DropSpec) -> None:
     """Keep the context and ``skb``; fill the key's location and reason (filtered)."""
     p += [
         mov64(_CTX, R1),
-        ldx(8, _SKB, _CTX, 8 * spec.args.index("skb")),
-        ldx(8, R1, _CTX, 8 * spec.args.index("location")),
+        spec.args.load(_SKB, _CTX, "skb"),
+        spec.args.load(R1, _CTX, "location"),
         stx(8, FP, _K["location"], R1),
         st(8, FP, _K["reason"], 0),  # reason and ifindex
         st(8, FP, _K["netns"], 0),  # netns, protocol, stack_id
     ]
     reason = spec.filters.reason
-    if spec.args.has_reason:
-        p += [ldx(8, R1, _CTX, 8 * spec.args.index("reason")), stx(4, FP, _K["reason"], R1)]
+    if spec.args.has("reason"):
+        p += [spec.args.load(R1, _CTX, "reason"), stx(4, FP, _K["reason"], R1)]
         if reason is not None:
             p += jmp32(JmpOp.JNE, R1, reason, "out")
     elif reason is not None:
