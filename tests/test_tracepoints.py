@@ -12,41 +12,24 @@ import time
 
 import pytest
 from conftest import kernel_skip
+from test_tracefs import SAMPLE
 
 from nettracer.kernel.tracefs import parse_format
 from nettracer.kernel.tracepoints import TracepointArgs
 
-#: ``events/skb/kfree_skb/format`` of Linux 6.18 (fields only), for the unit tests
-KFREE_SKB_FORMAT = """name: kfree_skb
-ID: 1634
-format:
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
-\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
-\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
-\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
-
-\tfield:void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
-\tfield:void * location;\toffset:16;\tsize:8;\tsigned:0;
-\tfield:void * rx_sk;\toffset:24;\tsize:8;\tsigned:0;
-\tfield:unsigned short protocol;\toffset:32;\tsize:2;\tsigned:0;
-\tfield:enum skb_drop_reason reason;\toffset:36;\tsize:4;\tsigned:0;
-
-print fmt: "skbaddr=%p protocol=%u location=%pS reason: %d", REC->skbaddr, REC->protocol, REC->location, REC->reason
-"""
-
 
 def test_classic_layout_maps_arguments_to_format_fields() -> None:
-    fmt = parse_format(KFREE_SKB_FORMAT, "skb")
-    args = TracepointArgs.classic_args(fmt, ["skb", "location", "reason", "rx_sk", "nosuch"])
-    assert not args.raw and args.category == "skb" and args.name == "kfree_skb"
-    assert args.field("skb") == (8, 8)  # skbaddr
-    assert args.field("location") == (16, 8)
-    assert args.field("reason") == (36, 4)
-    assert args.field("rx_sk") == (24, 8)  # rx_skaddr would be the habit; same name here
-    assert not args.has("nosuch")
-    assert args.names == ("skb", "location", "reason", "rx_sk")
-    aliased = TracepointArgs.classic_args(fmt, ["proto"], {"proto": "protocol"})
-    assert aliased.field("proto") == (32, 2)
+    """Same name, else ``<name>addr``, else an alias; arrays and ``__data_loc`` fields
+    are not arguments; offsets and sizes are the format file's."""
+    fmt = parse_format(SAMPLE, "skb")
+    names = ["skb", "saddr", "name", "reason", "state", "flags", "nosuch"]
+    args = TracepointArgs.classic_args(fmt, names)
+    assert not args.raw and args.category == "skb" and args.name == "sample_event"
+    assert args.names == ("skb", "reason", "state", "flags")
+    assert [args.field(n) for n in args.names] == [(8, 8), (24, 4), (28, 4), (32, 8)]
+    aliased = TracepointArgs.classic_args(fmt, ["why"], {"why": "reason"})
+    assert aliased.field("why") == (24, 4)
+    assert args.load(1, 6, "reason").op == 0x61  # type: ignore[arg-type]  # ldx u32
 
 
 def test_raw_layout_is_the_u64_array() -> None:
