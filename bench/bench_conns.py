@@ -15,9 +15,15 @@ this load.  Rounds alternate without and with ``nettracer conns --json --interva
 every connection was reported closed exactly once on both ends with exactly 1024 bytes
 each way, and reads the tracer's peak RSS and CPU time (``wait4``).
 
+``--routed`` puts the servers in a second namespace behind a veth and a gateway
+(clients connect to 10.97.2.1 via 10.97.1.2) and runs the tracer with gateway lookups:
+every client end must then be reported with gateway 10.97.1.2 (the server ends are in
+the other namespace, not traced).
+
 Prints one line per round, then medians and the ratio traced/untraced.  Run as root:
 
     python3 bench/bench_conns.py --rate 10000 --seconds 5 --rounds 3
+    python3 bench/bench_conns.py --rate 10000 --seconds 5 --rounds 3 --routed
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAYLOAD = b"x" * 1024
 BASE_PORT = 20000
+#: --routed: the servers' address, the clients' gateway to it
+ROUTED_SERVER, ROUTED_VIA = "10.97.2.1", "10.97.1.2"
 
 
 # -- the load (runs inside the namespace) --------------------------------------------------
@@ -54,10 +62,17 @@ def _recv_exact(s: socket.socket, n: int) -> int:
     return got
 
 
-def _server(port: int, ready: Any, stop: Any, counts: Any, idx: int) -> None:
+def _server(port: int, ready: Any, stop: Any, counts: Any, idx: int, ns: str | None) -> None:
+    if ns:  # --routed: serve from the other namespace (setns(2), CLONE_NEWNET)
+        import ctypes
+
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        os.close(fd)
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", port))
+    ls.bind((ROUTED_SERVER if ns else "127.0.0.1", port))
     ls.listen(4096)
     ls.settimeout(0.2)
     ready.release()
@@ -75,7 +90,9 @@ def _server(port: int, ready: Any, stop: Any, counts: Any, idx: int) -> None:
     counts[idx] = served
 
 
-def _client(port: int, count: int, rate: float, start: float, deadline: float, q: Any) -> None:
+def _client(
+    host: str, port: int, count: int, rate: float, start: float, deadline: float, q: Any
+) -> None:
     done = errors = 0
     now = time.monotonic()
     if now < start:
@@ -90,7 +107,7 @@ def _client(port: int, count: int, rate: float, start: float, deadline: float, q
             if now < due:
                 time.sleep(due - now)
         try:
-            c = socket.create_connection(("127.0.0.1", port))
+            c = socket.create_connection((host, port))
             c.sendall(PAYLOAD)
             ok = _recv_exact(c, 1024) == 1024
             c.close()
@@ -111,19 +128,21 @@ def worker(args: argparse.Namespace) -> None:
     counts = mp.Array("l", procs)
     ports = [BASE_PORT + i for i in range(procs)]
     servers = [
-        mp.Process(target=_server, args=(p, ready, stop, counts, i)) for i, p in enumerate(ports)
+        mp.Process(target=_server, args=(p, ready, stop, counts, i, args.server_ns))
+        for i, p in enumerate(ports)
     ]
     for s in servers:
         s.start()
     for _ in servers:
         ready.acquire()
+    host = ROUTED_SERVER if args.server_ns else "127.0.0.1"
     total = args.rate * args.seconds if args.rate > 0 else args.max_conns
     per = int(total) // procs
     q: Any = mp.Queue()
     start = time.monotonic() + 0.2
     deadline = start + 3 * args.seconds + 10
     clients = [
-        mp.Process(target=_client, args=(p, per, args.rate / procs, start, deadline, q))
+        mp.Process(target=_client, args=(host, p, per, args.rate / procs, start, deadline, q))
         for p in ports
     ]
     for c in clients:
@@ -159,6 +178,8 @@ def run_load(ns: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "--worker",
            "--rate", str(args.rate), "--seconds", str(args.seconds), "--procs", str(args.procs),
            "--max-conns", str(args.max_conns)]  # fmt: skip
+    if args.routed:
+        cmd += ["--server-ns", ns + "s"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * args.seconds + 60)
     if r.returncode != 0:
         raise SystemExit(f"load failed: {r.stderr}")
@@ -168,10 +189,13 @@ def run_load(ns: str, args: argparse.Namespace) -> dict[str, Any]:
 class Traced:
     """``nettracer conns`` attached for one round; its output goes to a file."""
 
-    def __init__(self, inode: int, extra: list[str]) -> None:
+    def __init__(self, inode: int, extra: list[str], routed: bool) -> None:
         self.out = tempfile.NamedTemporaryFile("w+", prefix="bench_conns_", suffix=".json")  # noqa: SIM115
+        self.routed = routed
         self.cmd = [sys.executable, "-m", "nettracer", "conns", "--json", "--interval", "1",
-                    "--netns", str(inode), "--no-gateway", "--stats", *extra]  # fmt: skip
+                    "--netns", str(inode), "--stats", *extra]  # fmt: skip
+        if not routed:
+            self.cmd.append("--no-gateway")
         env = dict(os.environ, PYTHONPATH=REPO)
         self.p = subprocess.Popen(
             self.cmd, cwd=REPO, env=env, stdout=self.out, stderr=subprocess.PIPE, text=True
@@ -220,7 +244,7 @@ class Traced:
         if self.p.returncode != 0:
             raise SystemExit(f"tracer failed ({self.p.returncode}): {''.join(self.err)}")
         self.out.seek(0)
-        ok = check(self.out, load)
+        ok = check(self.out, load, self.routed)
         self.out.close()
         peak = max([hwm, ok["peak_rss_kib"], *self.rss_samples])
         return ok, peak, usage.ru_utime + usage.ru_stime
@@ -237,12 +261,15 @@ def _vm_hwm(pid: int) -> int:
     return 0
 
 
-def check(lines: Any, load: dict[str, Any]) -> dict[str, Any]:
-    """Every connection closed exactly once on each end with 1024 bytes each way (the
-    reports are read one line at a time)."""
+def check(lines: Any, load: dict[str, Any], routed: bool = False) -> dict[str, Any]:
+    """Every connection closed exactly once on each end (``routed``: the client's end,
+    with its gateway) with 1024 bytes each way (the reports are read one line at a
+    time)."""
     ports = set(load["ports"])
     ends: dict[tuple[str, int, str, int], int] = {}
     wrong = evicted = lost = records = peak = 0
+    no_gateway = 0
+    gateway: dict[str, Any] = {}
     for line in lines:
         if not line.strip():
             continue
@@ -258,17 +285,41 @@ def check(lines: Any, load: dict[str, Any]) -> dict[str, Any]:
             ends[key] = ends.get(key, 0) + 1
             if (c["bytes_sent"], c["bytes_received"]) != (1024, 1024):
                 wrong += 1
+            if routed and (c["gateway"] or {}).get("via") != ROUTED_VIA:
+                no_gateway += 1
+        if "gateway" in r["stats"]:
+            gateway = r["stats"]["gateway"]
     # a client port may be reused for a later connection: count reports, not tuples
     reported = sum(ends.values())
     return {
-        "expected_ends": 2 * load["completed"],
+        "expected_ends": (1 if routed else 2) * load["completed"],
         "reported_ends": reported,
         "wrong_bytes": wrong,
         "evicted": evicted,
         "lost": lost,
         "records": records,
         "peak_rss_kib": peak,
+        "gateway": gateway,
+        "without_gateway": no_gateway,
     }
+
+
+def _routed_setup(ns: str) -> None:
+    """A second namespace ``ns``+s with the servers' address, reached via a gateway."""
+    srv = ns + "s"
+    for cmd in (
+        ["ip", "netns", "add", srv],
+        ["ip", "-n", srv, "link", "set", "lo", "up"],
+        ["ip", "-n", ns, "link", "add", "vb0", "type", "veth", "peer", "name", "vb1",
+         "netns", srv],
+        ["ip", "-n", ns, "addr", "add", "10.97.1.1/24", "dev", "vb0"],
+        ["ip", "-n", srv, "addr", "add", ROUTED_VIA + "/24", "dev", "vb1"],
+        ["ip", "-n", srv, "addr", "add", ROUTED_SERVER + "/32", "dev", "lo"],
+        ["ip", "-n", ns, "link", "set", "vb0", "up"],
+        ["ip", "-n", srv, "link", "set", "vb1", "up"],
+        ["ip", "-n", ns, "route", "add", "10.97.2.0/24", "via", ROUTED_VIA],
+    ):  # fmt: skip
+        subprocess.run(cmd, check=True)
 
 
 def main() -> int:
@@ -281,7 +332,11 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=2, help="client (and server) processes")
     ap.add_argument("--max-conns", type=int, default=60000, help="connections per unpaced round")
     ap.add_argument("--tracer-arg", action="append", default=[], help="extra nettracer argument")
+    ap.add_argument(
+        "--routed", action="store_true", help="servers behind a gateway, gateway lookups on"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--server-ns", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -298,13 +353,15 @@ def main() -> int:
     rss: list[int] = []
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        if args.routed:
+            _routed_setup(ns)
         inode = os.stat(f"/run/netns/{ns}").st_ino
         for rnd in range(args.rounds):
             load = run_load(ns, args)
             base.append(load["rate"])
             print(f"round {rnd + 1} untraced: {load['completed']} conns in {load['elapsed']:.2f} s "
                   f"= {load['rate']:.0f}/s, errors {load['errors']}")  # fmt: skip
-            t = Traced(inode, args.tracer_arg)
+            t = Traced(inode, args.tracer_arg, args.routed)
             load = run_load(ns, args)
             time.sleep(1.5)  # let the last interval pass
             ok, maxrss, cpu = t.stop(load)
@@ -321,8 +378,12 @@ def main() -> int:
                   f"{ok['wrong_bytes']} with wrong bytes, evicted {ok['evicted']}, "
                   f"lost {ok['lost']} ({verdict}); peak RSS {maxrss / 1024:.1f} MiB, "
                   f"CPU {cpu:.2f} s")  # fmt: skip
+            if args.routed:
+                print(f"  {ok['without_gateway']} client ends without gateway {ROUTED_VIA}; "
+                      f"lookups: {ok['gateway']}")  # fmt: skip
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns + "s"], capture_output=True)
     mb, mt = statistics.median(base), statistics.median(traced)
     print(f"median untraced {mb:.0f}/s, traced {mt:.0f}/s, ratio {mt / mb:.3f}; "
           f"per-pair ratios {', '.join(f'{t / b:.3f}' for b, t in zip(base, traced, strict=True))}; "

@@ -403,3 +403,78 @@ def test_container_of_a_connection_in_both_writers(tmp_path) -> None:
         assert slow["cgroup"].endswith(cid)
     rec = _rec(id=1, family=2, proto=6, pid=4, flags=1, netns=1)  # nobody: null
     assert out.conn_json(decode(rec, False), 0, 0, containers=res)["container"] is None
+
+
+# -- the text table at fixed widths ---------------------------------------------------------
+
+
+def _table_conns() -> list[Conn]:
+    """An IPv4 TCP connection through a gateway and an IPv6 UDP flow with long addresses."""
+    from nettracer.net.gateway import Gateway
+
+    tcp = decode(
+        _rec(id=1, family=socket.AF_INET, proto=6, saddr4=socket.inet_aton("10.200.1.2"),
+             daddr4=socket.inet_aton("198.51.100.200"), sport=54321, dport=socket.htons(443),
+             opened=Opened.ACTIVE, flags=Flag.PID_KNOWN, pid=123456, comm=b"python3.11",
+             state=S.ESTABLISHED, bytes_sent=5 << 20, bytes_received=123, srtt_us=800,
+             start_ns=1, netns=1)
+    )  # fmt: skip
+    tcp.gateway = Gateway("10.200.1.1", "vc", 7, "10.200.1.0/24")
+    udp = decode(
+        _rec(id=2, family=socket.AF_INET6, proto=17,
+             saddr6=socket.inet_pton(socket.AF_INET6, "fd00:1234:5678:9abc::2"),
+             daddr6=socket.inet_pton(socket.AF_INET6, "2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff"),
+             sport=65535, dport=socket.htons(53), opened=Opened.ACTIVE, state=1,
+             start_ns=1, netns=1)
+    )  # fmt: skip
+    return [tcp, udp]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("width", [80, 120, 200, None])
+def test_table_fits_the_width(width: int | None, v6: bool) -> None:
+    """Columns are chosen to fit 80, 120 and 200 columns (None: ``--wide``, all of
+    them): every address and port is shown whole, each column left out would not have
+    fitted, and the table says which columns it left out."""
+    import io
+
+    conns = _table_conns()[: 2 if v6 else 1]
+    iv = ConnTable(10).update(3, conns, [], 0)
+    buf = io.StringIO()
+    out.print_interval(iv, 1700000000.0, 2 * 10**9, stream=buf, width=width)
+    text = buf.getvalue()
+    lines = text.splitlines()
+    [header] = [line for line in lines if "LOCAL" in line]
+    table = lines[lines.index(header) :]
+    heads = [h for h, _, _ in out.CONN_COLUMNS if h in header]
+    ends = ["10.200.1.2:54321", "198.51.100.200:443"]
+    if v6:
+        ends += ["[fd00:1234:5678:9abc::2]:65535", "[2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff]:53"]
+    assert all(e in text for e in ends)
+    if width is None:
+        assert heads == [h for h, _, _ in out.CONN_COLUMNS] and "not shown" not in text
+        return
+    used = max(len(line) for line in table)
+    assert used <= width, table
+    hidden = [h for h, _, _ in out.CONN_COLUMNS if h not in heads]
+    assert (f"(not shown: {', '.join(hidden)}; --wide)" in text) == bool(hidden)
+    cells = out._cells(conns[-1], False, 2 * 10**9)
+    for i, (h, _, _) in enumerate(out.CONN_COLUMNS):
+        if h in hidden:  # it would not have fitted
+            need = max(len(h), *(len(out._cells(c, False, 2 * 10**9)[i]) for c in conns))
+            assert used + 2 + need > width, (h, cells[i])
+    if width == 80 and not v6:
+        assert heads == ["PID", "PROTO", "LOCAL", "REMOTE", "STATE", "SENT", "RECV"]
+    if width >= 120 and not v6:
+        assert "GATEWAY" in heads and "10.200.1.1 vc" in text
+    if width == 200:
+        assert not hidden
+
+
+def test_table_never_cuts_an_address() -> None:
+    """Narrower than the addresses themselves: every optional column goes, the
+    endpoints stay whole and the line is longer than asked."""
+    conns = _table_conns()
+    lines, hidden = out.conn_table(conns, False, 0, 30)
+    assert hidden == [h for h, _, r in out.CONN_COLUMNS if r > 0]
+    assert "[2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff]:53" in lines[2]

@@ -15,12 +15,14 @@ import ipaddress
 import json
 import os
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
-from conftest import kernel_skip
+from conftest import kernel_skip, poll_until
 
 from nettracer.net.gateway import Gateway, GatewayResolver, RouteKey
 from nettracer.net.netns import NetnsIndex, netns_inode
@@ -355,6 +357,158 @@ def test_request_is_answered_by_the_worker(topo):
     assert not any(t.name == "nettracer-gateway" for t in threading.enumerate())
     assert r.request(RouteKey.of(topo.inode, "10.200.2.9")) is None  # closed: not queued
     assert r.stats()["queued"] == 1
+
+
+@pytest.mark.kernel
+def test_resolve_within_budget(topo):
+    """``resolve`` answers in the calling thread; with no budget left the keys are
+    late, absent from the answer and looked up by the worker."""
+    r = GatewayResolver(cache_size=16, ttl_s=60.0)
+    try:
+        far, near = RouteKey.of(topo.inode, "10.200.2.2"), RouteKey.of(topo.inode, "10.200.1.1")
+        assert r.resolve([far], 0.0) == {}
+        assert r.stats()["late"] == 1
+        assert r.wait_idle(10.0)
+        got = r.resolve([far, near], 5.0)
+        assert got[far] is not None and got[far].via == "10.200.1.1"
+        assert got[near] is not None and got[near].via is None
+        assert r.stats()["late"] == 1
+    finally:
+        r.close()
+
+
+# -- connections through the router, under CPU load ----------------------------------------
+
+SERVER = """
+import socket, sys
+ls = socket.socket()
+ls.bind(("10.200.2.2", 0))
+ls.listen(64)
+print(ls.getsockname()[1], flush=True)
+while True:
+    s, _ = ls.accept()
+    s.sendall(s.recv(100))
+    s.close()
+"""
+
+CLIENT = """
+import json, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+held, ends = [], []
+for i in range(n):
+    c = socket.create_connection(("10.200.2.2", port))
+    c.sendall(b"x" * 10)
+    c.recv(100)
+    ends.append(c.getsockname()[1])
+    (held.append(c) if i % 2 else c.close())
+print(json.dumps(ends), flush=True)
+sys.stdin.readline()
+for c in held:
+    c.close()
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _netns_python(ns: str, code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def cpu_load() -> Iterator[None]:
+    """One busy process per CPU for the length of the test."""
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        yield
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
+def _one_run(topo: Topo, port: int, n: int, want: dict[str, object]) -> None:
+    """``n`` connections from the client to the server through the router, every
+    second one held open across an interval; every report of each (open, then closed,
+    or only closed) carries the gateway, in the fast JSON path too."""
+    import functools
+
+    from conftest import settings
+
+    from nettracer.output.conns import record_line
+    from nettracer.tracers.conns.monitor import ConnMonitor
+
+    monitor = ConnMonitor.from_config(settings(offsets__source="btf"), netns=topo.inode)
+    client = None
+    try:
+        monitor.start()
+        monitor.render_closed = functools.partial(
+            record_line,
+            bytes_from_tcp_sock=not monitor.tracer.use_length,
+            mono_to_epoch_ns=0,
+        )
+        client = _netns_python(topo.client, CLIENT, str(port), str(n))
+        assert client.stdout is not None and client.stdin is not None
+        ports = set(json.loads(client.stdout.readline()))
+        reports = [monitor.interval()]
+        client.stdin.write("close\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "closed"
+        shown: dict[int, list[object]] = {p: [] for p in ports}
+        closed: set[int] = set()
+
+        def take(iv: Any) -> set[int]:
+            for c in iv.conns + iv.closed:
+                if c.sport in ports and c.dport == port:
+                    shown[c.sport].append(None if c.gateway is None else c.gateway.as_json())
+                    if c in iv.closed:
+                        closed.add(c.sport)
+            for text in iv.closed_text:
+                d = json.loads(text)
+                if d["sport"] in ports and d["dport"] == port:
+                    shown[d["sport"]].append(d["gateway"])
+                    closed.add(d["sport"])
+            return closed
+
+        take(reports[0])
+        poll_until(lambda: take(monitor.interval()), lambda got: got == ports, 30.0, 0.1)
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
+        monitor.close()
+    assert closed == ports
+    assert all(shown[p] and all(g == want for g in shown[p]) for p in ports), shown
+
+
+@pytest.mark.kernel
+def test_every_report_has_its_gateway_under_load(topo, cpu_load):
+    """5 runs in a row of 20 connections through the router, with every CPU busy: each
+    connection's every report (the first one included, and the only one of those that
+    closed within an interval) has gateway 10.200.1.1 on vc."""
+    want = {
+        "via": "10.200.1.1",
+        "dev": "vc",
+        "ifindex": ifindex(topo.client, "vc"),
+        "subnet": "10.200.1.0/24",
+    }
+    ip("netns", "exec", topo.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    server = _netns_python(topo.server, SERVER)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        for _ in range(5):
+            _one_run(topo, port, 20, want)
+    finally:
+        server.kill()
+        server.wait()
 
 
 # -- keys (no kernel) --------------------------------------------------------------------

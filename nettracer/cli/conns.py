@@ -83,6 +83,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="text tables show the N most active connections (40); JSON shows all",
     )
     p.add_argument(
+        "--wide",
+        action="store_true",
+        help="text tables show every column; by default the columns that fit the terminal "
+        "(COLUMNS, else 80 when not a terminal) are chosen, addresses and ports are never cut",
+    )
+    p.add_argument(
         "--bytes-source",
         choices=("auto", "length", "tcp_sock"),
         default="auto",
@@ -216,4 +222,9 @@ class _Session:
                 containers=self.containers,
             )
         else:
-            out.print_interval(iv, epoch, now_ns, top=self.args.top, stats=stats, stream=self.out)
+            import shutil
+
+            width = None if self.args.wide else shutil.get_terminal_size((80, 24)).columns
+            out.print_interval(
+                iv, epoch, now_ns, top=self.args.top, stats=stats, stream=self.out, width=width
+            )

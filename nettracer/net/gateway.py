@@ -7,9 +7,12 @@ that namespace's routing table what ``ip route get DADDR from SADDR oif DEV`` an
 interface and the subnet of the interface address the route uses.
 
 :class:`GatewayResolver` caches answers (LRU with TTL; failures and "no gateway"
-answers are kept for a short negative TTL) and never stalls its caller:
-:meth:`GatewayResolver.request` answers from the cache and queues a miss for a worker
-thread.  pyroute2 is imported only when a lookup is made.
+answers are kept for a short negative TTL).  :meth:`GatewayResolver.request` answers
+from the cache and queues a miss for a worker thread; :meth:`GatewayResolver.resolve`
+answers a set of keys within a time budget in the calling thread (what the connection
+monitor does once per interval, so that every report carries its gateway) and leaves
+what the budget did not cover to the worker.  pyroute2 is imported only when a lookup
+is made.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -270,12 +273,15 @@ class GatewayResolver:
       queued for the worker thread (started on first use).
     * :meth:`get` — the cached answer only.
     * :meth:`lookup` — synchronous: cached, or looked up in the calling thread.
+    * :meth:`resolve` — synchronous for many keys within a time budget (one reader kept
+      for the calling thread); keys left over are queued for the worker.
 
     Counters (:meth:`stats`): ``lookups`` = ``hits`` + ``misses`` (every get, request
     and lookup); ``expiries`` are misses that found an entry past its TTL; ``resolved``
     netlink lookups made, ``errors`` of them failed (cached for ``negative_ttl_s``, as
     are "no gateway" answers); ``queued`` / ``dropped`` requests (queue full);
-    ``evictions`` by the LRU bound.  ``clock`` is injectable for tests.
+    ``evictions`` by the LRU bound; ``late`` keys :meth:`resolve` left to the worker
+    because its budget was spent.  ``clock`` is injectable for tests.
     """
 
     def __init__(
@@ -301,6 +307,9 @@ class GatewayResolver:
         self._pending: set[RouteKey] = set()
         self._queue: queue.Queue[RouteKey | None] = queue.Queue(maxsize=queue_size)
         self._worker: threading.Thread | None = None
+        #: the reader of :meth:`resolve` (one thread uses it: pyroute2 keeps per-thread
+        #: state)
+        self._sync_reader: RouteReader | None = None
         self._closed = False
         self._stats = dict.fromkeys(
             (
@@ -313,6 +322,7 @@ class GatewayResolver:
                 "queued",
                 "dropped",
                 "evictions",
+                "late",
             ),
             0,
         )
@@ -388,6 +398,41 @@ class GatewayResolver:
             return self._resolve(reader, key)
         finally:
             reader.close()
+
+    def resolve(self, keys: Iterable[RouteKey], budget_s: float) -> dict[RouteKey, Gateway | None]:
+        """The answers for ``keys``: cached ones, then lookups in the calling thread
+        until ``budget_s`` seconds have passed (``time.monotonic``).  Keys left when the
+        budget is spent are absent from the result, counted ``late`` and queued for the
+        worker (the next call finds them cached).  Always the same thread."""
+        out: dict[RouteKey, Gateway | None] = {}
+        misses = []
+        with self._lock:
+            for key in keys:
+                found, value = self._cached(key)
+                if found:
+                    out[key] = value
+                else:
+                    misses.append(key)
+        if not misses:
+            return out
+        deadline = time.monotonic() + budget_s
+        if self._sync_reader is None:
+            self._sync_reader = RouteReader(self.index)
+        for i, key in enumerate(misses):
+            if time.monotonic() >= deadline:
+                with self._lock:
+                    self._stats["late"] += len(misses) - i
+                for late in misses[i:]:
+                    self.request(late)
+                break
+            out[key] = self._resolve(self._sync_reader, key)
+        return out
+
+    def warm(self) -> None:
+        """Import what lookups use (pyroute2 takes a few hundred ms to import on a busy
+        host: better before tracing starts than out of the first interval's budget)."""
+        import pyroute2  # noqa: F401
+        import pyroute2.netlink.exceptions  # noqa: F401
 
     def _resolve(self, reader: RouteReader, key: RouteKey) -> Gateway | None:
         """Look ``key`` up with ``reader`` and cache the answer.
@@ -472,6 +517,9 @@ class GatewayResolver:
             with self._lock:
                 self._worker = None
                 self._pending.clear()
+        if self._sync_reader is not None:
+            self._sync_reader.close()
+            self._sync_reader = None
 
     def __enter__(self) -> GatewayResolver:
         return self

@@ -23,7 +23,9 @@ null for UDP; ``partial`` means the connection was open before the tracer saw it
 ``container``/``cgroup`` (:mod:`nettracer.output.containers`) are those of the owner
 process, else of the network namespace, found by the ``containers`` resolver the
 writers are given (null without one).
-The text tables use rich (imported when the first table is printed).
+The text tables fit the terminal (:func:`fit_columns`): addresses and ports are never
+cut; the least needed columns are left out first, and the table says which (``--wide``
+shows every column).
 """
 
 from __future__ import annotations
@@ -155,6 +157,11 @@ def _cached_json(value: object, key: object = None) -> str:
     return text
 
 
+def _gateway_json(gw: Any) -> str:
+    """A :class:`~nettracer.net.gateway.Gateway` as JSON text, remembered by value."""
+    return _cached_json(gw.as_json(), gw)
+
+
 def _start_time(epoch_ns: int) -> str:
     """ISO-8601 local time with microseconds, as ``iso_time(..., "microseconds")`` gives,
     with the second's text computed once per second (the last second is checked first:
@@ -205,7 +212,7 @@ def conn_line(
         "null" if c.rtt_us is None else c.rtt_us,
         "null" if c.rtt_var_us is None else c.rtt_var_us,
         c.duration_ms(now_ns),
-        "null" if gw is None else _cached_json(gw.as_json(), gw),
+        "null" if gw is None else _json_strings.get(gw) or _gateway_json(gw),
         _start_time(c.start_ns + mono_to_epoch_ns),
         _cached_json(list(c.states), c.states),
         c.opened,
@@ -249,9 +256,10 @@ def record_line(
     bytes_from_tcp_sock: bool,
     mono_to_epoch_ns: int,
     containers: ContainerResolver | None = None,
+    gateway: Any = None,
 ) -> str:
     """``conn_line(decode(rec), closed=True)`` for the record of a connection that was
-    never reported open (so its delta is its totals) and has no gateway to show, without
+    never reported open (so its delta is its totals), with its ``gateway``, without
     building a :class:`Conn`: the hot path of a host closing thousands of connections a
     second (every lookup it can avoid, it avoids).  The tests check it against
     :func:`conn_json` for every kind of record."""
@@ -304,7 +312,7 @@ def record_line(
         rtt,
         rtt_var,
         ((end_ns - start + 500) // 1000 if end_ns > start else 0) / 1000,
-        "null",
+        "null" if gateway is None else _json_strings.get(gateway) or _gateway_json(gateway),
         _start_time(start + mono_to_epoch_ns),
         states_json,
         _OPENED[opened],
@@ -436,6 +444,85 @@ def _activity(c: Conn) -> int:
     return d["bytes_sent"] + d["bytes_received"]
 
 
+#: the table's columns in display order: (header, right-aligned, rank); the columns
+#: that fit the terminal are taken by rank, lowest first (rank 0 always: addresses and
+#: ports are never cut, a line that cannot fit wraps as ``ss``'s do)
+CONN_COLUMNS: tuple[tuple[str, bool, int], ...] = (
+    ("PID", True, 3),
+    ("COMM", False, 6),
+    ("PROTO", False, 1),
+    ("LOCAL", False, 0),
+    ("REMOTE", False, 0),
+    ("DIR", False, 9),
+    ("STATE", False, 2),
+    ("SENT", True, 4),
+    ("RECV", True, 4),
+    ("ΔSENT", True, 8),
+    ("ΔRECV", True, 8),
+    ("SEGS IN/OUT", True, 11),
+    ("RETR", True, 10),
+    ("RTT µs", True, 7),
+    ("AGE s", True, 7),
+    ("GATEWAY", False, 5),
+)
+
+
+def _cells(c: Conn, closed: bool, now_ns: int) -> list[str]:
+    """One row of :data:`CONN_COLUMNS`."""
+    d = c.delta()
+    return [
+        "" if c.pid is None else str(c.pid),
+        c.comm,
+        f"{c.proto}{c.family}",
+        _endpoint(c.saddr, c.sport, c.family),
+        _endpoint(c.daddr, c.dport, c.family),
+        c.direction,
+        c.state if not closed or c.end == "closed" else f"{c.state} ({c.end})",
+        human_bytes(c.bytes_sent),
+        human_bytes(c.bytes_received),
+        human_bytes(d["bytes_sent"]),
+        human_bytes(d["bytes_received"]),
+        f"{c.segs_in}/{c.segs_out}",
+        str(c.retransmits),
+        "" if c.rtt_us is None else f"{c.rtt_us}±{c.rtt_var_us}",
+        f"{c.duration_ms(now_ns) / 1e3:.1f}",
+        _gateway_text(c.gateway),
+    ]
+
+
+def fit_columns(rows: list[list[str]], width: int | None) -> list[int]:
+    """Indices of the :data:`CONN_COLUMNS` to show so that a line of ``rows`` fits in
+    ``width`` characters (two blanks between columns): the rank-0 columns, then each
+    other column by rank (lowest first) if it still fits; every column when ``width``
+    is None (``--wide``)."""
+    every = range(len(CONN_COLUMNS))
+    if width is None:
+        return list(every)
+    widths = [max([len(CONN_COLUMNS[i][0])] + [len(r[i]) for r in rows]) for i in every]
+    keep = [i for i in every if CONN_COLUMNS[i][2] == 0]
+    used = sum(widths[i] for i in keep) + 2 * (len(keep) - 1)
+    for i in sorted(every, key=lambda i: (CONN_COLUMNS[i][2], i)):
+        if i not in keep and used + 2 + widths[i] <= width:
+            keep.append(i)
+            used += 2 + widths[i]
+    return sorted(keep)
+
+
+def conn_table(
+    rows: list[Conn], closed: bool, now_ns: int, width: int | None
+) -> tuple[list[str], list[str]]:
+    """The lines of one table of connections fitted to ``width`` (None: every column),
+    and the headers of the columns left out."""
+    from nettracer.output.table import Column, render
+
+    cells = [_cells(c, closed, now_ns) for c in rows]
+    keep = fit_columns(cells, width)
+    cols = [Column(CONN_COLUMNS[i][0], CONN_COLUMNS[i][1]) for i in keep]
+    lines = render(cols, [[r[i] for i in keep] for r in cells], indent="")
+    hidden = [CONN_COLUMNS[i][0] for i in range(len(CONN_COLUMNS)) if i not in keep]
+    return lines, hidden
+
+
 def print_interval(
     iv: Interval,
     end_epoch_s: float,
@@ -443,58 +530,30 @@ def print_interval(
     top: int = 40,
     stats: dict[str, object] | None = None,
     stream: TextIO | None = None,
+    width: int | None = None,
 ) -> None:
     """Two tables: the ``top`` most active open connections and the ``top`` closed ones
-    (most bytes first), with a line saying how many were left out."""
-    from rich.console import Console
-    from rich.table import Table
-
+    (most bytes first), with a line saying how many were left out.  Columns are chosen
+    to fit ``width`` (None: all of them) as ``ss`` and ``top`` do; a line says which
+    were left out."""
     stream = stream or sys.stdout
-    console = Console(file=stream, width=None if stream.isatty() else 200, highlight=False)
-    head = (
+    w = stream.write
+    w(
         f"{clock_time(end_epoch_s)}  {len(iv.conns)} open, "
         f"{len(iv.closed) + len(iv.closed_text)} closed, "
-        f"evicted {iv.evicted}, lost {iv.lost}"
+        f"evicted {iv.evicted}, lost {iv.lost}\n"
     )
-    console.print(head, style="bold")
     for title, rows, closed in (("open", iv.conns, False), ("closed", iv.closed, True)):
         if not rows:
             continue
         shown = sorted(rows, key=_activity if not closed else _total, reverse=True)[:top]
-        table = Table(title=title, title_justify="left", box=None, pad_edge=False)
-        for name, right in (
-            ("PID", True), ("COMM", False), ("PROTO", False), ("LOCAL", False),
-            ("REMOTE", False), ("DIR", False), ("STATE", False), ("SENT", True),
-            ("RECV", True), ("ΔSENT", True), ("ΔRECV", True), ("SEGS IN/OUT", True),
-            ("RETR", True), ("RTT µs", True), ("AGE s", True), ("GATEWAY", False),
-        ):  # fmt: skip
-            table.add_column(name, justify="right" if right else "left", no_wrap=True)
-        for c in shown:
-            d = c.delta()
-            rtt = "" if c.rtt_us is None else f"{c.rtt_us}±{c.rtt_var_us}"
-            table.add_row(
-                "" if c.pid is None else str(c.pid),
-                c.comm,
-                f"{c.proto}{c.family}",
-                _endpoint(c.saddr, c.sport, c.family),
-                _endpoint(c.daddr, c.dport, c.family),
-                c.direction,
-                c.state if not closed or c.end == "closed" else f"{c.state} ({c.end})",
-                human_bytes(c.bytes_sent),
-                human_bytes(c.bytes_received),
-                human_bytes(d["bytes_sent"]),
-                human_bytes(d["bytes_received"]),
-                f"{c.segs_in}/{c.segs_out}",
-                str(c.retransmits),
-                rtt,
-                f"{c.duration_ms(now_ns) / 1e3:.1f}",
-                _gateway_text(c.gateway),
-            )
-        console.print(table)
+        lines, hidden = conn_table(shown, closed, now_ns, width)
+        w(title + (f" (not shown: {', '.join(hidden)}; --wide)" if hidden else "") + "\n")
+        w("".join(line + "\n" for line in lines))
         if len(rows) > len(shown):
-            console.print(f"  ... and {len(rows) - len(shown)} more {title}")
+            w(f"  ... and {len(rows) - len(shown)} more {title}\n")
     if stats is not None:
-        console.print("stats: " + " ".join(f"{k}={v}" for k, v in _flat(stats)))
+        w("stats: " + " ".join(f"{k}={v}" for k, v in _flat(stats)) + "\n")
     stream.flush()
 
 

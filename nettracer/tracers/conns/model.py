@@ -105,16 +105,6 @@ def is_local(family: int, saddr: bytes, daddr: bytes) -> bool:
     return daddr == _V6_LOOPBACK or (daddr == saddr and daddr != b"\0" * 16)
 
 
-def record_is_local(rec: tuple) -> bool:
-    """:func:`is_local` of a raw record (IPv4-mapped IPv6 peers as IPv4)."""
-    if rec[_I["family"]] == AF_INET6:
-        s, d = rec[_I["saddr6"]], rec[_I["daddr6"]]
-        if d.startswith(_V4_MAPPED):
-            return is_local(4, s[12:], d[12:])
-        return is_local(6, s, d)
-    return is_local(4, rec[_I["saddr4"]], rec[_I["daddr4"]])
-
-
 def tcp_data_bytes(acked: int, received: int, opened: int, states: list[int]) -> tuple[int, int]:
     """Application bytes from ``tcp_sock.bytes_acked``/``bytes_received``.
 
@@ -213,6 +203,15 @@ def wire_addresses(rec: tuple) -> tuple[int, bytes, bytes]:
             return 4, s_raw[12:], d_raw[12:]
         return 6, s_raw, d_raw
     return 4, rec[_SADDR4], rec[_DADDR4]
+
+
+def route_of(rec: tuple) -> tuple[int, bytes, bytes] | None:
+    """(namespace inode, source, destination) of a record whose peer is another host
+    (what its gateway depends on), None for a local peer or no peer (unconnected UDP)."""
+    family, s_raw, d_raw = wire_addresses(rec)
+    if is_local(family, s_raw, d_raw) or not d_raw.strip(b"\0"):
+        return None
+    return rec[_NETNS], s_raw, d_raw
 
 
 def decode(rec: tuple, bytes_from_tcp_sock: bool = False) -> Conn:

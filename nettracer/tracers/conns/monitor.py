@@ -33,7 +33,7 @@ from nettracer.errors import NotSupported
 from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers.conns import program as cp
-from nettracer.tracers.conns.model import Conn, decode, record_is_local
+from nettracer.tracers.conns.model import Conn, decode, route_of
 from nettracer.tracers.conns.records import IDX, RECORD, RECORD_SIZE, EndReason, Flag
 from nettracer.tracers.conns.table import ConnTable, Interval
 
@@ -52,6 +52,8 @@ _FLAGS = IDX["flags"]
 _SK = IDX["sk"]
 _PROTO = IDX["proto"]
 _LAST = IDX["last_ns"]
+#: a route not looked up yet
+_UNKNOWN = object()
 
 
 @dataclass
@@ -382,11 +384,19 @@ class ConnMonitor:
     ``pid`` restricts what is reported (accounting covers everything the kernel saw).
 
     ``render_closed`` (e.g. :func:`nettracer.output.conns.record_line` bound to its
-    arguments) turns the record of a connection that closed before any interval saw it
-    open, and that needs no gateway, into its final output as soon as it is read; the
-    interval then carries that output in ``closed_text`` instead of a :class:`Conn`.
-    A host that closes thousands of connections a second is reported this way at a
-    fraction of the cost (and memory).
+    arguments; called as ``render_closed(record, gateway=Gateway | None)``) turns the
+    record of a connection that closed before any interval saw it open into its final
+    output as soon as it is read (when its gateway is not known yet, at the interval's
+    lookups); the interval then carries that output in ``closed_text`` instead of a
+    :class:`Conn`.  A host that closes thousands of connections a second is reported
+    this way at a fraction of the cost (and memory).
+
+    Gateways: every report of a connection to a routed destination carries its gateway,
+    the single report of one that lived less than an interval too.  Once per interval
+    the monitor asks the resolver for every (namespace, source, destination) it needs,
+    synchronously and cached (:meth:`GatewayResolver.resolve`), within
+    ``gateway_budget_s``; what the budget leaves (a first interval with thousands of
+    new destinations) is looked up in the background and counted ``late``.
     """
 
     tracer: ConnTracer
@@ -394,12 +404,18 @@ class ConnMonitor:
     udp_timeout_s: float = 30.0
     resolver: GatewayResolver | None = None
     pid: int | None = None
-    render_closed: Callable[[tuple[Any, ...]], str] | None = None
+    render_closed: Callable[..., str] | None = None
     table: ConnTable = field(init=False)
     closed: list[Conn] = field(default_factory=list)
     rendered: list[str] = field(default_factory=list)
     rendered_ids: list[int] = field(default_factory=list)
+    #: seconds an interval may spend on synchronous gateway lookups
+    gateway_budget_s: float = 2.0
     _route_keys: dict[tuple[int, bytes, bytes], Any] = field(default_factory=dict)
+    #: the last interval's answers by (netns, source, destination): gateway or None
+    _routes: dict[tuple[int, bytes, bytes], Any] = field(default_factory=dict)
+    #: records of closed connections that wait for the interval's gateway lookups
+    _held: list[tuple[Any, ...]] = field(default_factory=list)
     last_collect_ms: float = 0.0
 
     def __post_init__(self) -> None:
@@ -453,7 +469,9 @@ class ConnMonitor:
         )
 
     def start(self) -> ConnMonitor:
-        """Load and attach the programs."""
+        """Load and attach the programs (and get the gateway lookups ready)."""
+        if self.resolver is not None:
+            self.resolver.warm()
         self.tracer.start()
         return self
 
@@ -498,28 +516,34 @@ class ConnMonitor:
         """Decode (or render) the records drained so far; the decoded ones are returned
         (and kept for the interval).  A record is rendered at once when its connection
         was never reported open: not in the table, nor among ``walked``, the ids the map
-        walk of this interval saw (a record drained after the walk may be one of them)."""
+        walk of this interval saw (a record drained after the walk may be one of them).
+        One that needs a gateway not known yet is held until the interval's lookups."""
         tcp_sock = not self.tracer.use_length
         render = self.render_closed
         open_ids = self.table.open
-        need_gateway = self.resolver is not None
-        pid = self.pid
+        routes = self._routes if self.resolver is not None else None
         for rec in self.tracer.take_closed():
             cid = rec[_ID]
-            if (
-                render is not None
-                and cid not in open_ids
-                and cid not in walked
-                and not (need_gateway and not record_is_local(rec))
-            ):
-                self.rendered_ids.append(cid)
-                if pid is None or (rec[_FLAGS] & Flag.PID_KNOWN and rec[_PID] == pid):
-                    self.rendered.append(render(rec))
+            if render is not None and cid not in open_ids and cid not in walked:
+                gw = None
+                if routes is not None:
+                    k = route_of(rec)
+                    if k is not None:
+                        gw = routes.get(k, _UNKNOWN)
+                        if gw is _UNKNOWN:
+                            self._held.append(rec)
+                            continue
+                self._render(rec, gw)
                 continue
-            c = decode(rec, tcp_sock)
-            self._gateway(c)
-            self.closed.append(c)
+            self.closed.append(decode(rec, tcp_sock))
         return self.closed
+
+    def _render(self, rec: tuple[Any, ...], gateway: Any) -> None:
+        """Render a closed connection's record now (``pid`` filter applied)."""
+        assert self.render_closed is not None
+        self.rendered_ids.append(rec[_ID])
+        if self.pid is None or (rec[_FLAGS] & Flag.PID_KNOWN and rec[_PID] == self.pid):
+            self.rendered.append(self.render_closed(rec, gateway=gateway))
 
     def interval(self) -> Interval:
         """Everything since the last call: open connections (with deltas), closed ones."""
@@ -544,8 +568,7 @@ class ConnMonitor:
         for rec in self.tracer.expire(stale, now):
             closed.append(decode(rec, tcp_sock))
         conns = [decode(rec, tcp_sock) for rec in live]
-        for c in conns:
-            self._gateway(c)
+        self._gateways(conns, closed)
         rendered, self.rendered = self.rendered, []
         ids, self.rendered_ids = self.rendered_ids, []
         iv = self.table.update(got.created, conns, closed, got.lost, seen=ids)
@@ -561,33 +584,74 @@ class ConnMonitor:
         self.last_collect_ms = (time.perf_counter() - t0) * 1e3
         return iv
 
-    def _gateway(self, c: Conn) -> None:
-        """Ask the resolver (cached answer now; a miss is looked up by its worker)."""
-        if self.resolver is None or c.direction == "local" or c.gateway is not None:
+    def _gateways(self, conns: list[Conn], closed: list[Conn]) -> None:
+        """The interval's gateway lookups, synchronous and bounded: every (namespace,
+        source, destination) that an open or closed connection or a held record needs
+        is answered from the resolver's cache or looked up now, within
+        ``gateway_budget_s``; a connection the table already knows keeps its gateway.
+        Held records are rendered.  Keys the budget did not cover (counted ``late``)
+        are looked up by the resolver's worker for the next interval; their reports
+        say null meanwhile."""
+        held, self._held = self._held, []
+        if self.resolver is None:
             return
-        if c.daddr in ("0.0.0.0", "::"):
-            return  # an unconnected UDP socket has no destination
-        k = (c.netns, c.saddr_raw, c.daddr_raw)
+        known = self.table.open
+        need: dict[tuple[int, bytes, bytes], list[Conn]] = {}
+        for c in (*conns, *closed):
+            if c.gateway is None and c.direction != "local" and c.daddr_raw.strip(b"\0"):
+                prev = known.get(c.id)
+                if prev is not None and prev.gateway is not None:
+                    continue  # carried over by the table
+                need.setdefault((c.netns, c.saddr_raw, c.daddr_raw), []).append(c)
+        for rec in held:
+            k = route_of(rec)
+            if k is not None:
+                need.setdefault(k, [])
+        if len(self._route_keys) > 4096:
+            self._route_keys.clear()
+        keys = {k: self._route_key(k) for k in need}
+        answers = self.resolver.resolve(keys.values(), self.gateway_budget_s)
+        routes: dict[tuple[int, bytes, bytes], Any] = {}
+        for k, rk in keys.items():
+            gw = answers.get(rk, _UNKNOWN)
+            if gw is _UNKNOWN:
+                gw = None  # late: the worker looks it up for the next interval
+            elif len(routes) < 4096:
+                routes[k] = gw
+            for c in need[k]:
+                c.gateway = gw
+        self._routes = routes
+        for rec in held:
+            k = route_of(rec)
+            self._render(rec, None if k is None else routes.get(k))
+
+    def _route_key(self, k: tuple[int, bytes, bytes]) -> Any:
+        """The resolver's key for (namespace inode, source bytes, destination bytes)."""
         key = self._route_keys.get(k)
         if key is None:
             from nettracer.net.gateway import RouteKey
 
-            if len(self._route_keys) >= 4096:
-                self._route_keys.clear()
-            key = self._route_keys[k] = RouteKey.of(c.netns, c.daddr, c.saddr)
-        c.gateway = self.resolver.request(key)
+            key = self._route_keys[k] = RouteKey.of(k[0], k[2], k[1])
+        return key
 
     def refresh_gateways(self, iv: Interval, wait_s: float = 0.0) -> None:
-        """Fill in gateways that were still being looked up (waiting at most ``wait_s``)."""
+        """Look up the gateways still missing from ``iv`` (left over by the interval's
+        budget), within ``wait_s`` seconds."""
         if self.resolver is None:
             return
         missing = [c for c in (*iv.conns, *iv.closed) if c.gateway is None]
-        if not missing:
+        need = {
+            (c.netns, c.saddr_raw, c.daddr_raw): c
+            for c in missing
+            if c.direction != "local" and c.daddr_raw.strip(b"\0")
+        }
+        if not need:
             return
-        if wait_s > 0:
-            self.resolver.wait_idle(wait_s)
+        answers = self.resolver.resolve({self._route_key(k) for k in need}, wait_s)
         for c in missing:
-            self._gateway(c)
+            k = (c.netns, c.saddr_raw, c.daddr_raw)
+            if k in need:
+                c.gateway = answers.get(self._route_key(k))
 
     def stats(self) -> dict[str, object]:
         """Counters for ``--stats``."""
