@@ -431,7 +431,7 @@ class GatewayResolver:
     def warm(self) -> None:
         """Import what lookups use (pyroute2 takes a few hundred ms to import on a busy
         host: better before tracing starts than out of the first interval's budget)."""
-        import pyroute2  # noqa: F401
+        import pyroute2
         import pyroute2.netlink.exceptions  # noqa: F401
 
     def _resolve(self, reader: RouteReader, key: RouteKey) -> Gateway | None:
