@@ -37,13 +37,27 @@ def load_settings(
 
 
 def seconds(text: str) -> float:
-    """``--interval``/``--duration``: a number of seconds > 0 (argparse type)."""
+    """``--duration``: a number of seconds > 0 (argparse type)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, found {text!r}")
+    return value
+
+
+def interval_seconds(text: str) -> float:
+    """``--interval``: a number of seconds >= :data:`~nettracer.config.schema.MIN_INTERVAL_S`
+    (argparse type)."""
+    from nettracer.config.schema import MIN_INTERVAL_S
+
+    value = seconds(text)
+    if value < MIN_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds >= {MIN_INTERVAL_S:g} (shorter intervals cost more "
+            f"than they show), found {text!r}"
+        )
     return value
 
 

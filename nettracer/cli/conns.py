@@ -15,7 +15,14 @@ import signal
 import sys
 import time
 
-from nettracer.cli.args import OFFSETS_SOURCES, container_id, load_settings, netns_inode, seconds
+from nettracer.cli.args import (
+    OFFSETS_SOURCES,
+    container_id,
+    interval_seconds,
+    load_settings,
+    netns_inode,
+    seconds,
+)
 from nettracer.errors import UsageError, require_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -39,7 +46,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "state, bytes, segments, retransmits, RTT, duration and the gateway they use.",
     )
     p.add_argument(
-        "--interval", type=seconds, default=5.0, metavar="S", help="seconds between reports (5)"
+        "--interval",
+        type=interval_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds between reports, at least 0.1 (5)",
     )
     p.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per interval")

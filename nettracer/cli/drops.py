@@ -13,7 +13,14 @@ import argparse
 import sys
 import time
 
-from nettracer.cli.args import OFFSETS_SOURCES, container_id, load_settings, netns_inode, seconds
+from nettracer.cli.args import (
+    OFFSETS_SOURCES,
+    container_id,
+    interval_seconds,
+    load_settings,
+    netns_inode,
+    seconds,
+)
 from nettracer.errors import UsageError, require_root
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -49,9 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--interval",
-        type=seconds,
+        type=interval_seconds,
         metavar="S",
-        help="seconds between reports (default: drops.interval_s, 5)",
+        help="seconds between reports, at least 0.1 (default: drops.interval_s, 5)",
     )
     p.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per interval (or event)")
@@ -241,8 +248,7 @@ class _Session:
             self._report(now, final=final)
             if final:
                 return
-            while tick <= now:
-                tick += self.interval
+            tick += self.interval * ((now - tick) // self.interval + 1)  # no catch-up
 
     def _report(self, now: float, final: bool) -> None:
         if self.args.events:

@@ -17,7 +17,13 @@ import json
 import sys
 import time
 
-from nettracer.cli.args import OFFSETS_SOURCES, load_settings, netns_inode, seconds
+from nettracer.cli.args import (
+    OFFSETS_SOURCES,
+    interval_seconds,
+    load_settings,
+    netns_inode,
+    seconds,
+)
 from nettracer.errors import UsageError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -43,7 +49,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--count", action="store_true", help="count hits per distinct tuple of values")
     p.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
     p.add_argument(
-        "--interval", type=seconds, default=5.0, metavar="S", help="seconds between counts (5)"
+        "--interval",
+        type=interval_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds between counts, at least 0.1 (5)",
     )
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.add_argument(

@@ -15,6 +15,10 @@ from nettracer.kernel.features import FORCEABLE
 from nettracer.layout import SOURCES
 from nettracer.value import Value
 
+#: the shortest reporting interval (seconds): below it the reports cost more CPU than
+#: they show, and a terminal cannot follow them
+MIN_INTERVAL_S = 0.1
+
 #: the value types a key can have
 TYPES: tuple[str, ...] = ("bool", "int", "float", "str", "list", "address")
 
@@ -397,9 +401,8 @@ SCHEMA: dict[str, Key] = _keys(
         "float",
         5.0,
         "print and clear the drop counts every this many seconds",
-        min=0,
+        min=MIN_INTERVAL_S,
         max=86400,
-        min_exclusive=True,
     ),
     Key(
         "drops.group_by",
