@@ -445,7 +445,7 @@ def _send_and_collect(t: Topo, n: int, payload: int, *args: str) -> tuple[str, s
     of ``payload`` bytes to a closed port, wait until the receiver counted them as
     NoPorts, stop the command with SIGINT and return its output."""
     before = _no_ports(t)
-    proc = _cli(*args, "--filter-netns", str(t.inode), "--duration", "300")
+    proc = _cli(*args, "--netns", str(t.inode), "--duration", "300")
     try:
         _wait_attached(proc)
         send = (
@@ -529,11 +529,12 @@ def test_read_count_text(topo: Topo) -> None:
         (["kfree_skb", "skb->len", "skb."], "expected"),
         (["kfree_skb", "skb->len->x"], "not a pointer"),
         (["no_such_tracepoint_x", "skb->len"], "no_such_tracepoint_x"),
-        (["kfree_skb", "skb->len", "--filter-netns", "/nonexistent/ns"], "--filter-netns"),
+        # --filter-netns is read's first spelling of --netns; errors say --netns
+        (["kfree_skb", "skb->len", "--filter-netns", "/nonexistent/ns"], "--netns /nonexist"),
         # access names the setting (read.netns); the command says its flag
         (
-            ["sys_enter", "id", "--filter-netns", "1"],
-            "find the network namespace of; drop --filter-netns",
+            ["sys_enter", "id", "--netns", "/proc/self/ns/net"],
+            "find the network namespace of; drop --netns",
         ),
     ],
 )

@@ -14,7 +14,15 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-u
 if TYPE_CHECKING:
     from nettracer.config import Config
 
-__all__ = ["OFFSETS_SOURCES", "container_id", "load_settings", "netns_inode", "seconds"]
+__all__ = [
+    "OFFSETS_SOURCES",
+    "container_id",
+    "interval_seconds",
+    "load_settings",
+    "netns_inode",
+    "process_id",
+    "seconds",
+]
 
 
 def load_settings(
@@ -63,18 +71,43 @@ def interval_seconds(text: str) -> float:
 
 def netns_inode(text: str | None, flag: str = "--netns") -> int | None:
     """A network namespace inode from a number or a namespace file path
-    (``/run/netns/NAME``, ``/proc/PID/ns/net``); None when not given."""
+    (``/run/netns/NAME``, ``/proc/PID/ns/net``); None when not given.  A path must be a
+    network namespace file, a number the inode of a namespace that exists now (when we
+    are root and can see them all): a filter that can never match is refused."""
     if text is None:
         return None
+    from nettracer.net.netns import NetnsIndex, NetnsNotFound, is_netns_file
+
+    hint = "expected an inode number or a namespace path (/run/netns/NAME, /proc/PID/ns/net)"
     if text.isdigit():
-        return int(text)
+        inode = int(text)
+        if os.geteuid() == 0:
+            try:
+                NetnsIndex().path(inode)
+            except NetnsNotFound:
+                raise UsageError(
+                    f"{flag} {text}: no network namespace has inode {text} "
+                    f"(lsns -t net lists them); {hint}"
+                ) from None
+        return inode
     try:
-        return os.stat(text).st_ino
+        inode = os.stat(text).st_ino
     except OSError as exc:
-        raise UsageError(
-            f"{flag} {text}: expected an inode number or a namespace path "
-            f"(/run/netns/NAME, /proc/PID/ns/net): {exc.strerror}"
-        ) from None
+        raise UsageError(f"{flag} {text}: {hint}: {exc.strerror}") from None
+    if not is_netns_file(text):
+        raise UsageError(f"{flag} {text}: not a network namespace file; {hint}")
+    return inode
+
+
+def process_id(text: str) -> int:
+    """``--pid``: the id of a process that exists now (argparse type)."""
+    try:
+        pid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a process id, found {text!r}") from None
+    if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
+        raise argparse.ArgumentTypeError(f"no process has id {text}")
+    return pid
 
 
 def container_id(text: str) -> str:

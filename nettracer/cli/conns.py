@@ -21,6 +21,7 @@ from nettracer.cli.args import (
     interval_seconds,
     load_settings,
     netns_inode,
+    process_id,
     seconds,
 )
 from nettracer.errors import UsageError, require_root
@@ -54,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per interval")
-    p.add_argument("--pid", type=int, metavar="PID", help="only connections of this process")
+    p.add_argument("--pid", type=process_id, metavar="PID", help="only connections of this process")
     p.add_argument(
         "--netns",
         metavar="INUM|PATH",

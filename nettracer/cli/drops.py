@@ -153,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         reason=args.reason,
         protocol=args.protocol,
     )
+    if args.device is not None:
+        _warn_unknown_device(args.device)
     interval = float(config["drops.interval_s"])  # type: ignore[arg-type]
     session = _Session(args, monitor, interval, fmt == "json")
     session.capture = capture
@@ -188,6 +190,18 @@ def _open_capture(args: argparse.Namespace) -> PcapngWriter | None:
     except OSError as exc:
         raise UsageError(f"--pcap {args.pcap}: {exc.strerror}") from None
     return PcapngWriter(stream, snaplen, max_bytes)
+
+
+def _warn_unknown_device(name: str) -> None:
+    """One line on stderr when no network namespace has an interface ``name`` now (it
+    may appear later: the filter stays)."""
+    from nettracer.net.netns import interface_names
+
+    if name not in interface_names():
+        sys.stderr.write(
+            f"nettracer: warning: --device {name}: no interface has this name in any "
+            f"network namespace now; its drops are counted if one appears\n"
+        )
 
 
 class _Session:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from nettracer.access.reader import Reader
 
 #: setting -> the flag that sets it here (errors below the CLI name settings)
-FLAGS = {"offsets.source": "--offsets", "read.netns": "--filter-netns"}
+FLAGS = {"offsets.source": "--offsets", "read.netns": "--netns"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -57,10 +58,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.add_argument(
-        "--filter-netns",
+        "--netns",
         metavar="INUM|PATH",
-        help="only hits in this network namespace (its inode, or /run/netns/NAME)",
+        help="only hits in this network namespace: its inode, or a path such as "
+        "/run/netns/NAME or /proc/PID/ns/net",
     )
+    p.add_argument("--filter-netns", dest="netns", help=argparse.SUPPRESS)  # first spelling
     p.add_argument(
         "--offsets",
         choices=OFFSETS_SOURCES,
@@ -128,22 +131,45 @@ class _Printer:
         self.out.flush()
 
 
+def _check_category(text: str, tp: str) -> None:
+    """``CATEGORY:NAME``: UsageError unless tracefs has ``events/CATEGORY/NAME`` (the raw
+    tracepoint has no category of its own: the one the user wrote would be ignored).
+    Without tracefs (not root) the category cannot be checked and is let through."""
+    if ":" not in text:
+        return
+    from nettracer.errors import NettracerError
+    from nettracer.kernel.tracefs import tracefs_mounted
+
+    category = text.rsplit(":", 1)[0].strip()
+    try:
+        with tracefs_mounted() as fs:
+            if fs.has_event(category, tp):
+                return
+            real = sorted(c for c in os.listdir(fs.path("events")) if fs.has_event(c, tp))
+    except (NettracerError, OSError):
+        return
+    where = f"it is {real[0]}:{tp}" if real else f"tracefs has no event {tp}"
+    raise UsageError(f"tracepoint {text}: not in category {category!r} ({where})")
+
+
 def run(args: argparse.Namespace) -> int:
     from nettracer.access.reader import Reader, tracepoint_name
     from nettracer.bpf.fd import Terminated
+    from nettracer.output.table import plural
 
     tp = tracepoint_name(args.tracepoint)
     if not tp:
         raise UsageError(f"bad tracepoint {args.tracepoint!r} (want e.g. kfree_skb)")
+    _check_category(args.tracepoint.strip(), tp)
     config = load_settings(args.config, {"offsets.source": args.offsets}, FLAGS)
-    inum = netns_inode(args.filter_netns, FLAGS["read.netns"])
+    inum = netns_inode(args.netns, FLAGS["read.netns"])
     mode = "count" if args.count else "events"
     reader = Reader.from_config(config, tp, args.exprs, mode=mode, netns=inum)
     with reader:
         how = "btf" if reader.source == "btf" else f"catalogue, {reader.source} offsets"
         sys.stderr.write(
-            f"nettracer: attached to raw tracepoint {tp} ({len(reader.paths)} expressions, "
-            f"{how}); Ctrl-C to stop\n"
+            f"nettracer: attached to raw tracepoint {tp} "
+            f"({plural(len(reader.paths), 'expression')}, {how}); Ctrl-C to stop\n"
         )
         sys.stderr.flush()
         printer = _Printer(reader, args.json, sys.stdout)

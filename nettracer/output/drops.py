@@ -50,23 +50,33 @@ def interval_json(iv: DropInterval) -> dict[str, object]:
     }
 
 
+#: the column of each grouping key: (header, right-aligned, DropGroup attribute)
+_COLUMNS = {
+    "location": ("LOCATION", False, "location"),
+    "device": ("DEVICE", False, "device"),
+    "netns": ("NETNS", True, "netns"),
+    "container": ("CONTAINER", False, "container"),
+    "module": ("MODULE", False, "module"),
+    "reason": ("REASON", False, "reason"),
+    "protocol": ("PROTOCOL", False, "protocol"),
+}
+
+
 def _columns(by: Sequence[str]) -> list[tuple[Column, str]]:
-    """(column, DropGroup attribute) for the grouping keys, in the issue's order."""
+    """(column, DropGroup attribute) for the grouping keys, in the user's order.
+
+    ``location`` brings a MODULE column (unless ``module`` is asked for itself) right
+    after it, or after DEVICE when that follows: ``symbol@device (module)``, the order
+    of SystemTap's dropwatch and of the default ``location,device,...``."""
+    keys = list(by)
+    if "location" in keys and "module" not in keys:
+        at = keys.index("location") + 1
+        at += at < len(keys) and keys[at] == "device"
+        keys.insert(at, "module")
     cols: list[tuple[Column, str]] = [(Column("COUNT", right=True), "count")]
-    if "location" in by:
-        cols.append((Column("LOCATION"), "location"))
-    if "device" in by:
-        cols.append((Column("DEVICE"), "device"))
-    if "netns" in by:
-        cols.append((Column("NETNS", right=True), "netns"))
-    if "container" in by:
-        cols.append((Column("CONTAINER"), "container"))
-    if "location" in by or "module" in by:
-        cols.append((Column("MODULE"), "module"))
-    if "reason" in by:
-        cols.append((Column("REASON"), "reason"))
-    if "protocol" in by:
-        cols.append((Column("PROTOCOL"), "protocol"))
+    for key in keys:
+        header, right, attr = _COLUMNS[key]
+        cols.append((Column(header, right=right), attr))
     return cols
 
 
@@ -193,7 +203,9 @@ def event_text(e: EventView) -> str:
 
 
 def lost_text(lost: int, events: int) -> str:
-    return f"# {plural(events, 'event')} shown, {lost} lost (ring buffer full or program busy)"
+    """``# 3 events shown, 0 lost``; why events were lost only when some were."""
+    why = " (ring buffer full or program busy)" if lost else ""
+    return f"# {plural(events, 'event')} shown, {lost} lost{why}"
 
 
 # -- captures (--pcap) ------------------------------------------------------------------
