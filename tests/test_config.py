@@ -184,8 +184,14 @@ FILE_ERRORS = [
         "found 10000001",
         2,
     ),
-    ("drops:\n  interval_s: 0\n", "drops.interval_s", "expected a number > 0", "found 0", 2),
-    ("drops:\n  interval_s: -1\n", "drops.interval_s", "> 0", "found -1", 2),
+    (
+        "drops:\n  interval_s: 0\n",
+        "drops.interval_s",
+        "expected a number in 0.1..86400",
+        "found 0",
+        2,
+    ),
+    ("drops:\n  interval_s: -1\n", "drops.interval_s", "in 0.1..86400", "found -1", 2),
     ("drops:\n  group_by: [location, dev]\n", "drops.group_by", "among location", "'dev'", 2),
     ("drops:\n  group_by: []\n", "drops.group_by", "at least one", "empty list", 2),
     ("drops:\n  group_by: [device, device]\n", "drops.group_by", "no repeats", "twice", 2),
@@ -266,8 +272,7 @@ def test_flag_errors():
         load(overrides={"drops.interval_s": (0, "--interval")})
     msg = str(info.value)
     assert (
-        msg
-        == "drops.interval_s: expected a number > 0 and <= 86400, found 0 (from flag --interval)"
+        msg == "drops.interval_s: expected a number in 0.1..86400, found 0 (from flag --interval)"
     )
     with pytest.raises(ConfigError) as info:
         load(overrides={"drops.intervals": (1, "--interval")})
