@@ -118,3 +118,39 @@ def install_signal_handlers() -> None:
         return
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
+
+
+class StopRequest:
+    """While a monitor's loop runs, SIGINT/SIGTERM/SIGHUP only set :attr:`signum` (an
+    exception in the middle of reading a map or a ring buffer would lose what was
+    already taken out of it); :meth:`sleep` is the one place a signal interrupts."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._sleeping = False
+
+    def install(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signum = self.signum or signum
+        if self._sleeping:
+            self._sleeping = False
+            raise Terminated(signum)
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep`` that a stop signal ends at once (PEP 475 would resume it)."""
+        import time
+
+        if self.signum:
+            return
+        self._sleeping = True
+        try:
+            time.sleep(seconds)
+        except Terminated:
+            pass
+        finally:
+            self._sleeping = False

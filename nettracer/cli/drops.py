@@ -222,7 +222,7 @@ class _Session:
         self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
 
     def run(self) -> int:
-        from nettracer.bpf.fd import Terminated
+        from nettracer.bpf.fd import StopRequest, ignore_stop_signals
         from nettracer.tracers.drops.monitor import TRACEPOINT
 
         args = self.args
@@ -234,11 +234,13 @@ class _Session:
                 f"printing {what}, Ctrl-C to stop\n"
             )
             sys.stderr.flush()
+            self.stop = StopRequest().install()
             start = time.monotonic()
             try:
                 self._loop(start)
-            except Terminated:  # later signals are ignored: the last report is printed
-                self._report(time.monotonic(), final=True)
+                ignore_stop_signals()
+                if self.stop.signum:  # the last (partial) report
+                    self._report(time.monotonic(), final=True)
             finally:
                 self._close_capture()
         return 0
@@ -249,14 +251,14 @@ class _Session:
         end = start + self.args.duration if self.args.duration else float("inf")
         tick = start + self.interval
         self.mono_to_epoch = time.time_ns() - time.monotonic_ns()
-        while True:
+        while not self.stop.signum:
             now = time.monotonic()
             wake = min(tick, end)
             if now < wake:
-                if self.monitor.spec.events:
-                    self.monitor.poll_events(wake - now, self._on_event)
+                if self.monitor.spec.events:  # short polls: a signal only sets a flag
+                    self.monitor.poll_events(min(wake - now, 0.2), self._on_event)
                 else:
-                    time.sleep(wake - now)
+                    self.stop.sleep(wake - now)
                 continue
             final = now >= end
             self._report(now, final=final)
