@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -228,6 +229,28 @@ TRAFFIC = textwrap.dedent(r"""
             assert len(cli.recv(65536)) == args["reply"]
         a = srv.getsockname()[:2]
         say(dict(me, server={"saddr": a[0], "sport": a[1]}, client=ends(cli)))
+        sys.stdin.readline()
+    elif mode == "udp_close":  # a connected client closed after N datagrams, one kept idle
+        srv = socket.socket(FAM, socket.SOCK_DGRAM)
+        srv.bind((args["host"], 0))
+        idle = socket.socket(FAM, socket.SOCK_DGRAM)
+        idle.connect(srv.getsockname()[:2])
+        idle.send(b"i")
+        cli = socket.socket(FAM, socket.SOCK_DGRAM)
+        cli.connect(srv.getsockname()[:2])
+        first = time.monotonic_ns()
+        for i in range(args["n"]):
+            last = time.monotonic_ns()
+            cli.send(b"d" * args["size"])
+            first_after = first_after if i else time.monotonic_ns()
+        time.sleep(0.05)
+        c = ends(cli)
+        cli.close()
+        closed = time.monotonic_ns()
+        for i in range(args["n"] + 1):
+            srv.recv(65536)
+        say(dict(me, client=c, idle=ends(idle), first_ns=first, first_after_ns=first_after,
+                 last_ns=last, closed_ns=closed))
         sys.stdin.readline()
 """)
 
@@ -650,6 +673,90 @@ def test_udp(ns: Netns, family: int) -> None:
     )
     assert s["pid"] == truth["pid"]
     no_loss(reports)
+
+
+def test_udp_close_and_idle(ns: Netns) -> None:
+    """A connected UDP socket closed after N datagrams is reported once, ``"end":
+    "closed"`` (found by NETLINK_SOCK_DIAG, long before the idle timeout), its duration
+    between its first and last datagram and its close; a socket open but idle past the
+    timeout ends ``"idle"``; neither is reported open after its end."""
+    n, size = 3, 700
+    tracer = start_tracer(
+        "--interval",
+        "0.5",
+        "--netns",
+        str(ns.inode),
+        env={"NETTRACER_NETWORK__UDP_CONN_TIMEOUT_S": "3"},
+    )
+    if "UDP flows are not collected" in tracer.stderr:
+        tracer.close()
+        kernel_skip("no sock:sock_send_length on this kernel (Linux 6.3): no UDP flows")
+    script = Script(ns, mode="udp_close", family=4, host="127.0.0.1", n=n, size=size)
+    try:
+        truth = script.read()
+        deadline = time.monotonic() + PATIENCE_S
+        while time.monotonic() < deadline:
+            report = tracer.next()
+            if find(report["closed"], truth["idle"], ns.inode):
+                break
+        tracer.skip(1)
+        reports = tracer.stop()
+    finally:
+        script.close()
+        tracer.close()
+    [c] = find(all_closed(reports), truth["client"], ns.inode)
+    assert (c["end"], c["state"], c["segs_out"], c["bytes_sent"]) == (
+        "closed",
+        "ESTABLISHED",
+        n,
+        n * size,
+    )
+    # the kernel's start is after the first send began, its end after the last one began
+    # and before the close (the script's clock is the kernel's: CLOCK_MONOTONIC)
+    lo = (truth["last_ns"] - truth["first_after_ns"]) / 1e6
+    hi = (truth["closed_ns"] - truth["first_ns"]) / 1e6
+    assert lo - 0.001 <= c["duration_ms"] <= hi + 0.001, (lo, c["duration_ms"], hi)
+    [i] = find(all_closed(reports), truth["idle"], ns.inode)
+    assert (i["end"], i["segs_out"], i["bytes_sent"]) == ("idle", 1, 1)
+    for ends, final in ((truth["client"], c), (truth["idle"], i)):
+        at = next(k for k, r in enumerate(reports) if final in r["closed"])
+        assert not [x for r in reports[at:] for x in find(r["conns"], ends, ns.inode)]
+    no_loss(reports)
+
+
+def test_sock_diag_lists_the_udp_sockets(ns: Netns) -> None:
+    """UdpSockets: the UDP sockets a process in the namespace holds (a bound IPv4 one,
+    a connected IPv6 one), as its getsockname/getpeername say; one it closed is gone."""
+    from nettracer.net.sockdiag import UdpSockets
+
+    code = textwrap.dedent("""
+        import json, socket, sys
+        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(("127.0.0.1", 0))
+        b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); b.connect(("::1", 53))
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in (a, b, c)]
+        c.close()
+        print(json.dumps(ports), flush=True)
+        sys.stdin.readline()
+    """)
+    p = subprocess.Popen(
+        ["ip", "netns", "exec", ns.name, sys.executable, "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    diag = UdpSockets()
+    try:
+        a, b, c = json.loads(p.stdout.readline())  # type: ignore[union-attr]
+        got = diag.tuples(ns.inode, [socket.AF_INET, socket.AF_INET6])
+    finally:
+        diag.close()
+        p.kill()
+        p.wait()
+    lo6 = socket.inet_pton(socket.AF_INET6, "::1")
+    assert got == {
+        (socket.AF_INET, socket.inet_aton("127.0.0.1"), a, b"\0" * 4, 0),
+        (socket.AF_INET6, lo6, b, lo6, 53),
+    }
+    assert c not in {t[2] for t in got}
 
 
 # -- namespaces and gateways ------------------------------------------------------------

@@ -15,7 +15,7 @@ The JSON object has the shape the command promises::
             "start_time", "states": [TCP states, oldest first], "opened", "partial", "id",
             "delta": {"bytes_sent", "bytes_received", "segs_in", "segs_out", "retransmits"},
             "container": {"id", "runtime", "pod_uid"} | null, "cgroup": str | null}
-            (+ "end": "closed"|"reused"|"expired" in "closed")
+            (+ "end": "closed"|"reused"|"idle" in "closed")
 
 ``id`` is the tracer's number for the connection (the same in every interval);
 ``pid``/``comm`` are null/"" until the owner was seen in process context; ``rtt_*`` are
@@ -138,7 +138,7 @@ _END = {
     None: ',"end":null',
     "closed": ',"end":"closed"',
     "reused": ',"end":"reused"',
-    "expired": ',"end":"expired"',
+    "idle": ',"end":"idle"',
 }
 _json_strings: dict[object, str] = {}
 _seconds: dict[int, tuple[str, str]] = {}
@@ -245,7 +245,7 @@ _OPENED = ("unknown", "active", "passive")
 _DIRECTION = ("unknown", "outgoing", "incoming")
 
 
-_END_BY_REASON = (',"end":null', ',"end":"closed"', ',"end":"reused"', ',"end":"expired"')
+_END_BY_REASON = (',"end":null', ',"end":"closed"', ',"end":"reused"', ',"end":"idle"')
 _comm_json: dict[bytes, str] = {}
 _hist_json: dict[int, tuple[list[int], str]] = {}
 _STATE_TEXT = tuple(STATE_NAMES.get(i, str(i)) for i in range(256))

@@ -205,6 +205,17 @@ def wire_addresses(rec: tuple) -> tuple[int, bytes, bytes]:
     return 4, rec[_SADDR4], rec[_DADDR4]
 
 
+def udp_tuple(rec: tuple) -> tuple[int, bytes, int, bytes, int]:
+    """A record's socket as NETLINK_SOCK_DIAG lists it (:data:`nettracer.net.sockdiag.
+    UdpTuple`): family, local address, local port, remote address, remote port (host
+    order), addresses of the socket's own family (v4-mapped stays IPv6)."""
+    dport = rec[_DPORT]
+    dport = ((dport & 0xFF) << 8) | (dport >> 8)
+    if rec[_FAMILY] == AF_INET6:
+        return AF_INET6, rec[_SADDR6], rec[_SPORT], rec[_DADDR6], dport
+    return 2, rec[_SADDR4], rec[_SPORT], rec[_DADDR4], dport
+
+
 def route_of(rec: tuple) -> tuple[int, bytes, bytes] | None:
     """(namespace inode, source, destination) of a record whose peer is another host
     (what its gateway depends on), None for a local peer or no peer (unconnected UDP)."""

@@ -7,6 +7,20 @@ per interval: open connections with their deltas, connections closed during the
 interval (each exactly once), evictions and lost records, gateways from a
 :class:`~nettracer.net.gateway.GatewayResolver`.
 
+How a connection ends (``end`` of a closed one):
+
+* ``closed`` -- TCP: ``tcp:tcp_destroy_sock``.  UDP: the kernel has no tracepoint for
+  closing a UDP socket, so once per interval the monitor dumps the UDP sockets of every
+  namespace that has UDP entries (``NETLINK_SOCK_DIAG``, :mod:`nettracer.net.sockdiag`)
+  and ends the entries whose tuple is no longer listed.  Their end time is the last
+  moment they were known open (the last datagram, or the previous dump that listed
+  them): the true close lies after it and before the dump that missed it, within one
+  interval.
+* ``reused`` -- the socket got another tuple (UDP connect/rebind, TCP connect again).
+* ``idle`` -- open, but nothing moved for ``network.tcp_conn_timeout_s`` /
+  ``network.udp_conn_timeout_s``: ended by user space to bound the table (a later
+  datagram starts a new flow).
+
 Typical use (:meth:`ConnMonitor.from_config` is the contract of
 :mod:`nettracer.tracers`)::
 
@@ -22,7 +36,7 @@ import ctypes
 import errno
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +47,7 @@ from nettracer.errors import NotSupported
 from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers.conns import program as cp
-from nettracer.tracers.conns.model import Conn, decode, route_of
+from nettracer.tracers.conns.model import Conn, decode, route_of, udp_tuple
 from nettracer.tracers.conns.records import IDX, RECORD, RECORD_SIZE, EndReason, Flag
 from nettracer.tracers.conns.table import ConnTable, Interval
 
@@ -52,6 +66,8 @@ _FLAGS = IDX["flags"]
 _SK = IDX["sk"]
 _PROTO = IDX["proto"]
 _LAST = IDX["last_ns"]
+_NETNS = IDX["netns"]
+_FAMILY = IDX["family"]
 #: a route not looked up yet
 _UNKNOWN = object()
 
@@ -301,12 +317,13 @@ class ConnTracer:
                 raise
         return [RECORD.unpack(bytes(v)) for _, v in self.conns.items()]
 
-    def expire(self, sks: Iterable[int], now_ns: int) -> list[tuple[Any, ...]]:
-        """Remove these entries from the map; their final records, marked expired."""
+    def end(self, ends: Mapping[int, int], reason: EndReason) -> list[tuple[Any, ...]]:
+        """Remove the entries of ``ends`` (sk -> end time, ns) from the map; their
+        final records with that end time and ``reason``."""
         out = []
         end = IDX["end_ns"]
-        reason = IDX["end_reason"]
-        for sk in sks:
+        why = IDX["end_reason"]
+        for sk, end_ns in ends.items():
             try:
                 v = self.conns.lookup_and_delete(sk)
             except BpfSyscallError as exc:  # hash maps have it since Linux 5.14
@@ -318,8 +335,8 @@ class ConnTracer:
             if v is None:
                 continue  # gone meanwhile: its record is in the ring buffer
             rec = list(RECORD.unpack(bytes(v)))
-            rec[end] = now_ns
-            rec[reason] = EndReason.EXPIRED
+            rec[end] = end_ns
+            rec[why] = reason
             out.append(tuple(rec))
         return out
 
@@ -416,6 +433,11 @@ class ConnMonitor:
     _routes: dict[tuple[int, bytes, bytes], Any] = field(default_factory=dict)
     #: records of closed connections that wait for the interval's gateway lookups
     _held: list[tuple[Any, ...]] = field(default_factory=list)
+    #: UDP sockets (sk) listed by the last NETLINK_SOCK_DIAG dumps, and when
+    _udp_seen: dict[int, int] = field(default_factory=dict)
+    _diag: Any = None
+    diag_errors: int = 0
+    last_diag_error: str | None = None
     last_collect_ms: float = 0.0
 
     def __post_init__(self) -> None:
@@ -480,6 +502,8 @@ class ConnMonitor:
         try:
             self.tracer.close()
         finally:
+            if self._diag is not None:
+                self._diag.close()
             if self.resolver is not None:
                 self.resolver.close()
 
@@ -557,15 +581,20 @@ class ConnMonitor:
         now = time.monotonic_ns()
         tcp_idle = int(self.tcp_timeout_s * 1e9)
         udp_idle = int(self.udp_timeout_s * 1e9)
-        stale = []
+        gone = self._udp_gone(got.live, now)
+        stale = {}
         live = []
         for rec in got.live:
+            if rec[_SK] in gone:
+                continue
             idle = now - rec[_LAST]
             if idle > (tcp_idle if rec[_PROTO] == cp.IPPROTO_TCP else udp_idle):
-                stale.append(rec[_SK])
+                stale[rec[_SK]] = now
             else:
                 live.append(rec)
-        for rec in self.tracer.expire(stale, now):
+        for rec in self.tracer.end(gone, EndReason.DESTROYED):
+            closed.append(decode(rec, tcp_sock))
+        for rec in self.tracer.end(stale, EndReason.IDLE):
             closed.append(decode(rec, tcp_sock))
         conns = [decode(rec, tcp_sock) for rec in live]
         self._gateways(conns, closed)
@@ -583,6 +612,51 @@ class ConnMonitor:
             iv.closed = [c for c in iv.closed if c.pid == self.pid]
         self.last_collect_ms = (time.perf_counter() - t0) * 1e3
         return iv
+
+    def _udp_gone(self, live: list[tuple[Any, ...]], now: int) -> dict[int, int]:
+        """The UDP entries of ``live`` whose socket is closed (sk -> end time): those
+        whose tuple no NETLINK_SOCK_DIAG dump of their namespace lists any more.
+
+        The end time is the last moment the socket was known open: its last datagram,
+        or the previous dump that listed it; the close happened between that and now,
+        within one interval.  A socket that was connect()ed to another peer since its
+        last datagram is not listed under its old tuple either: it ends as closed and
+        its next datagram starts a new flow."""
+        udp = [rec for rec in live if rec[_PROTO] == cp.IPPROTO_UDP]
+        if not udp:
+            self._udp_seen.clear()
+            return {}
+        if self._diag is None:
+            from nettracer.net.sockdiag import UdpSockets
+
+            self._diag = UdpSockets()
+        by_ns: dict[int, set[int]] = {}
+        for rec in udp:
+            by_ns.setdefault(rec[_NETNS], set()).add(rec[_FAMILY])
+        self._diag.keep_only(by_ns)
+        listed: dict[int, set[Any] | None] = {}
+        failed = set()
+        for ns, families in by_ns.items():
+            try:
+                listed[ns] = self._diag.tuples(ns, sorted(families))
+            except OSError as exc:  # unknown: close nothing there
+                failed.add(ns)
+                self.diag_errors += 1
+                self.last_diag_error = f"netns {ns}: {exc}"
+        gone: dict[int, int] = {}
+        seen = {}
+        for rec in udp:
+            sk, ns = rec[_SK], rec[_NETNS]
+            if ns in failed:
+                seen[sk] = self._udp_seen.get(sk, 0)
+                continue
+            sockets = listed[ns]
+            if sockets is not None and udp_tuple(rec) in sockets:
+                seen[sk] = now
+            else:  # listed nowhere, or its namespace is gone
+                gone[sk] = max(rec[_LAST], self._udp_seen.get(sk, 0))
+        self._udp_seen = seen
+        return gone
 
     def _gateways(self, conns: list[Conn], closed: list[Conn]) -> None:
         """The interval's gateway lookups, synchronous and bounded: every (namespace,
@@ -664,6 +738,7 @@ class ConnMonitor:
             "open": len(self.table.open),
             "refreshes": t.refreshes,
             "overflowed": t.overflowed,
+            "sock_diag_errors": self.diag_errors,
             "collect_ms": round(self.last_collect_ms, 3),
             "bytes_source": "sock_length" if t.use_length else "tcp_sock",
             "peak_rss_kib": _vm_hwm(),

@@ -157,16 +157,16 @@ class EndReason(IntEnum):
     """Why a record left the kernel map (``ConnValue.end_reason``)."""
 
     OPEN = 0
-    DESTROYED = 1  #: tcp:tcp_destroy_sock
+    DESTROYED = 1  #: tcp:tcp_destroy_sock; UDP: no longer listed by NETLINK_SOCK_DIAG
     REUSED = 2  #: the socket got a new tuple (UDP connect/rebind, TCP reconnect)
-    EXPIRED = 3  #: idle longer than the timeout (set by user space)
+    IDLE = 3  #: open but idle longer than the timeout (set by user space)
 
 
 END_NAMES = {
     EndReason.OPEN: None,
     EndReason.DESTROYED: "closed",
     EndReason.REUSED: "reused",
-    EndReason.EXPIRED: "expired",
+    EndReason.IDLE: "idle",
 }
 
 
