@@ -117,3 +117,7 @@ def test_forced_batch_ops_walk_key_by_key(monkeypatch: pytest.MonkeyPatch) -> No
             assert m.items() == []
         finally:
             features.configure(before)
+
+
+def test_kernel_reads_on_this_kernel() -> None:
+    assert not features.kernel_reads(features.KernelFeatures()).legacy

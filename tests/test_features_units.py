@@ -65,3 +65,9 @@ def test_unknown_name_in_environment_is_one_line_listing_the_known_ones() -> Non
     assert msg.startswith("kernel.without: expected a list of items among ringbuf, ")
     assert "unknown item 'fentry'" in msg and "NETTRACER_KERNEL__WITHOUT" in msg
     assert "\n" not in msg
+
+
+def test_kernel_reads_follow_kernel_without() -> None:
+    """``probe_read_kernel`` forced away: programs read with ``bpf_probe_read`` (the
+    helper before 5.5); not forced, the probe decides (never probed when forced)."""
+    assert features.kernel_reads(features.KernelFeatures(["probe_read_kernel"])).legacy

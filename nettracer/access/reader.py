@@ -215,6 +215,7 @@ class Reader:
         """Create the maps, load the program and attach it."""
         from nettracer.bpf import prog
         from nettracer.bpf.maps import hash_map
+        from nettracer.kernel.features import kernel_reads
 
         max_entries, ringbuf_size = self._sizes
         try:
@@ -230,7 +231,8 @@ class Reader:
             flt = (RecordLayout.of([self.netns[0]]), self.netns[1]) if self.netns else None
             paths = self.paths + ([self.netns[0]] if self.netns else [])
             args = raw_args(self.tracepoint, paths).for_kernel()
-            insns = build_program(self.record, self.mode, flt, reads=self.reads, args=args).insns
+            reads = self.reads if self.reads is not None else kernel_reads()
+            insns = build_program(self.record, self.mode, flt, reads=reads, args=args).insns
             self.prog = prog.load(insns, prog_type=args.prog_type, maps=maps, name="nt_read")
             self._objs.append(self.prog)
             self.link = args.attach(self.prog)

@@ -29,6 +29,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-u
 if TYPE_CHECKING:
     from nettracer.bpf import prog as bpf_prog
     from nettracer.bpf.insn import Insn
+    from nettracer.bpf.memory import KernelReads
     from nettracer.bpf.syscall import ProgType
 
 #: the perf PMU that exists exactly when the kernel has CONFIG_KPROBES (and kprobe events)
@@ -336,6 +337,15 @@ class KernelFeatures:
 
 
 _current: KernelFeatures | None = None
+
+
+def kernel_reads(features: KernelFeatures | None = None) -> KernelReads:
+    """The helpers that read kernel memory: ``bpf_probe_read_kernel`` (5.5) where
+    ``features`` (default :func:`current`) uses it, else ``bpf_probe_read``."""
+    from nettracer.bpf.memory import KernelReads
+
+    kf = features if features is not None else current()
+    return KernelReads(legacy=not kf.use("probe_read_kernel"))
 
 
 def current() -> KernelFeatures:

@@ -63,6 +63,7 @@ from nettracer.bpf.memory import KernelReads, read
 from nettracer.bpf.syscall import BpfSyscallError
 from nettracer.errors import NotSupported
 from nettracer.errors import require_root as _require_root
+from nettracer.kernel.features import kernel_reads
 
 #: lowest value treated as a kernel address worth following (x86-64 and arm64 kernel
 #: halves, 4- and 5-level paging); the read helper rejects the rest itself
@@ -316,7 +317,8 @@ class ProbeSet:
     def add(self, spec: ProbeSpec) -> bool:
         """Load ``spec``'s program and attach it; False when its tracepoint does not exist
         and it is optional (:class:`NotSupported` when it is required)."""
-        p = prog.load(build(spec, self.reads), maps=self._maps, name=f"ntg_{spec.tracepoint}"[:15])
+        reads = self.reads if self.reads is not None else kernel_reads()
+        p = prog.load(build(spec, reads), maps=self._maps, name=f"ntg_{spec.tracepoint}"[:15])
         self._objs.append(p)
         try:
             self._objs.append(link.attach_raw_tracepoint(p, spec.tracepoint))

@@ -44,6 +44,7 @@ from nettracer.bpf import maps, prog, ringbuf, syscall
 from nettracer.bpf.link import Link, UnknownTracepoint, attach_raw_tracepoint
 from nettracer.bpf.syscall import BpfSyscallError, Cmd, ProgType
 from nettracer.errors import NotSupported
+from nettracer.kernel.features import kernel_reads
 from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers.conns import program as cp
@@ -217,6 +218,8 @@ class ConnTracer:
                     "false: nothing to trace",
                 )
         self.use_length = use_length
+        if opts.reads is None:
+            opts = replace(opts, reads=kernel_reads())
         self.opts = opts
         for tp in (cp.TP_STATE, cp.TP_DESTROY):
             if tps[tp] is None:

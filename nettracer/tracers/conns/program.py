@@ -72,7 +72,7 @@ from nettracer.bpf.insn import (
     st,
     stx,
 )
-from nettracer.bpf.memory import read
+from nettracer.bpf.memory import KernelReads, read
 from nettracer.bpf.syscall import BPF_NOEXIST
 from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.layout.offsets import Offsets
@@ -148,6 +148,8 @@ class ConnSpec:
     collect_ipv6: bool = True
     #: only create entries for sockets in this network namespace (inode), 0 = all
     netns: int = 0
+    #: the helpers that read kernel memory (None: ``bpf_probe_read_kernel``, 5.5)
+    reads: KernelReads | None = None
 
 
 def jsle32(dst: Reg, imm: int, target: str) -> Insn:
@@ -199,6 +201,9 @@ class _Builder:
     name: str
     args: TracepointArgs
     p: Program = field(default_factory=Program)
+
+    def __post_init__(self) -> None:
+        self.p.reads = self.opts.reads
 
     def copy(self, dst: Reg, dst_off: int, src: Reg, src_off: int, n: int) -> None:
         """Copy ``n`` bytes with the widest loads both offsets' alignment allows (via R1)."""

@@ -49,6 +49,7 @@ from nettracer.bpf.prog import Prog, load
 from nettracer.bpf.syscall import BpfSyscallError, MapType
 from nettracer.errors import NotSupported, UsageError
 from nettracer.kernel import BTF_VMLINUX
+from nettracer.kernel.features import kernel_reads
 from nettracer.tracers.drops.program import DropLayout, DropSpec, Filters, KfreeSkbArgs, build
 from nettracer.tracers.drops.records import STACK_NONE, DevKey, DevName, DropEvent, DropKey
 
@@ -370,7 +371,8 @@ class DropMonitor:
                 shared = None if self.spec.counts else self.lost_map
                 self.reader = channel_for(self.spec).open(ringbuf_bytes, lost_map=shared)
                 maps |= self.reader.maps
-            spec = self.spec.replace(args=self.spec.args.for_kernel())
+            reads = self.spec.reads if self.spec.reads is not None else kernel_reads()
+            spec = self.spec.replace(args=self.spec.args.for_kernel(), reads=reads)
             program = build(spec)
             self.prog = self._keep(
                 load(program.insns, prog_type=spec.args.prog_type, maps=maps, name="nt_drops")
