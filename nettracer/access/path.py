@@ -343,6 +343,11 @@ KNOWN_ARGS: dict[str, tuple[tuple[str, str | None], ...]] = {
 }
 
 
+#: (tracepoint, argument) of the ``void *`` arguments in :data:`KNOWN_ARGS`: kernel text
+#: addresses (``kfree_skb``'s ``location``, the caller of ``kfree_skb_reason()``)
+KNOWN_ADDRESS_ARGS = frozenset({("kfree_skb", "location")})
+
+
 def _catalogue_decode(ctype: str, points_to: str | None, byteorder: str) -> str:
     if points_to is not None or ctype.endswith("*"):
         return "ptr"
@@ -412,6 +417,8 @@ def resolve_offsets(expr: str, offsets: Offsets, tracepoint: str) -> AccessPath:
         where = f"{where}->{'.'.join(t.name for t in tokens[i:j])}"
         i = j
     if spec is None:
+        if (tracepoint, root.name) in KNOWN_ADDRESS_ARGS:
+            return AccessPath(expr, index, (), None, 8, "void *", "ptr")
         return AccessPath(expr, index, (), None, 8, "u64", "uint" if struct is None else "ptr")
     size = 8 if spec.ctype == "possible_net_t" else spec.size
     decode = _catalogue_decode(spec.ctype, spec.points_to, spec.byteorder)

@@ -7,7 +7,10 @@ end.  With ``--count`` the kernel counts hits per distinct tuple of values in a 
 map (bpftrace's ``@[skb->dev->name, skb->len] = count()``) and every interval the
 counts are printed, most frequent first, and cleared (``--json``: ``{"time",
 "interval_s", "counts": [{"values", "count"}], "lost"}``).  A NULL pointer on the
-way shows as ``null``.  Runs until Ctrl-C/SIGTERM or ``--duration``.
+way shows as ``null``.  Values are shown by name where the kernel has one
+(:mod:`nettracer.output.read`: ``location=kfree_skb_reason+0x1a``,
+``reason=SKB_DROP_REASON_NO_SOCKET``, ``newstate=TCP_CLOSE``); JSON times are ISO 8601.
+Runs until Ctrl-C/SIGTERM or ``--duration``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from typing import Any, TextIO
 
     from nettracer.access.reader import Reader
+    from nettracer.output.read import ValueNames
 
 #: setting -> the flag that sets it here (errors below the CLI name settings)
 FLAGS = {"offsets.source": "--offsets", "read.netns": "--netns"}
@@ -78,6 +82,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _now() -> str:
+    """The time now in ISO 8601, as the other commands' JSON has it."""
+    from nettracer.output.jsonlines import iso_time
+
+    return iso_time(time.time())
+
+
 def _text(v: Any) -> str:
     return "null" if v is None else str(v)
 
@@ -85,9 +96,10 @@ def _text(v: Any) -> str:
 class _Printer:
     """What ``nettracer read`` prints: events, lost lines, counts per interval."""
 
-    def __init__(self, reader: Reader, json: bool, out: TextIO) -> None:
+    def __init__(self, reader: Reader, json: bool, out: TextIO, names: ValueNames) -> None:
         self.reader = reader
         self.exprs = [p.expr for p in reader.paths]
+        self.names = names
         self.json = json
         self.out = out
         self.events = 0
@@ -98,8 +110,9 @@ class _Printer:
 
     def event(self, values: list, _statuses: list[str]) -> None:
         self.events += 1
+        values = self.names.row(values)
         if self.json:
-            obj = {"time": time.time(), "values": dict(zip(self.exprs, values, strict=True))}
+            obj = {"time": _now(), "values": dict(zip(self.exprs, values, strict=True))}
             self.out.write(json.dumps(obj) + "\n")
         else:
             self.out.write(self._values(values) + "\n")
@@ -109,19 +122,19 @@ class _Printer:
         if force or lost > self.shown_lost:
             self.shown_lost = lost
             if self.json:
-                obj = {"time": time.time(), "events": self.events, "lost": lost}
+                obj = {"time": _now(), "events": self.events, "lost": lost}
                 self.out.write(json.dumps(obj) + "\n")
             else:
                 self.out.write(f"# {self.events} events shown, {lost} lost\n")
 
     def counts(self, elapsed: float) -> None:
-        rows = self.reader.pop_counts()
+        rows = [(self.names.row(v), s, n) for v, s, n in self.reader.pop_counts()]
         lost = self.reader.lost
         if self.json:
             counts = [
                 {"values": dict(zip(self.exprs, v, strict=True)), "count": n} for v, _s, n in rows
             ]
-            obj = {"time": time.time(), "interval_s": round(elapsed, 3), "counts": counts}
+            obj = {"time": _now(), "interval_s": round(elapsed, 3), "counts": counts}
             self.out.write(json.dumps({**obj, "lost": lost}) + "\n")
         else:
             hits = sum(n for *_, n in rows)
@@ -172,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             f"({plural(len(reader.paths), 'expression')}, {how}); Ctrl-C to stop\n"
         )
         sys.stderr.flush()
-        printer = _Printer(reader, args.json, sys.stdout)
+        printer = _Printer(reader, args.json, sys.stdout, _value_names(reader, tp))
         try:
             _loop(args, reader, printer)
         except Terminated:  # later signals are ignored: the end is printed
@@ -183,6 +196,23 @@ def run(args: argparse.Namespace) -> int:
                 printer.lost_line(True)
             sys.stdout.flush()
     return 0
+
+
+def _value_names(reader: Reader, tp: str) -> ValueNames:
+    """Names for the values: kallsyms for addresses (as ``drops`` names locations), BTF
+    enums when the expressions were resolved with BTF, the event's ``print fmt``."""
+    from nettracer.output.read import ValueNames, tracepoint_format
+    from nettracer.tracers.drops.groups import Names
+
+    btf = None
+    if reader.source == "btf":
+        from nettracer.kernel.btf import Btf
+
+        btf = Btf.vmlinux()
+    symbols = Names(None, lambda netns, ifindex: None)
+    return ValueNames(
+        reader.paths, btf, tracepoint_format(tp), lambda a: symbols.location(a).described
+    )
 
 
 def _loop(args: argparse.Namespace, reader: Reader, printer: _Printer) -> None:

@@ -61,6 +61,11 @@ class Location:
     offset: int | None
     module: str | None
 
+    @property
+    def described(self) -> str:
+        """``sym+0x1a``, with `` [module]`` for a module's address (stacks, ``read``)."""
+        return self.text + (f" [{self.module}]" if self.module not in (None, "kernel") else "")
+
 
 class SymbolSource(Protocol):
     """What :class:`Names` needs of a symbol table (``SymbolCache``, ``Kallsyms``)."""
@@ -144,8 +149,7 @@ class Names:
             loc = self.location(a)
             if not out and _is_tracing_frame(loc):
                 continue
-            mod = f" [{loc.module}]" if loc.module not in (None, "kernel") else ""
-            out.append(loc.text + mod)
+            out.append(loc.described)
         return out
 
 
