@@ -121,8 +121,10 @@ def topo() -> Iterator[Topo]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+# the server's own counters are the oracle: on "drain" it waits (deadline 10 s) until they
+# show every drop the client causes in its namespace (argv: U4 U6 BURST), then reports
 SERVER = """
-import json, socket, sys
+import json, socket, sys, time
 def snmp():
     out = {}
     lines = open('/proc/net/snmp').read().splitlines()
@@ -147,6 +149,7 @@ small6 = udp(socket.AF_INET6, 'fd01:1::2', 8888, 1)
 before = snmp()
 print('ready', flush=True)
 sys.stdin.readline()
+want4, want6, burst = map(int, sys.argv[1:4])
 def drain(s):
     s.setblocking(False)
     n = 0
@@ -156,12 +159,23 @@ def drain(s):
         except BlockingIOError:
             return n
         n += 1
-after = snmp()
-print(json.dumps({'rcv4': drain(small4), 'rcv6': drain(small6),
-                  'rcvbuf_errors4': after['RcvbufErrors'] - before['RcvbufErrors'],
-                  'rcvbuf_errors6': after['Udp6RcvbufErrors'] - before['Udp6RcvbufErrors'],
-                  'noports4': after['NoPorts'] - before['NoPorts'],
-                  'noports6': after['Udp6NoPorts'] - before['Udp6NoPorts']}), flush=True)
+rcv4 = rcv6 = 0
+deadline = time.monotonic() + 10
+while True:
+    rcv4 += drain(small4)
+    rcv6 += drain(small6)
+    after = snmp()
+    got = {'rcv4': rcv4, 'rcv6': rcv6,
+           'rcvbuf_errors4': after['RcvbufErrors'] - before['RcvbufErrors'],
+           'rcvbuf_errors6': after['Udp6RcvbufErrors'] - before['Udp6RcvbufErrors'],
+           'noports4': after['NoPorts'] - before['NoPorts'],
+           'noports6': after['Udp6NoPorts'] - before['Udp6NoPorts']}
+    done = (got['noports4'] >= want4 and got['noports6'] >= want6
+            and rcv4 + got['rcvbuf_errors4'] >= burst and rcv6 + got['rcvbuf_errors6'] >= burst)
+    if done or time.monotonic() > deadline:
+        break
+    time.sleep(0.02)
+print(json.dumps(got), flush=True)
 """
 
 CLIENT = f"""
@@ -257,8 +271,9 @@ def cause_drops(t: Topo, *args: str, stop: int = signal.SIGINT) -> Run:
     ``stop`` and collect everything."""
     from nettracer.kernel.tracefs import open_tracefs
 
+    expect = [str(n) for n in (U4, U6, BURST)]
     server = subprocess.Popen(
-        ["ip", "netns", "exec", t.server, sys.executable, "-c", SERVER],
+        ["ip", "netns", "exec", t.server, sys.executable, "-c", SERVER, *expect],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -277,7 +292,11 @@ def cause_drops(t: Topo, *args: str, stop: int = signal.SIGINT) -> Run:
         with open_tracefs().buffer() as trace:
             trace.enable("skb", "kfree_skb")
             run([sys.executable, "-c", CLIENT], ns=t.client)
-            time.sleep(0.3)  # let softirq work queued by the last sends finish
+            # the server answers once its counters show every drop (softirq work queued
+            # by the last sends may still be running when the client exits)
+            server.stdin.write("drain\n")
+            server.stdin.flush()
+            counts = json.loads(server.stdout.readline())
             text = trace.text()
         kernel_locations = set()
         from nettracer.kernel.kallsyms import Kallsyms
@@ -294,9 +313,6 @@ def cause_drops(t: Topo, *args: str, stop: int = signal.SIGINT) -> Run:
                     loc = ksyms.format(int(loc, 16))
                 reason = tl.body.rsplit("reason: ", 1)[-1].strip()
                 kernel_locations.add((loc, reason))
-        server.stdin.write("drain\n")
-        server.stdin.flush()
-        counts = json.loads(server.stdout.readline())
         proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
         return Run(out, err, proc.returncode, counts, kernel_locations)
@@ -361,7 +377,10 @@ def check_rows(t: Topo, run_: Run, rows: Counter[Row]) -> None:
             for r, n in rows.items()
             if r.location.split("+")[0] in symbols and r.reason == reason and r.protocol == proto
         }
-        assert matching, f"no {reason} {proto} drop at {symbols}: {dict(rows)}"
+        assert matching, (
+            f"no {reason} {proto} drop at {symbols}: {dict(rows)}; server {run_.server}; "
+            f"nettracer printed {run_.stdout[-2000:]!r} and {run_.stderr[-2000:]!r}"
+        )
         assert {r.device for r in matching} == {dev}, (symbols, reason, proto, matching)
         assert sum(matching.values()) == count, (symbols, reason, proto, matching, run_.server)
         for r in matching:
