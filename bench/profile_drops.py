@@ -2,7 +2,7 @@
 step removed or changed at a time, each attached alone, alternating, in one run.
 
 Run as root from the repository: ``python3 bench/profile_drops.py [--drops N]
-[--rounds R] [--variants a,b,...]``.  Uses :mod:`bench_drops`'s two namespaces and
+[--rounds R] [--variants "a;b"]``.  Uses :mod:`bench_drops`'s two namespaces and
 blaster (N UDP datagrams to a closed port per measurement) and reports BPF run time
 / run count (``BPF_ENABLE_STATS``) of each variant: median and spread over R rounds.
 
@@ -60,18 +60,20 @@ _KEY = -24
 _K = {name: _KEY + getattr(DropKey, name).offset for name, _ in DropKey._fields_}
 
 
-def skeleton(spec: DropSpec, skb: str, dev: bool, ns: bool, count: bool) -> Program:
+def skeleton(
+    spec: DropSpec, skb: str, dev: bool, ns: bool, count: bool, atomic: bool = False
+) -> Program:
     """The hot path of the drop program with parts left out (see the module text)."""
     lay, args = spec.layout, spec.args
     p = Program()
     p += [
         mov64(R6, R1),
-        ldx(8, R7, R6, 8 * args.index("skb")),
-        ldx(8, R1, R6, 8 * args.index("location")),
+        args.load(R7, R6, "skb"),
+        args.load(R1, R6, "location"),
         stx(8, FP, _K["location"], R1),
         st(8, FP, _K["reason"], 0),
         st(8, FP, _K["netns"], 0),
-        ldx(8, R1, R6, 8 * args.index("reason")),
+        args.load(R1, R6, "reason"),
         stx(4, FP, _K["reason"], R1),
         mov64(R9, 0),
     ]
@@ -104,7 +106,7 @@ def skeleton(spec: DropSpec, skb: str, dev: bool, ns: bool, count: bool) -> Prog
     if count:
         count_in_hash(
             p, "counts", _KEY, one_off=-32, lost="lost", scratch_off=-40, done="out",
-            atomic=False,
+            atomic=atomic,
         )  # fmt: skip
     p.label("out")
     p += [mov64(R0, 0), exit_()]
@@ -119,11 +121,18 @@ def variants(spec: DropSpec) -> dict[str, Callable[[], object]]:
     def real() -> object:
         return DropMonitor(spec).start()
 
+    def real_without_memo() -> object:
+        return DropMonitor(DropSpec(spec.layout, spec.args, memo=False)).start()
+
     def sk(skb: str, dev: bool, ns: bool, count: bool) -> Callable[[], object]:
         return lambda: Loaded(skeleton(spec, skb, dev, ns, count))
 
+    def shared_hash() -> object:
+        return Loaded(skeleton(spec, "wide", True, True, True, atomic=True), shared=True)
+
     return {
         "real": real,
+        "real without device memo": real_without_memo,
         "empty": lambda: Loaded(Program([mov64(R0, 0), exit_()])),
         "key+count": sk("none", False, False, True),
         "skb wide+count": sk("wide", False, False, True),
@@ -132,15 +141,17 @@ def variants(spec: DropSpec) -> dict[str, Callable[[], object]]:
         "skb wide+dev+ns+count": sk("wide", True, True, True),
         "skb split+dev+ns+count": sk("split", True, True, True),
         "skb wide+dev+ns, no count": sk("wide", True, True, False),
+        "skb wide+dev+ns+count in a hash (atomic add)": shared_hash,
     }
 
 
 class Loaded:
     """A skeleton program, its maps and its link."""
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: Program, shared: bool = False) -> None:
+        kind = bpf_maps.hash_map if shared else bpf_maps.percpu_hash
         self.maps = {
-            "counts": bpf_maps.percpu_hash(DropKey, ctypes.c_uint64, 8192, "counts"),
+            "counts": kind(DropKey, ctypes.c_uint64, 8192, "counts"),
             "lost": lost_counter(),
         }
         self.prog = bpf_prog.load(program.insns, maps=self.maps, name="nt_prof")
@@ -157,7 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--drops", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", help="comma-separated names (default: all)")
+    ap.add_argument("--variants", help="names separated by ; (default: all)")
     args = ap.parse_args()
     from nettracer.config.load import load_config
     from nettracer.tracers.drops.monitor import DropMonitor
@@ -166,7 +177,7 @@ def main() -> None:
     spec = DropMonitor.from_config(cfg).spec
     arms = variants(spec)
     if args.variants:
-        arms = {k: arms[k] for k in args.variants.split(",")}
+        arms = {k: arms[k] for k in args.variants.split(";")}
     print(f"# command: python3 {' '.join(sys.argv)}; load average {os.getloadavg()[0]:.2f}")
     out: dict[str, list[float]] = {k: [] for k in arms}
     bd.setup()

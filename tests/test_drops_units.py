@@ -349,6 +349,7 @@ def test_read_planning_merges_close_fields_and_splits_far_ones() -> None:
 A4 = KfreeSkbArgs(("skb", "location", "reason", "rx_sk"))
 VARIANTS = {
     "none": DropSpec(LAYOUT, A4),
+    "no_memo": DropSpec(LAYOUT, A4, memo=False),
     "device": DropSpec(LAYOUT, A4, Filters(device=b"eth0")),
     "device_long": DropSpec(LAYOUT, A4, Filters(device=b"averylongname12")),
     "netns": DropSpec(LAYOUT, A4, Filters(netns=4026531840)),
@@ -367,12 +368,28 @@ def test_drop_program_listing(name: str) -> None:
 
 
 def test_hot_path_has_three_reads_and_one_lookup() -> None:
-    """Up to the first exit of the counting path: the reads of skb, dev and the netns
-    inode (plus sk's namespace when there is no netns), one hash lookup."""
-    hot = build(VARIANTS["none"]).listing().split("goto out\n")[0]
+    """Without the device memo, up to the first exit of the counting path: the reads of
+    skb, dev and the netns inode (plus sk's namespace when there is no netns), one hash
+    lookup."""
+    hot = build(VARIANTS["no_memo"]).listing().split("goto out\n")[0]
     assert hot.count("call probe_read_kernel#113") == 5  # skb, dev, inum; sk->net, inum
     assert hot.count("call map_lookup_elem#1") == 1
     assert "call" not in hot.split("havens:")[1].replace("call map_lookup_elem#1", "")
+
+
+def test_device_memo_hit_reads_only_the_skb() -> None:
+    """With the memo (the default), a drop on the device this CPU saw last in this jiffy
+    costs one read (skb), the jiffy (inlined by the verifier) and two lookups (the memo's
+    per-CPU array, inlined since 6.10; the counts); the device is read on a miss only."""
+    listing = build(VARIANTS["none"]).listing()
+    hit = listing.split("devread:\n")[0]
+    assert hit.count("call probe_read_kernel#113") == 1
+    assert hit.count("call jiffies64#118") == 1 and "map[devmemo]" in hit
+    counting = listing.split("havens:\n")[1].split("goto out\n")[0]
+    assert counting.count("call ") == 1 and "call map_lookup_elem#1" in counting
+    miss = listing.split("devread:\n")[1].split("nodev:\n")[0]
+    assert miss.count("call probe_read_kernel#113") == 2 and "map[devmemo]" in miss
+    assert "devmemo" not in build(VARIANTS["device"]).listing()
 
 
 def test_reason_filter_needs_the_reason_argument() -> None:

@@ -55,6 +55,11 @@ def test_batch_ops_match_kallsyms() -> None:
     assert features.has_batch_ops() == _kallsyms_has("generic_map_lookup_batch")
 
 
+def test_jiffies64_matches_kallsyms() -> None:
+    """``bpf_jiffies64`` (kernel/bpf/helpers.c) is the helper's own function (5.6)."""
+    assert features.has_jiffies64() == _kallsyms_has("bpf_jiffies64")
+
+
 def test_atomic_fetch_on_this_kernel() -> None:
     """6.18 has BPF_FETCH (5.12); the probe's own program is the fetch-and-add."""
     assert features.has_atomic_fetch()

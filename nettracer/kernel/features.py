@@ -129,6 +129,18 @@ def has_probe_read_kernel() -> bool:
     return _loads(ProgType.TRACEPOINT, body, _UNKNOWN_HELPER)
 
 
+def has_jiffies64() -> bool:
+    """``bpf_jiffies64()`` (helper 118, Linux 5.6) is known to tracing programs.
+
+    Conclusive: a classic tracepoint program calling it loads, or the verifier answers
+    "invalid func unknown#118"."""
+    from nettracer.bpf.helpers import Helper
+    from nettracer.bpf.insn import call
+    from nettracer.bpf.syscall import ProgType
+
+    return _loads(ProgType.TRACEPOINT, [call(Helper.jiffies64)], _UNKNOWN_HELPER)
+
+
 def has_atomic_fetch() -> bool:
     """``BPF_ATOMIC`` with ``BPF_FETCH`` (fetch-and-add and friends, Linux 5.12).
 
@@ -244,6 +256,7 @@ FEATURES: dict[str, Feature] = _features(
         "atomic_fetch", has_atomic_fetch, "5.12", "atomic fetch-and-add", "per-CPU id counters"
     ),
     Feature("batch_ops", has_batch_ops, "5.6", "batch map operations", "per-key map walk"),
+    Feature("jiffies64", has_jiffies64, "5.6", "bpf_jiffies64", "drops without the device memo"),
     Feature("btf", has_btf, "5.4", "BTF", "guessed offsets"),
     Feature(
         "memcg_accounting",

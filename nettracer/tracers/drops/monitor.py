@@ -268,6 +268,7 @@ class DropMonitor:
         offsets: Offsets | None = None,
         kfree_skb: KfreeSkbArgs | None = None,
         reads: KernelReads | None = None,
+        memo: bool | None = None,
         **sizes: int,
     ) -> DropMonitor:
         """The monitor (not started) for the settings of ``cfg`` (``offsets.*``,
@@ -276,7 +277,9 @@ class DropMonitor:
         ``protocol`` name; errors name them ``drops.<name>``), ``offsets`` already
         loaded (the agent shares them), ``kfree_skb`` to build for another kernel's
         tracepoint arguments, ``reads`` to choose the helper that reads kernel memory
-        (:mod:`nettracer.bpf.memory`), and the map ``sizes`` of :meth:`__init__`.
+        (:mod:`nettracer.bpf.memory`), ``memo`` (the per-CPU device memo of
+        :class:`DropSpec`; by default where the kernel has ``bpf_jiffies64``), and the
+        map ``sizes`` of :meth:`__init__`.
 
         Only what the program needs is read before attaching: the offsets, whether
         ``kfree_skb`` has a reason and, to filter by reason, the reason names; from
@@ -302,9 +305,14 @@ class DropMonitor:
             device, netns, reason, protocol, reasons if isinstance(reasons, dict) else None
         )
         layout = DropLayout.from_offsets(offsets, events=events)
+        if memo is None:
+            from nettracer.kernel import features
+
+            memo = features.current().use("jiffies64")
         spec = DropSpec(
-            layout, kfree_skb, filters, stack=stack, events=events, reads=reads, counts=counts
-        )
+            layout, kfree_skb, filters, stack=stack, events=events, reads=reads, counts=counts,
+            memo=memo,
+        )  # fmt: skip
         monitor = cls(spec, **sizes)
         monitor.source = offsets.source
         monitor.reasons = reasons
@@ -354,6 +362,10 @@ class DropMonitor:
             self.devnames = self._keep(bpf_maps.hash_map(DevKey, DevName, max_devices, "devnames"))
             self.lost_map = self._keep(bpf_maps.percpu_array(ctypes.c_uint64, 1, "lost"))
             maps = {"counts": self.counts, "devnames": self.devnames, "lost": self.lost_map}
+            if self.spec.memo:
+                from nettracer.bpf.memo import memo_map
+
+                maps["devmemo"] = self._keep(memo_map(8, "devmemo"))
             if self.spec.stack:
                 self.stacks = self._keep(
                     bpf_maps.Map(

@@ -15,10 +15,17 @@ only the first two), reads kernel memory through :mod:`nettracer.access.plan`:
   (``sk->__sk_common.skc_net``), so that ``--netns`` also sees socket-level drops.
 
 It then bumps a per-CPU counter keyed by :class:`DropKey` (location, reason,
-ifindex, netns inode, protocol, stack id).  The hot path is: three or four helper
-reads, one hash lookup, one non-atomic add (a raw tracepoint program cannot nest on
-its CPU: ``bpf_trace_run*()`` counts a nested run as a recursion miss instead, which
-we report as lost).  Only when a key is seen for the first time does the program
+ifindex, netns inode, protocol, stack id).  The hot path is: one helper read
+(``skb``), a look at the device memo, one hash lookup, one non-atomic add (a raw
+tracepoint program cannot nest on its CPU: ``bpf_trace_run*()`` counts a nested run
+as a recursion miss instead, which we report as lost).  The device memo
+(:mod:`nettracer.bpf.memo`, a per-CPU array of one entry) holds the ifindex and
+netns inode of the last ``struct net_device *`` this CPU saw, valid for the jiffy
+that read them: drops come in bursts on one device, so most drops skip the two
+reads of the device and its namespace (profile: ``bench/profile_drops.py``).  A
+device moved to another namespace can be counted in its old one for the rest of that
+tick (at most 1-10 ms), on the CPU that last saw it, and only if no drop on another
+device came in between.  Only when a key is seen for the first time does the program
 read ``dev->name`` and store it in the side map ``devnames`` keyed by
 (netns, ifindex): a device that keeps dropping costs nothing extra.  A device
 renamed after its first drop keeps its old name until its counters are evicted.
@@ -57,6 +64,7 @@ from nettracer.bpf.insn import (
     and64,
     call,
     exit_,
+    ja,
     jeq,
     jmp,
     jmp32,
@@ -68,6 +76,7 @@ from nettracer.bpf.insn import (
     st,
     stx,
 )
+from nettracer.bpf.memo import memo_find, memo_store
 from nettracer.bpf.memory import read
 from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.tracers.drops.records import (
@@ -231,6 +240,8 @@ _DEVKEY = _ONE - 8
 _NAME = _DEVKEY - IFNAMSIZ
 _TMP = _NAME - 8
 _FRAME_TOP = _TMP
+# the device memo's jiffy and array key, in slots used only after it (when counting)
+_STAMP, _MEMOKEY = _DEVKEY, _ONE
 _K = {name: _KEY + getattr(DropKey, name).offset for name, _ in DropKey._fields_}
 _E = {name: getattr(DropEvent, name).offset for name, *_ in DropEvent._fields_}
 
@@ -241,7 +252,7 @@ _CTX, _SKB, _DEV, _NETNS = R6, R7, R8, R9
 class DropSpec(Value):
     """Everything that shapes the generated program."""
 
-    __slots__ = ("layout", "args", "filters", "stack", "events", "reads", "counts")  # noqa: RUF023
+    __slots__ = ("layout", "args", "filters", "stack", "events", "reads", "counts", "memo")  # noqa: RUF023
 
     def __init__(
         self,
@@ -252,6 +263,7 @@ class DropSpec(Value):
         events: bool = False,
         reads: KernelReads | None = None,
         counts: bool | None = None,
+        memo: bool = True,
     ) -> None:
         self.layout = layout
         self.args = args
@@ -262,6 +274,10 @@ class DropSpec(Value):
         self.reads = reads
         #: count in ``counts`` (by default unless ``events``; both for ``--pcap`` with counts)
         self.counts = not events if counts is None else counts
+        #: remember each CPU's last device's ifindex and netns for the rest of the jiffy
+        #: (map ``devmemo``, :mod:`nettracer.bpf.memo`; needs ``bpf_jiffies64``, 5.6);
+        #: never with ``--device``, which reads the device's name anyway
+        self.memo = memo and self.filters.device is None
 
 
 class _Plans(Value):
@@ -318,7 +334,7 @@ def _plans(spec: DropSpec) -> _Plans:
 
 def build(spec: DropSpec) -> Program:
     """The instructions for ``spec``; maps referenced by name: ``counts``, ``devnames``,
-    ``lost``, ``stacks`` (with ``stack``), ``events`` (with ``events``) and
+    ``lost``, ``devmemo`` (with ``memo``), ``stacks`` (with ``stack``), ``events`` (with ``events``) and
     ``events_lost`` (with both ``events`` and ``counts``: each drop is sent as a record,
     then counted)."""
     flt = spec.filters
@@ -378,13 +394,21 @@ def _key(p: Program, spec: DropSpec) -> None:
 
 def _netns(p: Program, spec: DropSpec, plans: _Plans) -> None:
     """``_DEV = skb->dev``, the key's ifindex, ``_NETNS = dev->nd_net.net->ns.inum`` (or
-    that of ``skb->sk`` for drops without a device), filtered on ``--netns``."""
+    that of ``skb->sk`` for drops without a device), filtered on ``--netns``.  With
+    ``spec.memo`` the ifindex and netns of the device this CPU saw last in this jiffy
+    are taken from the memo instead of read (drops come in bursts on one device)."""
     lay, flt = spec.layout, spec.filters
     p += [
         ldx(8, _DEV, FP, plans.sk("dev")),
         mov64(_NETNS, 0),
         jeq(_DEV, 0, "out" if flt.device is not None else "nodev"),
     ]
+    # the key's ifindex and netns lie together: the memo's payload
+    memo = {"stamp_off": _STAMP, "key_off": _MEMOKEY, "size": 8}
+    if spec.memo:
+        memo_find(p, "devmemo", _DEV, out_off=_K["ifindex"], miss="devread", **memo)
+        p += [ldx(4, _NETNS, FP, _K["netns"]), ja("nodev")]
+        p.label("devread")
     emit_plan(p, plans.dev, plans.dev_buf, _DEV)
     p += [
         ldx(4, R1, FP, plans.dv("ifindex")),
@@ -393,6 +417,9 @@ def _netns(p: Program, spec: DropSpec, plans: _Plans) -> None:
     ]
     read_chain(p, R3, (), lay.net_ns_inum, 4, _TMP, null="nodev")
     p += ldx(4, _NETNS, FP, _TMP)
+    if spec.memo:
+        p += stx(4, FP, _K["netns"], _NETNS)
+        memo_store(p, "devmemo", _DEV, src_off=_K["ifindex"], **memo)
     p.label("nodev")
     if plans.sk_fallback:
         assert lay.sock_common_skc_net is not None
