@@ -49,6 +49,7 @@ from nettracer.bpf.prog import Prog, load
 from nettracer.bpf.syscall import BpfSyscallError, MapType
 from nettracer.errors import NotSupported, UsageError
 from nettracer.kernel import BTF_VMLINUX
+from nettracer.kernel.features import current as current_features
 from nettracer.kernel.features import kernel_reads
 from nettracer.tracers.drops.program import DropLayout, DropSpec, Filters, KfreeSkbArgs, build
 from nettracer.tracers.drops.records import STACK_NONE, DevKey, DevName, DropEvent, DropKey
@@ -306,9 +307,7 @@ class DropMonitor:
         )
         layout = DropLayout.from_offsets(offsets, events=events)
         if memo is None:
-            from nettracer.kernel import features
-
-            memo = features.current().use("jiffies64")
+            memo = current_features().use("jiffies64")
         spec = DropSpec(
             layout, kfree_skb, filters, stack=stack, events=events, reads=reads, counts=counts,
             memo=memo,
