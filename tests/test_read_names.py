@@ -117,3 +117,93 @@ def test_read_names_tcp_states(topo: Topo) -> None:
         ("TCP_CLOSE", "TCP_SYN_SENT", 9),
         ("TCP_SYN_SENT", "TCP_CLOSE", 9),
     ]
+
+
+@pytest.mark.kernel
+def test_read_casts_and_indexing(topo: Topo) -> None:
+    """C's cast, SystemTap's ``@cast`` and ``[N]`` read what the test knows: the
+    datagram's length, the receiving device's ifindex and the first letter of its name."""
+    import os
+
+    from test_access import _send_and_collect
+
+    if not os.path.exists(VMLINUX):
+        kernel_skip("kernel has no BTF (casts to any struct and indexing need it)")
+    ifindex = int(_nsexec(topo.receiver, "cat", f"/sys/class/net/{topo.rx}/ifindex").stdout.strip())
+    n, payload = 4, 21
+    exprs = (
+        '@cast(skb, "struct sk_buff")->len',
+        "((struct net_device *)skb->dev)->ifindex",
+        "skb->dev->name[0]",
+        '@cast(skb->dev, "net_device")->name',
+    )
+    out, _err = _send_and_collect(topo, n, payload, "kfree_skb", *exprs, "--count", "--json")
+    rows = [row for line in out.splitlines() for row in json.loads(line)["counts"]]
+    assert [row["values"] for row in rows] == [
+        {exprs[0]: 8 + payload, exprs[1]: ifindex, exprs[2]: ord(topo.rx[0]), exprs[3]: topo.rx}
+    ]
+    assert rows[0]["count"] == n
+
+
+def test_casts_without_btf_reach_catalogue_structs_only() -> None:
+    """Without BTF a cast names a catalogue struct; the offsets are the catalogue's (BTF
+    is the oracle here); indexing needs BTF."""
+    import os
+
+    from nettracer.access.path import AccessError, resolve_btf, resolve_offsets, tracepoint_args_btf
+
+    if not os.path.exists(VMLINUX):
+        kernel_skip("kernel has no BTF (the oracle of this test)")
+    from nettracer.kernel.btf import Btf
+    from nettracer.layout.btf_offsets import btf_offsets
+
+    btf = Btf.vmlinux()
+    offsets = btf_offsets(btf)
+    args = tracepoint_args_btf(btf, "kfree_skb")
+    for expr in (
+        "((struct tcp_sock *)skb->sk)->srtt_us",
+        '@cast(skb->sk, "struct tcp_sock")->srtt_us',
+        "((struct sock *)location)->sk_protocol",
+        '@cast(skb->sk, "struct sock")',
+    ):
+        a, b = resolve_offsets(expr, offsets, "kfree_skb"), resolve_btf(expr, btf, args)
+        assert (a.arg_index, a.derefs, a.offset, a.size) == (
+            b.arg_index,
+            b.derefs,
+            b.offset,
+            b.size,
+        )
+    for expr, wanted in (
+        ("((struct inode *)skb->sk)->i_ino", "only catalogue structs can be cast to"),
+        ("skb->cb[0]", "not in the field catalogue"),
+        ("((struct tcp_sock *)skb->len)->srtt_us", "only a pointer can be cast"),
+    ):
+        with pytest.raises(AccessError, match=wanted.replace("(", r"\(")):
+            resolve_offsets(expr, offsets, "kfree_skb")
+
+
+@pytest.mark.parametrize(
+    ("expr", "wanted"),
+    [
+        ("skb->cb[48]", "skb->cb has 48 elements; index 48 is past its end"),
+        ("((struct no_such_struct *)skb)->x", "no struct no_such_struct in this kernel's BTF"),
+        ("((struct tcp_sock *)skb->len)->srtt_us", "only a pointer or an 8-byte integer"),
+        ('@cast(skb->sk, "struct tcp_sock").srtt_us', "use '->'"),
+        ("skb->len[0]", "cannot be indexed"),
+        ("((struct tcp_sock)skb)->x", "only casts to a pointer to a struct"),
+        ('@cast(skb, "unsigned int")->x', 'expected "struct NAME"'),
+    ],
+)
+def test_cast_and_index_errors(expr: str, wanted: str) -> None:
+    import os
+
+    from nettracer.access.path import AccessError, resolve_btf, tracepoint_args_btf
+
+    if not os.path.exists(VMLINUX):
+        kernel_skip("kernel has no BTF (the oracle of this test)")
+    from nettracer.kernel.btf import Btf
+
+    btf = Btf.vmlinux()
+    with pytest.raises(AccessError) as exc:
+        resolve_btf(expr, btf, tracepoint_args_btf(btf, "kfree_skb"))
+    assert wanted in str(exc.value) and "\n" not in str(exc.value)

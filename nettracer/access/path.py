@@ -7,7 +7,11 @@ An expression is C's member access on a raw tracepoint's ``TP_PROTO`` argument::
 
 ``->`` follows a pointer (one ``bpf_probe_read_kernel`` of 8 bytes), ``.`` selects a
 member of a struct or union held by value (an offset added, no read); anonymous
-structs and unions are transparent, as in C.  :func:`resolve_btf` resolves with BTF
+structs and unions are transparent, as in C.  ``[N]`` indexes an array member
+(``skb->cb[0]``) or a pointer; a pointer (or an address in a u64) is cast to point to
+a struct in C's spelling, ``((struct tcp_sock *)skb->sk)->srtt_us``, or SystemTap's,
+``@cast(skb->sk, "struct tcp_sock")->srtt_us`` -- with BTF any struct, without BTF the
+catalogue's; indexing needs BTF.  :func:`resolve_btf` resolves with BTF
 (any member, any tracepoint); :func:`resolve_offsets` without BTF, through the field
 catalogue (:mod:`nettracer.layout.catalogue`) and an :class:`~nettracer.layout.offsets.Offsets`
 object, for the tracepoints in :data:`KNOWN_ARGS`.
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING
 from nettracer.errors import NettracerError
 
 if TYPE_CHECKING:
-    from nettracer.kernel.btf import Btf
+    from nettracer.kernel.btf import Btf, BtfType
     from nettracer.layout.offsets import Offsets
 
 #: largest value one expression may read (bytes); a struct larger than this is refused
@@ -44,36 +48,141 @@ class AccessError(NettracerError):
 
 @dataclass(frozen=True)
 class Token:
-    """``op`` is ``""`` for the root name, ``"->"`` or ``"."``; ``pos`` its column."""
+    """``op`` is ``""`` for the root name, ``"->"`` or ``"."`` (``name`` a member),
+    ``"[]"`` (``name`` the index, decimal) or ``"cast"`` (``name`` the struct the value
+    so far now points to); ``pos`` its column."""
 
     op: str
     name: str
     pos: int
 
 
-_TOKEN = re.compile(r"\s*(->|\.)?\s*([A-Za-z_][A-Za-z_0-9]*)")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+_SPACE = re.compile(r"\s*")
+
+
+class _Parser:
+    """Recursive descent over one expression (see :func:`parse` for the grammar)."""
+
+    def __init__(self, expr: str) -> None:
+        self.expr = expr
+        self.text = expr.rstrip()
+        self.pos = 0
+
+    def error(self, want: str) -> AccessError:
+        rest = self.text[self.pos :]
+        found = repr(rest) if rest else "the end"
+        return AccessError(f"{self.expr}: at column {self.pos + 1}: expected {want}, found {found}")
+
+    def skip(self) -> None:
+        self.pos = _SPACE.match(self.text, self.pos).end()  # type: ignore[union-attr]
+
+    def take(self, literal: str) -> bool:
+        self.skip()
+        if self.text.startswith(literal, self.pos):
+            self.pos += len(literal)
+            return True
+        return False
+
+    def name(self, want: str = "a name") -> Token:
+        self.skip()
+        m = _NAME.match(self.text, self.pos)
+        if m is None:
+            raise self.error(want)
+        self.pos = m.end()
+        return Token("", m.group(), m.start())
+
+    def expression(self) -> list[Token]:
+        tokens = self.primary()
+        while True:
+            self.skip()
+            at = self.pos
+            if self.take("->") or self.take("."):
+                op = self.text[at : self.pos].strip()
+                member = self.name("'->' or '.' then a member name")
+                tokens.append(Token(op, member.name, member.pos))
+            elif self.take("["):
+                self.skip()
+                m = re.compile(r"\d+").match(self.text, self.pos)
+                if m is None:
+                    raise self.error("an index (a decimal number)")
+                self.pos = m.end()
+                if not self.take("]"):
+                    raise self.error("']'")
+                tokens.append(Token("[]", m.group(), at))
+            else:
+                return tokens
+
+    def primary(self) -> list[Token]:
+        self.skip()
+        at = self.pos
+        if self.take("@cast"):
+            if not self.take("("):
+                raise self.error("'(' after @cast")
+            inner = self.expression()
+            if not self.take(","):
+                raise self.error(
+                    "',' then the type in quotes, as in @cast(skb, \"struct sk_buff\")"
+                )
+            struct = self.quoted_struct()
+            if self.take(","):  # SystemTap's module argument ("kernel")
+                self.quoted()
+            if not self.take(")"):
+                raise self.error("')'")
+            return [*inner, Token("cast", struct, at)]
+        if self.take("("):
+            self.skip()
+            if self.take("("):  # ((struct NAME *)EXPR)
+                if self.name("'struct'").name != "struct":
+                    raise self.error("'struct NAME *' in the cast")
+                struct = self.name("a struct name")
+                if not self.take("*") or not self.take(")"):
+                    raise self.error("'*)': only casts to a pointer to a struct")
+                inner = self.expression()
+                tokens = [*inner, Token("cast", struct.name, at)]
+            else:
+                tokens = self.expression()
+            if not self.take(")"):
+                raise self.error("')'")
+            return tokens
+        if self.text.startswith(("->", "."), self.pos) or self.pos >= len(self.text):
+            raise self.error("a name")
+        return [self.name()]
+
+    def quoted(self) -> str:
+        self.skip()
+        m = re.compile(r'"([^"]*)"').match(self.text, self.pos)
+        if m is None:
+            raise self.error("a quoted type name")
+        self.pos = m.end()
+        return m.group(1).strip()
+
+    def quoted_struct(self) -> str:
+        words = self.quoted().split()
+        if words[:1] == ["struct"]:
+            words = words[1:]
+        if len(words) != 1 or not _NAME.fullmatch(words[0]):
+            raise self.error('"struct NAME"')
+        return words[0]
 
 
 def parse(expr: str) -> list[Token]:
-    """Tokens of ``expr``: a root name then ``->name`` / ``.name`` steps.
+    """Tokens of ``expr``: a root name then ``->name`` / ``.name`` / ``[N]`` steps, and
+    casts of the value so far to a pointer to a struct, in C's spelling
+    ``((struct tcp_sock *)skb->sk)->srtt_us`` or SystemTap's
+    ``@cast(skb->sk, "struct tcp_sock")->srtt_us`` (a ``"cast"`` token after the value).
 
     >>> [(t.op, t.name) for t in parse("skb->dev->name")]
     [('', 'skb'), ('->', 'dev'), ('->', 'name')]
     """
-    tokens: list[Token] = []
-    pos = 0
-    text = expr.rstrip()
-    if not text.strip():
+    if not expr.strip():
         raise AccessError(f"{expr!r}: empty expression (want e.g. skb->dev->name)")
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        op = m.group(1) if m else None
-        if m is None or (tokens and op is None) or (not tokens and op is not None):
-            want = "a name" if not tokens else "'->' or '.' then a member name"
-            raise AccessError(f"{expr}: at column {pos + 1}: expected {want}, found {text[pos:]!r}")
-        tokens.append(Token(op or "", m.group(2), m.start(2)))
-        pos = m.end()
-    if sum(t.op == "->" for t in tokens) > MAX_DEREFS:
+    p = _Parser(expr)
+    tokens = p.expression()
+    p.skip()
+    if p.pos < len(p.text):
+        raise p.error("'->' or '.' then a member name")
+    if sum(t.op in ("->", "[]") for t in tokens) > MAX_DEREFS:
         raise AccessError(f"{expr}: more than {MAX_DEREFS} '->' in one expression")
     return tokens
 
@@ -264,6 +373,44 @@ def _bitfield_unit(btf: Btf, tid: int, bit: int, bsize: int) -> tuple[int, int, 
     return unit, size, bit - 8 * unit
 
 
+def _btf_cast(btf: Btf, t: BtfType, tok: Token, expr: str, where: str) -> int:
+    """The struct id a value of type ``t`` is cast to point to: the value must be a
+    pointer or an 8-byte integer (``unsigned long`` holding an address)."""
+    from nettracer.kernel.btf import Kind
+
+    if not (t.kind == Kind.PTR or (t.kind == Kind.INT and t.size_or_type == 8)):
+        raise _error(expr, tok, f"{where} is {btf.type_name(t.id)}: only a pointer or an "
+                     "8-byte integer can be cast to a pointer")  # fmt: skip
+    found = btf.find(tok.name, Kind.STRUCT) or btf.find(tok.name, Kind.UNION)
+    if not found:
+        raise _error(expr, tok, f"no struct {tok.name} in this kernel's BTF")
+    return found[0]
+
+
+def _btf_index(
+    btf: Btf, t: BtfType, tok: Token, expr: str, where: str, cast: int | None
+) -> tuple[int, int]:
+    """(element type id, byte offset) of ``where[N]``: an array member (N below its
+    length) or a pointer (``*(p + N)``, within one page)."""
+    from nettracer.kernel.btf import Kind
+
+    n = int(tok.name)
+    if cast is None and t.kind == Kind.ARRAY:
+        elem, _, count = btf.array(t.id)
+        if n >= count:
+            raise _error(expr, tok, f"{where} has {count} elements; index {n} is past its end")
+        return elem, n * btf.sizeof(elem)
+    if cast is None and t.kind == Kind.PTR:
+        elem = t.size_or_type
+        size = btf.sizeof(elem) if btf.strip(elem) else 0
+        if not size or (n + 1) * size > 4096:
+            raise _error(
+                expr, tok, f"{where}[{n}]: only elements of a sized type within 4096 bytes"
+            )
+        return elem, n * size
+    raise _error(expr, tok, f"{where} is not an array or a pointer; it cannot be indexed")
+
+
 def resolve_btf(expr: str, btf: Btf, args: list[tuple[str, int]]) -> AccessPath:
     """Resolve ``expr`` against tracepoint arguments ``args`` (from
     :func:`tracepoint_args_btf`) with BTF.  Errors are one-line :class:`AccessError`\\ s."""
@@ -278,21 +425,36 @@ def resolve_btf(expr: str, btf: Btf, args: list[tuple[str, int]]) -> AccessPath:
     in_mem = False  # False while the value is the argument itself
     bit = 0  # bit offset of the current member from the current base
     bsize = 0
+    cast: int | None = None  # struct the value (a pointer) was cast to point to
     for tok in tokens[1:]:
         t = btf.type(btf.strip(tid))
-        tname = btf.type_name(tid)
+        tname = f"struct {btf.type(cast).name} *" if cast else btf.type_name(tid)
+        if tok.op == "cast":
+            cast = _btf_cast(btf, t, tok, expr, where)
+            where = f"((struct {tok.name} *){where})"
+            continue
+        if tok.op == "[]":
+            tid, offset = _btf_index(btf, t, tok, expr, where, cast)
+            if t.kind == Kind.PTR:  # p[N]: *(p + N)
+                if in_mem:
+                    derefs.append(bit // 8)
+                in_mem, bit = True, 0
+            bit += 8 * offset
+            where = f"{where}[{tok.name}]"
+            continue
         if tok.op == "->":
-            if t.kind != Kind.PTR:
+            if t.kind != Kind.PTR and cast is None:
                 hint = " (use '.')" if t.kind in (Kind.STRUCT, Kind.UNION) else ""
                 raise _error(expr, tok, f"{where} is {tname}, not a pointer{hint}")
             if in_mem:
                 derefs.append(bit // 8)
             in_mem, bit = True, 0
-            t = btf.type(btf.strip(t.size_or_type))
+            t = btf.type(cast) if cast else btf.type(btf.strip(t.size_or_type))
             if t.kind == Kind.FWD:
                 raise _error(expr, tok, f"{where} points to an incomplete type {tname}")
-        elif t.kind == Kind.PTR:
+        elif t.kind == Kind.PTR or cast is not None:
             raise _error(expr, tok, f"{where} is a pointer ({tname}); use '->'")
+        cast = None
         if t.kind not in (Kind.STRUCT, Kind.UNION):
             raise _error(expr, tok, f"{where} is {tname}, not a struct or union")
         tid, moff, bsize = _btf_member(btf, t.id, tok, expr, where)
@@ -317,7 +479,7 @@ def resolve_btf(expr: str, btf: Btf, args: list[tuple[str, int]]) -> AccessPath:
         derefs=tuple(derefs),
         offset=offset,
         size=size,
-        ctype=btf.type_name(tid),
+        ctype=f"struct {btf.type(cast).name} *" if cast else btf.type_name(tid),
         decode=decode,
         bit_shift=shift,
         bit_size=bsize,
@@ -384,9 +546,24 @@ def resolve_offsets(expr: str, offsets: Offsets, tracepoint: str) -> AccessPath:
     base_off: int | None = None
     i = 1
     spec = None
+    cast: str | None = None
     where = root.name
     while i < len(tokens):
         tok = tokens[i]
+        if tok.op == "cast":  # a pointer (or an address held in a u64) as struct NAME *
+            if spec is not None and spec.size != 8:
+                raise _error(expr, tok, f"{where} is {spec.ctype}: only a pointer can be cast")
+            if not any(k.startswith(f"{tok.name}.") for k in BY_KEY):
+                structs = sorted({k.split(".", 1)[0] for k in BY_KEY})
+                raise _error(
+                    expr, tok, f"without BTF only catalogue structs can be cast to "
+                    f"({', '.join(structs)}), not struct {tok.name}"
+                )  # fmt: skip
+            struct, where, cast = tok.name, f"((struct {tok.name} *){where})", tok.name
+            i += 1
+            continue
+        if tok.op == "[]":
+            raise _error(expr, tok, "indexing needs BTF (offsets.source btf)")
         if tok.op != "->" or struct is None:
             raise _error(expr, tok, f"{where} is not a pointer to a struct we know without BTF")
         if base_off is not None:
@@ -415,7 +592,11 @@ def resolve_offsets(expr: str, offsets: Offsets, tracepoint: str) -> AccessPath:
         base_off = offsets.offset(key)  # UnresolvedField names the way out
         struct = spec.points_to
         where = f"{where}->{'.'.join(t.name for t in tokens[i:j])}"
+        cast = None
         i = j
+    if cast is not None:  # the expression ends with the cast: the pointer itself
+        derefs_, off = (tuple(derefs), base_off) if spec is not None else ((), None)
+        return AccessPath(expr, index, derefs_, off, 8, f"struct {cast} *", "ptr")
     if spec is None:
         if (tracepoint, root.name) in KNOWN_ADDRESS_ARGS:
             return AccessPath(expr, index, (), None, 8, "void *", "ptr")

@@ -46,8 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "read",
         help="read kernel struct members (skb->dev->name) on every hit of a tracepoint",
         description="Attach to a raw tracepoint and read C struct-path expressions rooted "
-        "at its arguments (skb->len, skb->dev->name, sk->__sk_common.skc_dport) on each "
-        "hit: print them per event, or count hits per distinct tuple of values.",
+        "at its arguments (skb->len, skb->dev->name, sk->__sk_common.skc_dport, "
+        'skb->cb[0], ((struct tcp_sock *)skb->sk)->srtt_us, @cast(skb->sk, "struct '
+        'tcp_sock")->srtt_us) on each hit: print them per event, or count hits per '
+        "distinct tuple of values.",
     )
     p.add_argument("tracepoint", help="tracepoint, e.g. kfree_skb or skb:kfree_skb")
     p.add_argument("exprs", nargs="+", metavar="EXPR", help="e.g. 'skb->dev->name'")
