@@ -103,12 +103,14 @@ def build_program(
     lost_map: str = "lost",
     reads: KernelReads | None = None,
     args: TracepointArgs | None = None,
+    channel: str = "ringbuf",
 ) -> Program:
     """The raw tracepoint program: optional netns filter, the reads, then either the
     record to the event channel ``out_map`` (``mode="events"``) or ``out[record] += 1``
     (``mode="count"``). What does not fit (channel full, hash map full) is counted
     in ``lost[0]``. ``reads`` chooses the helper (:mod:`nettracer.bpf.memory`), ``args``
-    the context's layout (default: raw tracepoint, :func:`nettracer.access.compile.raw_args`)."""
+    the context's layout (default: raw tracepoint, :func:`nettracer.access.compile.raw_args`),
+    ``channel`` the event channel's kind (:func:`nettracer.bpf.channel.event_channel`)."""
     if mode not in ("events", "count"):
         raise ValueError(f"mode must be 'events' or 'count', not {mode!r}")
     buf = _SCRATCH - record.size
@@ -128,7 +130,7 @@ def build_program(
         ]
     compile_reads(p, record, buf, tmp_off=tmp, args=args)
     if mode == "events":
-        event_channel(out_map, lost_map).output(
+        event_channel(out_map, lost_map, channel).output(
             p, ctx=R6, buf_off=buf, size=record.size, done="out", scratch_off=_SCRATCH
         )
     else:
@@ -214,15 +216,18 @@ class Reader:
     def start(self) -> Reader:
         """Create the maps, load the program and attach it."""
         from nettracer.bpf import prog
+        from nettracer.bpf.channel import channel_kind
         from nettracer.bpf.maps import hash_map
+        from nettracer.kernel import features
         from nettracer.kernel.features import kernel_reads
 
         max_entries, ringbuf_size = self._sizes
         try:
             self.lost_map: Map = lost_counter("lost")
             self._objs.append(self.lost_map)
+            kind = channel_kind(features.current().use("ringbuf"))
             if self.mode == "events":
-                self.reader = event_channel("out", "lost").open(ringbuf_size, self.lost_map)
+                self.reader = event_channel("out", "lost", kind).open(ringbuf_size, self.lost_map)
                 maps = self.reader.maps
             else:
                 self.out = hash_map(key_type(self.record), ctypes.c_uint64, max_entries, "out")
@@ -232,7 +237,9 @@ class Reader:
             paths = self.paths + ([self.netns[0]] if self.netns else [])
             args = raw_args(self.tracepoint, paths).for_kernel()
             reads = self.reads if self.reads is not None else kernel_reads()
-            insns = build_program(self.record, self.mode, flt, reads=reads, args=args).insns
+            insns = build_program(
+                self.record, self.mode, flt, reads=reads, args=args, channel=kind
+            ).insns
             self.prog = prog.load(insns, prog_type=args.prog_type, maps=maps, name="nt_read")
             self._objs.append(self.prog)
             self.link = args.attach(self.prog)

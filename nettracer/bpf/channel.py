@@ -30,9 +30,10 @@ done="out", scratch_off=-8)``.  User side::
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Callable
 
-from nettracer.bpf.counters import lost_counter, lost_inc
+from nettracer.bpf.counters import lookup, lost_counter, lost_inc
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
     FP,
@@ -41,6 +42,7 @@ from nettracer.bpf.insn import (
     R2,
     R3,
     R4,
+    R5,
     Program,
     Reg,
     add64,
@@ -48,14 +50,19 @@ from nettracer.bpf.insn import (
     ja,
     jeq,
     jne,
+    ld_imm64,
     ld_map_fd,
     mov64,
+    st,
 )
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
     from nettracer.bpf.maps import Map
+    from nettracer.bpf.perfbuf import PerfBufReader
     from nettracer.bpf.ringbuf import RingBufReader
+
+    _Reader = RingBufReader | PerfBufReader
 
 #: ``bpf_ringbuf_submit``/``_output`` flag: do not wake the reader (it polls on a timer)
 BPF_RB_NO_WAKEUP = 1
@@ -146,13 +153,142 @@ class EventChannel:
         two); ``prefix`` goes before the kernel-side map names (``bpftool map``)."""
         return ChannelReader(self, size, lost_map, prefix)
 
+    def _create(self, size: int, prefix: str) -> tuple[dict[str, Map], _Reader]:
+        """The channel's own maps (by program name) and the reader of records."""
+        from nettracer.bpf.ringbuf import RingBuf, RingBufReader
+
+        ring = RingBuf(size, prefix + self.map)
+        try:
+            return {self.map: ring}, RingBufReader(ring)
+        except BaseException:
+            ring.close()
+            raise
+
+
+class PerfEventChannel(EventChannel):
+    """A perf event array named ``map`` (Linux 4.4; :mod:`nettracer.bpf.perfbuf`), the
+    channel of kernels without a ring buffer (before 5.8). A record is built in the
+    current CPU's slot of a per-CPU array ``<map>_rec`` (one value of
+    :data:`RECORD_MAX` bytes: programs cannot nest on a CPU through this path, the
+    tracepoint runs them with preemption off and each program at most once per CPU at
+    a time) and sent with ``bpf_perf_event_output(ctx, &map, BPF_F_CURRENT_CPU, rec,
+    size)``. A full perf buffer (``-ENOSPC``) is counted by the kernel, which writes a
+    ``PERF_RECORD_LOST`` when there is room again (before 5.4 the helper did not even
+    return the error): the reader adds those; any other failure counts in ``lost``."""
+
+    kind = "perf_event_array"
+    #: largest record built in place (the per-CPU array value)
+    RECORD_MAX = 4096
+
+    @property
+    def scratch(self) -> str:
+        return f"{self.map}_rec"
+
+    def reserve(self, p: Program, dst: Reg, size: int, on_fail: str, scratch_off: int) -> None:
+        """``dst`` = this CPU's record slot (``size`` bytes of it are the record)."""
+        if size > self.RECORD_MAX:
+            raise ValueError(f"a {size}-byte record does not fit the {self.RECORD_MAX}-byte slot")
+        ok = p.new_label("reserved")
+        p += st(4, FP, scratch_off, 0)
+        lookup(p, self.scratch, scratch_off)
+        p += jne(R0, 0, ok)
+        lost_inc(p, self.lost, scratch_off)
+        p += ja(on_fail)
+        p += mov64(dst, R0).at(ok)
+
+    def submit(
+        self,
+        p: Program,
+        rec: Reg,
+        *,
+        ctx: Reg,
+        size: int,
+        scratch_off: int,
+        wakeup: bool = True,
+    ) -> None:
+        """Send the record ``rec`` (``bpf_perf_event_output``); a full buffer counts as
+        lost. ``wakeup`` is the perf event's business (one wakeup per sample)."""
+        del wakeup
+        sent = p.new_label("sent")
+        self.try_output(p, ctx=ctx, src=rec, size=size, ok=sent)
+        self._failed(p, scratch_off, sent)
+        p.label(sent)
+
+    def output(
+        self, p: Program, *, ctx: Reg, buf_off: int, size: int, done: str, scratch_off: int
+    ) -> None:
+        """Send the ``size`` bytes at ``fp + buf_off``; jumps to ``done`` either way."""
+        self.try_output(p, ctx=ctx, src=FP, src_off=buf_off, size=size, ok=done)
+        self._failed(p, scratch_off, done)
+        p += ja(done)
+
+    def _failed(self, p: Program, scratch_off: int, done: str) -> None:
+        """After a failed output: ``lost[0] += 1`` unless the buffer was full (R0 is
+        ``-ENOSPC``: the kernel counts that one itself, see the class docstring)."""
+        p += jeq(R0, -errno.ENOSPC, done)
+        lost_inc(p, self.lost, scratch_off)
+
+    def try_output(
+        self,
+        p: Program,
+        *,
+        ctx: Reg | None,
+        src: Reg,
+        size: int,
+        ok: str,
+        src_off: int = 0,
+        wakeup: bool = True,
+    ) -> None:
+        """``bpf_perf_event_output(ctx, &map, BPF_F_CURRENT_CPU, src + src_off, size)``
+        and jump to ``ok``; fall through when the buffer was full. ``ctx`` is required."""
+        from nettracer.bpf.perfbuf import BPF_F_CURRENT_CPU
+
+        del wakeup
+        if ctx is None:
+            raise ValueError("bpf_perf_event_output needs the program's context register")
+        p += [mov64(R4, src)]
+        if src_off:
+            p += add64(R4, src_off)
+        p += [mov64(R1, ctx), ld_map_fd(R2, self.map), ld_imm64(R3, BPF_F_CURRENT_CPU)]
+        p += [mov64(R5, size), call(Helper.perf_event_output), jeq(R0, 0, ok)]
+
+    def _create(self, size: int, prefix: str) -> tuple[dict[str, Map], _Reader]:
+        import ctypes
+
+        from nettracer.bpf.maps import percpu_array
+        from nettracer.bpf.perfbuf import PerfBufReader, PerfEventArray
+
+        owned: list[Map] = []
+        try:
+            owned.append(PerfEventArray(prefix + self.map))
+            owned.append(percpu_array(ctypes.c_uint8 * self.RECORD_MAX, 1, prefix + self.scratch))
+            reader = PerfBufReader(owned[0], size)  # type: ignore[arg-type]
+        except BaseException:
+            for m in owned:
+                m.close()
+            raise
+        return {self.map: owned[0], self.scratch: owned[1]}, reader
+
+
+#: the channel kinds, by the name :func:`event_channel` takes
+KINDS: dict[str, type[EventChannel]] = {
+    EventChannel.kind: EventChannel,
+    PerfEventChannel.kind: PerfEventChannel,
+}
+
 
 def event_channel(map: str = "events", lost: str = "lost", kind: str = "ringbuf") -> EventChannel:
-    """The channel of ``kind`` (only ``"ringbuf"`` today) for programs naming ``map`` and
-    ``lost``."""
-    if kind != "ringbuf":
+    """The channel of ``kind`` (``"ringbuf"``, or ``"perf_event_array"`` for kernels
+    before 5.8) for programs naming ``map`` and ``lost``."""
+    if kind not in KINDS:
         raise ValueError(f"unknown event channel kind {kind!r}")
-    return EventChannel(map, lost)
+    return KINDS[kind](map, lost)
+
+
+def channel_kind(use_ringbuf: bool) -> str:
+    """The kind of channel to build: the ring buffer where the kernel has it and it is
+    to be used, else the perf event array."""
+    return EventChannel.kind if use_ringbuf else PerfEventChannel.kind
 
 
 class ChannelReader:
@@ -162,29 +298,28 @@ class ChannelReader:
     """
 
     def __init__(self, channel: EventChannel, size: int, lost_map: Map | None, prefix: str) -> None:
-        from nettracer.bpf.ringbuf import RingBuf, RingBufReader
-
         self.channel = channel
         self._owned: list[Map] = []
-        self._reader: RingBufReader | None = None
+        self._reader: _Reader | None = None
         try:
             if lost_map is None:
                 lost_map = lost_counter(prefix + channel.lost)
                 self._owned.append(lost_map)
             self.lost_map: Map = lost_map
-            ring = RingBuf(size, prefix + channel.map)
-            self._owned.append(ring)
-            self.maps: dict[str, Map] = {channel.map: ring, channel.lost: lost_map}
-            self._reader = RingBufReader(ring, lost_map)
+            own, self._reader = channel._create(size, prefix)
+            self._owned.extend(own.values())
+            self.maps: dict[str, Map] = {**own, channel.lost: lost_map}
         except BaseException:
             self.close()
             raise
 
     @property
     def lost(self) -> int:
-        """Records that did not fit since the start (the sum over CPUs of ``lost[0]``)."""
+        """Records that did not fit since the start (the sum over CPUs of ``lost[0]``,
+        plus what a perf buffer reported lost)."""
         v = self.lost_map.lookup(0, 0)
-        return sum(v) if isinstance(v, list) else int(v)
+        counted = sum(v) if isinstance(v, list) else int(v)
+        return counted + int(getattr(self._reader, "lost_records", 0))
 
     @property
     def records(self) -> int:

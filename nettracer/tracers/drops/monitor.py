@@ -376,14 +376,13 @@ class DropMonitor:
                     )
                 )
                 maps["stacks"] = self.stacks
-            if self.spec.events:
+            spec = self._for_kernel()
+            if spec.events:
                 from nettracer.tracers.drops.program import channel_for
 
-                shared = None if self.spec.counts else self.lost_map
-                self.reader = channel_for(self.spec).open(ringbuf_bytes, lost_map=shared)
+                shared = None if spec.counts else self.lost_map
+                self.reader = channel_for(spec).open(ringbuf_bytes, lost_map=shared)
                 maps |= self.reader.maps
-            reads = self.spec.reads if self.spec.reads is not None else kernel_reads()
-            spec = self.spec.replace(args=self.spec.args.for_kernel(), reads=reads)
             program = build(spec)
             self.prog = self._keep(
                 load(program.insns, prog_type=spec.args.prog_type, maps=maps, name="nt_drops")
@@ -393,6 +392,20 @@ class DropMonitor:
             self.close()
             raise
         return self
+
+    def _for_kernel(self) -> DropSpec:
+        """The spec as this kernel (and ``kernel.without``) wants it: the tracepoint's
+        layout, the read helper and the event channel."""
+        from nettracer.bpf.channel import channel_kind
+        from nettracer.kernel import features
+
+        kf = features.current()
+        reads = self.spec.reads if self.spec.reads is not None else kernel_reads(kf)
+        return self.spec.replace(
+            args=self.spec.args.for_kernel(kf),
+            reads=reads,
+            channel=channel_kind(kf.use("ringbuf")) if self.spec.events else self.spec.channel,
+        )
 
     def _keep(self, obj: _Obj) -> _Obj:
         self._objs.append(obj)

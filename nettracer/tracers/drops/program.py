@@ -98,16 +98,14 @@ if TYPE_CHECKING:
 MAX_SPAN = 192
 #: ``(u16)~0U``: ``skb_reset_*_header`` was never called
 HEADER_UNSET = 0xFFFF
-#: where ``--events`` records go (maps ``events`` and ``lost``)
-CHANNEL = event_channel("events", "lost")
-#: where records go when the program also counts (``--pcap`` next to the periodic
-#: counts): their own lost counter, so that a full ring buffer is not a lost count
-COUNTING_CHANNEL = event_channel("events", "events_lost")
 
 
 def channel_for(spec: DropSpec) -> EventChannel:
-    """The event channel of a program built from ``spec`` (which has ``events``)."""
-    return COUNTING_CHANNEL if spec.counts else CHANNEL
+    """The event channel of a program built from ``spec`` (which has ``events``): maps
+    ``events`` and ``lost``, or ``events_lost`` when the program also counts (``--pcap``
+    next to the periodic counts: a full channel is not a lost count); of the kind
+    ``spec.channel`` (a ring buffer, or a perf event array before 5.8)."""
+    return event_channel("events", "events_lost" if spec.counts else "lost", spec.channel)
 
 
 class Filters(Value):
@@ -252,7 +250,17 @@ _CTX, _SKB, _DEV, _NETNS = R6, R7, R8, R9
 class DropSpec(Value):
     """Everything that shapes the generated program."""
 
-    __slots__ = ("layout", "args", "filters", "stack", "events", "reads", "counts", "memo")  # noqa: RUF023
+    __slots__ = (  # noqa: RUF023 - field order
+        "layout",
+        "args",
+        "filters",
+        "stack",
+        "events",
+        "reads",
+        "counts",
+        "memo",
+        "channel",
+    )
 
     def __init__(
         self,
@@ -264,6 +272,7 @@ class DropSpec(Value):
         reads: KernelReads | None = None,
         counts: bool | None = None,
         memo: bool = True,
+        channel: str = "ringbuf",
     ) -> None:
         self.layout = layout
         self.args = args
@@ -278,6 +287,8 @@ class DropSpec(Value):
         #: (map ``devmemo``, :mod:`nettracer.bpf.memo`; needs ``bpf_jiffies64``, 5.6);
         #: never with ``--device``, which reads the device's name anyway
         self.memo = memo and self.filters.device is None
+        #: the event channel's kind (:func:`nettracer.bpf.channel.event_channel`)
+        self.channel = channel
 
 
 class _Plans(Value):
