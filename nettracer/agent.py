@@ -49,12 +49,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from nettracer.bpf.fd import StopRequest
 from nettracer.errors import NettracerError
 
 if TYPE_CHECKING:
@@ -191,9 +191,7 @@ class Agent:
         self._last_refresh = 0.0
         self._folded: set[DropLabels] = set()
         self.running = False
-        self.stopping = 0
-        self._on_hup: Callable[[], None] | None = None
-        self._hup = False
+        self.stop = StopRequest()
         self.errors = 0
 
     # -- life cycle ---------------------------------------------------------------------
@@ -256,12 +254,6 @@ class Agent:
     def notices(self) -> list[str]:
         return list(self.conns.notices) if self.conns is not None else []
 
-    def _on_signal(self, signum: int, frame: object) -> None:
-        if signum == signal.SIGHUP and self._on_hup is not None:
-            self._hup = True
-        else:
-            self.stopping = signum
-
     def run(self, duration: float | None = None, on_hup: Callable[[], None] | None = None) -> None:
         """The main loop, in the main thread, until SIGINT/SIGTERM or ``duration``;
         SIGHUP calls ``on_hup`` from the loop (a reload), or stops it without one.
@@ -269,23 +261,21 @@ class Agent:
         Signals only set flags (an exception in the middle of reading the ring buffer
         would drop records already consumed), like ``nettracer conns``.
         """
-        from nettracer.bpf.fd import STOP_SIGNALS, ignore_stop_signals
+        from nettracer.bpf.fd import ignore_stop_signals
 
-        self._on_hup, self._hup = on_hup, False
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._on_signal)
+        self.stop = StopRequest(reload=on_hup is not None).install()
         start = time.monotonic()
         end = start + duration if duration else float("inf")
         tick = start + self.interval
         self.running = True
         try:
             self.refresh()
-            while not self.stopping:
+            while not self.stop.signum:
                 now = time.monotonic()
                 if now >= end:
                     break
-                if self._hup and on_hup is not None:
-                    self._hup = False
+                if self.stop.reload_wanted and on_hup is not None:
+                    self.stop.reload_wanted = False
                     on_hup()
                     continue
                 with self._cond:

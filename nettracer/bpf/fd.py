@@ -123,10 +123,15 @@ def install_signal_handlers() -> None:
 class StopRequest:
     """While a monitor's loop runs, SIGINT/SIGTERM/SIGHUP only set :attr:`signum` (an
     exception in the middle of reading a map or a ring buffer would lose what was
-    already taken out of it); :meth:`sleep` is the one place a signal interrupts."""
+    already taken out of it); :meth:`sleep` is the one place a signal interrupts.  Used
+    by the loops of ``drops``, ``conns`` and ``agent`` (whose SIGHUP, with ``reload``,
+    only sets :attr:`reload_wanted`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reload: bool = False) -> None:
         self.signum = 0
+        #: with ``reload``, SIGHUP sets this instead of stopping (``nettracer agent``)
+        self.reload_wanted = False
+        self._reload = reload
         self._sleeping = False
 
     def install(self) -> StopRequest:
@@ -136,6 +141,9 @@ class StopRequest:
         return self
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        if self._reload and signum == signal.SIGHUP:
+            self.reload_wanted = True
+            return
         self.signum = self.signum or signum
         if self._sleeping:
             self._sleeping = False

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import signal
 import sys
 import time
 
@@ -147,9 +146,9 @@ class _Session:
         self.containers = ContainerResolver()
 
     def run(self) -> int:
-        from nettracer.bpf.fd import STOP_SIGNALS, ignore_stop_signals
+        from nettracer.bpf.fd import StopRequest, ignore_stop_signals
 
-        self.stopping = 0
+        self.stop = StopRequest()
         with self.monitor as monitor:
             for notice in monitor.notices:
                 sys.stderr.write(f"nettracer: notice: {notice}\n")
@@ -178,8 +177,7 @@ class _Session:
             sys.stderr.flush()
             # from here on a signal only asks the loop to stop: an exception in the
             # middle of reading the ring buffer would drop records already consumed
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, self._on_signal)
+            self.stop.install()
             start = time.monotonic()
             self.last = start
             self._loop(start)
@@ -187,16 +185,13 @@ class _Session:
             self._report(time.monotonic())  # the last (partial) interval
         return 0
 
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self.stopping = signum
-
     def _loop(self, start: float) -> None:
         """Report every interval until ``--duration`` or a signal; the caller prints the
         last, partial, interval."""
         args = self.args
         end = start + args.duration if args.duration else float("inf")
         tick = start + args.interval
-        while not self.stopping:
+        while not self.stop.signum:
             now = time.monotonic()
             if now >= end:
                 return
