@@ -513,10 +513,12 @@ def bench_solo(
             for name, (cmd, repo) in arms.items():
                 s = start(cmd, repo=repo)
                 time.sleep(0.5)
-                t0, c0 = prog_stats(s.prog_id)
+                # the program attached now: --offsets guess attaches its probes first
+                prog_id = attached(s.proc.pid) or s.prog_id
+                t0, c0 = prog_stats(prog_id)
                 blast("count", n)
                 time.sleep(0.5)
-                t1, c1 = prog_stats(s.prog_id)
+                t1, c1 = prog_stats(prog_id)
                 stop(s)
                 out[name].append((t1 - t0) / max(1, c1 - c0))
     return out
