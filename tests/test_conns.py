@@ -230,6 +230,20 @@ TRAFFIC = textwrap.dedent(r"""
         a = srv.getsockname()[:2]
         say(dict(me, server={"saddr": a[0], "sport": a[1]}, client=ends(cli)))
         sys.stdin.readline()
+    elif mode == "udp_peers":  # an unconnected server answering three unconnected clients
+        srv = socket.socket(FAM, socket.SOCK_DGRAM)
+        srv.bind((args["host"], 0))
+        clients = [socket.socket(FAM, socket.SOCK_DGRAM) for _ in range(3)]
+        for i, c in enumerate(clients):
+            for _ in range(i + 1):
+                c.sendto(b"q" * (10 * (i + 1)), srv.getsockname()[:2])
+                data, peer = srv.recvfrom(65536)
+                srv.sendto(b"a" * (100 * (i + 1)), peer)
+                c.recv(65536)
+        a = srv.getsockname()[:2]
+        say(dict(me, server={"saddr": a[0], "sport": a[1]},
+                 clients=[c.getsockname()[1] for c in clients]))
+        sys.stdin.readline()
     elif mode == "udp_close":  # a connected client closed after N datagrams, one kept idle
         srv = socket.socket(FAM, socket.SOCK_DGRAM)
         srv.bind((args["host"], 0))
@@ -721,6 +735,52 @@ def test_udp_close_and_idle(ns: Netns) -> None:
     for ends, final in ((truth["client"], c), (truth["idle"], i)):
         at = next(k for k, r in enumerate(reports) if final in r["closed"])
         assert not [x for r in reports[at:] for x in find(r["conns"], ends, ns.inode)]
+    no_loss(reports)
+
+
+def test_udp_peers_of_unconnected_sockets(ns: Netns) -> None:
+    """An unconnected UDP server answers three unconnected clients: client i sends i+1
+    datagrams of 10(i+1) bytes and gets as many of 100(i+1) back.  The server's flow
+    lists the three peers with exact bytes and datagrams each way, each client's flow
+    the server; nothing is unattributed."""
+    tracer = start_tracer("--interval", "0.5", "--netns", str(ns.inode))
+    if "UDP flows are not collected" in tracer.stderr:
+        tracer.close()
+        kernel_skip("no sock:sock_send_length on this kernel (Linux 6.3): no UDP flows")
+    script = Script(ns, mode="udp_peers", family=4, host="127.0.0.1")
+    try:
+        truth = script.read()
+        report = tracer.skip(2)
+        reports = tracer.stop()
+    finally:
+        script.close()
+        tracer.close()
+    zero = dict.fromkeys(
+        ("bytes_sent", "bytes_received", "datagrams_sent", "datagrams_received"), 0
+    )
+    srv_port = truth["server"]["sport"]
+    [s] = find(report["conns"], dict(truth["server"], daddr="0.0.0.0", dport=0), ns.inode)
+    assert s["peers"] == sorted(
+        (
+            {"addr": "127.0.0.1", "port": port, "bytes_sent": 100 * (i + 1) * (i + 1),
+             "bytes_received": 10 * (i + 1) * (i + 1), "datagrams_sent": i + 1,
+             "datagrams_received": i + 1}
+            for i, port in enumerate(truth["clients"])
+        ),
+        key=lambda p: p["port"],
+    )  # fmt: skip
+    assert s["unattributed"] == zero
+    for i, port in enumerate(truth["clients"]):
+        [c] = [
+            c for c in report["conns"]
+            if c["netns"] == ns.inode and c["sport"] == port and c["proto"] == "udp"
+        ]  # fmt: skip
+        assert c["peers"] == [
+            {"addr": "127.0.0.1", "port": srv_port, "bytes_sent": 10 * (i + 1) * (i + 1),
+             "bytes_received": 100 * (i + 1) * (i + 1), "datagrams_sent": i + 1,
+             "datagrams_received": i + 1}
+        ]  # fmt: skip
+        assert c["unattributed"] == zero
     no_loss(reports)
 
 

@@ -17,6 +17,7 @@ from nettracer.bpf.insn import JMP32, Program
 from nettracer.layout.catalogue import CATALOGUE
 from nettracer.layout.offsets import Field, Offsets
 from nettracer.output import conns as out
+from nettracer.tracers.conns import peers
 from nettracer.tracers.conns import program as cp
 from nettracer.tracers.conns.model import Conn, decode, tcp_data_bytes
 from nettracer.tracers.conns.records import (
@@ -67,7 +68,15 @@ SPECS = {
     "no_ipv6": cp.ConnSpec(collect_ipv6=False),
     "no_udp": cp.ConnSpec(collect_udp=False),
 }
-MAPS = {cp.MAP_CONNS: 3, cp.MAP_EVENTS: 4, cp.MAP_LOST: 5, cp.MAP_IDS: 6, cp.MAP_ENDED: 7}
+MAPS = {
+    cp.MAP_CONNS: 3,
+    cp.MAP_EVENTS: 4,
+    cp.MAP_LOST: 5,
+    cp.MAP_IDS: 6,
+    cp.MAP_ENDED: 7,
+    peers.MAP_PEERS: 8,
+    peers.MAP_SLOT: 9,
+}
 
 #: offsets shaped like Linux 6.18's (written out here, so no kernel is asked): the
 #: ``tcp_sock`` stats lie 664 bytes apart, wider than one read, unlike fake_offsets'
@@ -114,6 +123,37 @@ def test_program_listing_spread_offsets(prog: str) -> None:
     """The same programs where the fields lie as on a real kernel (one read per
     ``tcp_sock`` field group, the tuple and ``sk_protocol`` in separate reads)."""
     _check_listing(f"{prog}-spread", PROGRAMS[prog](SPREAD_OFFSETS, cp.ConnSpec()))
+
+
+@pytest.mark.parametrize("prog", ["tx", "rx", "ready"])
+def test_peer_program_listing(prog: str) -> None:
+    """The per-peer programs of unconnected UDP sockets, instruction by instruction."""
+    build = {"tx": peers.build_tx, "rx": peers.build_rx, "ready": peers.build_ready}[prog]
+    _check_listing(f"peer_{prog}", build(fake_offsets()))
+
+
+def test_peer_fields() -> None:
+    """Peers sorted by address and port, with what the socket's totals hold beyond
+    their sum as unattributed (never negative: a datagram received but not yet read
+    is counted for its peer before the socket's total)."""
+    c = decode(_rec(id=1, family=2, proto=17, bytes_sent=100, bytes_received=5, segs_out=4,
+                    segs_in=1))  # fmt: skip
+    assert c.peer_fields() == {}
+    c.peers = [
+        (2, socket.inet_aton("10.0.0.2"), 53, 30, 7, 2, 2),
+        (2, socket.inet_aton("10.0.0.1"), 53, 50, 0, 1, 0),
+    ]
+    got = c.peer_fields()
+    assert [(p["addr"], p["bytes_sent"]) for p in got["peers"]] == [
+        ("10.0.0.1", 50),
+        ("10.0.0.2", 30),
+    ]
+    assert got["unattributed"] == {
+        "bytes_sent": 20, "bytes_received": 0, "datagrams_sent": 1, "datagrams_received": 0,
+    }  # fmt: skip
+    line = json.loads(out.conn_line(c, 0, 0, closed=True))
+    assert line == out.conn_json(c, 0, 0, closed=True)
+    assert line["peers"] == got["peers"]
 
 
 def test_program_without_field_says_which() -> None:

@@ -15,6 +15,10 @@ The JSON object has the shape the command promises::
             "start_time", "states": [TCP states, oldest first], "opened", "partial", "id",
             "delta": {"bytes_sent", "bytes_received", "segs_in", "segs_out", "retransmits"},
             "container": {"id", "runtime", "pod_uid"} | null, "cgroup": str | null}
+            (+ "peers": [{"addr", "port", "bytes_sent", "bytes_received",
+                          "datagrams_sent", "datagrams_received"}, ...],
+               "unattributed": {"bytes_sent", "bytes_received", "datagrams_sent",
+                                "datagrams_received"}  for an unconnected UDP socket)
             (+ "end": "closed"|"reused"|"idle" in "closed")
 
 ``id`` is the tracer's number for the connection (the same in every interval);
@@ -93,6 +97,7 @@ def conn_json(
         "delta": c.delta(),
         **container_json(containers.of(c.pid, c.netns) if containers else None),
     }
+    out.update(c.peer_fields())
     if closed:
         out["end"] = c.end
     return out
@@ -192,6 +197,8 @@ def conn_line(
     end = ""
     if closed:
         end = _END.get(c.end) or f',"end":{json.dumps(c.end)}'
+    if c.peers is not None:
+        end = "," + json.dumps(c.peer_fields(), separators=(",", ":"))[1:-1] + end
     return _CONN % (
         "null" if c.pid is None else c.pid,
         _cached_json(c.comm),

@@ -82,6 +82,28 @@ class Conn:
     prev: tuple[int, ...] = field(default=(0, 0, 0, 0, 0))
     #: the route to a non-local peer (a :class:`nettracer.net.gateway.Gateway`)
     gateway: Any = None
+    #: an unconnected UDP socket's peers: (family, address, port, bytes sent, received,
+    #: datagrams sent, received) each (:mod:`nettracer.tracers.conns.peers`); None for
+    #: other connections or when peers are not counted
+    peers: list[tuple[Any, ...]] | None = None
+
+    def peer_fields(self) -> dict[str, Any]:
+        """``{"peers": [...], "unattributed": {...}}`` for an unconnected UDP socket whose
+        peers are counted (else ``{}``): each peer's address, port, bytes and datagrams
+        each way, and what the socket's totals hold beyond the sum over its peers."""
+        if self.peers is None:
+            return {}
+        names = ("bytes_sent", "bytes_received", "datagrams_sent", "datagrams_received")
+        totals = (self.bytes_sent, self.bytes_received, self.segs_out, self.segs_in)
+        shown = []
+        sums = [0, 0, 0, 0]
+        for _family, addr, port, *counts in sorted(self.peers):
+            shown.append(
+                {"addr": addr_text(addr), "port": port, **dict(zip(names, counts, strict=True))}
+            )
+            sums = [a + b for a, b in zip(sums, counts, strict=True)]
+        rest = {n: max(0, t - s) for n, t, s in zip(names, totals, sums, strict=True)}
+        return {"peers": shown, "unattributed": rest}
 
     def counters(self) -> tuple[int, int, int, int, int]:
         return (self.bytes_sent, self.bytes_received, self.segs_in, self.segs_out, self.retransmits)

@@ -47,6 +47,7 @@ from nettracer.errors import NotSupported
 from nettracer.kernel.features import kernel_reads
 from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.layout.offsets import Offsets
+from nettracer.tracers.conns import peers
 from nettracer.tracers.conns import program as cp
 from nettracer.tracers.conns.model import Conn, decode, route_of, udp_tuple
 from nettracer.tracers.conns.records import IDX, RECORD, RECORD_SIZE, EndReason, Flag
@@ -69,6 +70,7 @@ _PROTO = IDX["proto"]
 _LAST = IDX["last_ns"]
 _NETNS = IDX["netns"]
 _FAMILY = IDX["family"]
+_DPORT = IDX["dport"]
 #: a route not looked up yet
 _UNKNOWN = object()
 
@@ -169,6 +171,9 @@ class ConnTracer:
         #: records the ring buffer refused that came through the ``ended`` hash
         self.overflowed = 0
         self._walk_bufs: tuple[Any, ...] | None = None
+        #: count per-peer flows of unconnected UDP sockets (with the length tracepoints)
+        self.with_peers = True
+        self.peers_on = False
 
     # -- set-up ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -238,6 +243,7 @@ class ConnTracer:
             builds["conn_recv"] = (cp.build_length(self.offsets, opts, False, recv), recv)
         elif owner is not None:
             builds["conn_owner"] = (cp.build_owner(self.offsets, opts, owner), owner)
+        peer_progs = self._peer_programs(m) if use_length and recv is not None else {}
         for name, (program, args) in builds.items():
             # conn_refresh is run by BPF_PROG_TEST_RUN: a raw tracepoint program always
             kind = args.prog_type if args is not None else ProgType.RAW_TRACEPOINT
@@ -245,7 +251,56 @@ class ConnTracer:
         for name, (_, args) in builds.items():
             if args is not None:
                 self.links.append(args.attach(self.progs[name]))
+        for name, (program, tp) in peer_progs.items():
+            self.progs[name] = prog.load(program.insns, maps=m, name=name)
+            self.links.append(attach_raw_tracepoint(self.progs[name], tp))
         self._reader = RecordReader(self.events, self.lost)
+
+    def _peer_programs(self, m: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+        """The programs of :mod:`nettracer.tracers.conns.peers` and their raw
+        tracepoints, their maps added to ``m``; none (and a notice) when UDP is off or
+        a tracepoint is missing."""
+        if not (self.with_peers and self.opts.collect_udp):
+            return {}
+        tps = (peers.TP_TX, peers.TP_RX, peers.TP_READY)
+        missing = [tp for tp in tps if not _has_raw_tp(tp)]
+        if missing:
+            self.notices.append(
+                "peers of unconnected UDP sockets are not counted: no raw tracepoint "
+                + ", ".join(missing)
+            )
+            return {}
+        self.peers = maps.hash_map(
+            peers.PeerKey, peers.PeerValue, peers.PEER_ENTRIES, peers.MAP_PEERS
+        )
+        self.slot = maps.percpu_array(peers.PeerKey, 1, peers.MAP_SLOT)
+        m[peers.MAP_PEERS] = self.peers
+        m[peers.MAP_SLOT] = self.slot
+        self.peers_on = True
+        return {
+            "peer_tx": (peers.build_tx(self.offsets), tps[0]),
+            "peer_rx": (peers.build_rx(self.offsets), tps[1]),
+            "peer_ready": (peers.build_ready(self.offsets), tps[2]),
+        }
+
+    def take_peers(self, keep: set[int]) -> dict[int, list[tuple[Any, ...]]]:
+        """``struct sock *`` -> the peers counted for it: (family, address bytes, port,
+        bytes sent, received, datagrams sent, received).  Entries of sockets not in
+        ``keep`` (the unconnected UDP entries still open) are removed from the map
+        once read: their counts are final, or belong to no flow we report."""
+        out: dict[int, list[tuple[Any, ...]]] = {}
+        if not self.peers_on:
+            return out
+        for k, v in self.peers.items():
+            n = 4 if k.family == 2 else 16
+            port = ((k.port & 0xFF) << 8) | (k.port >> 8)
+            out.setdefault(k.sk, []).append(
+                (k.family, bytes(k.addr)[:n], port, v.bytes_sent, v.bytes_received,
+                 v.datagrams_sent, v.datagrams_received)
+            )  # fmt: skip
+            if k.sk not in keep:
+                self.peers.delete(k)
+        return out
 
     # -- reading --------------------------------------------------------------------------
     def drain(self) -> int:
@@ -352,7 +407,7 @@ class ConnTracer:
             self._reader = None
         for p in self.progs.values():
             p.close()
-        for name in ("conns", "events", "lost", "ids", "ended"):
+        for name in ("conns", "events", "lost", "ids", "ended", "peers", "slot"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
@@ -381,6 +436,25 @@ def _tracepoint(tp: tuple[str, str | None]) -> TracepointArgs | None:
     if args.raw and not _has_raw_tp(tp[0]):
         return None
     return args
+
+
+def _text_ranges(names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """[start, end) of the kernel functions ``names`` that /proc/kallsyms shows (with
+    addresses: root); empty when none is readable."""
+    from nettracer.errors import NettracerError
+    from nettracer.kernel.kallsyms import Kallsyms
+
+    syms = Kallsyms()
+    out = []
+    for name in names:
+        try:
+            addr = syms.lookup_name(name)
+        except (NettracerError, OSError):
+            continue
+        sym = syms.lookup(addr)
+        if addr and sym is not None and sym.size:
+            out.append((addr, addr + sym.size))
+    return out
 
 
 def _has_raw_tp(name: str) -> bool:
@@ -551,7 +625,13 @@ class ConnMonitor:
         routes = self._routes if self.resolver is not None else None
         for rec in self.tracer.take_closed():
             cid = rec[_ID]
-            if render is not None and cid not in open_ids and cid not in walked:
+            unconnected_udp = rec[_PROTO] == cp.IPPROTO_UDP and rec[_DPORT] == 0
+            if (
+                render is not None
+                and cid not in open_ids
+                and cid not in walked
+                and not (unconnected_udp and self.tracer.peers_on)
+            ):
                 gw = None
                 if routes is not None:
                     k = route_of(rec)
@@ -600,6 +680,7 @@ class ConnMonitor:
         for rec in self.tracer.end(stale, EndReason.IDLE):
             closed.append(decode(rec, tcp_sock))
         conns = [decode(rec, tcp_sock) for rec in live]
+        self._peers(live, conns, closed)
         self._gateways(conns, closed)
         rendered, self.rendered = self.rendered, []
         ids, self.rendered_ids = self.rendered_ids, []
@@ -615,6 +696,17 @@ class ConnMonitor:
             iv.closed = [c for c in iv.closed if c.pid == self.pid]
         self.last_collect_ms = (time.perf_counter() - t0) * 1e3
         return iv
+
+    def _peers(self, live: list[tuple[Any, ...]], conns: list[Conn], closed: list[Conn]) -> None:
+        """Give the unconnected UDP sockets among ``conns`` and ``closed`` their peers
+        (:meth:`ConnTracer.take_peers`; ``live`` are the records still open)."""
+        if not self.tracer.peers_on:
+            return
+        keep = {r[_SK] for r in live if r[_PROTO] == cp.IPPROTO_UDP and r[_DPORT] == 0}
+        counted = self.tracer.take_peers(keep)
+        for c in (*conns, *closed):
+            if c.proto == "udp" and c.dport == 0:
+                c.peers = counted.get(c.sk, [])
 
     def _udp_gone(self, live: list[tuple[Any, ...]], now: int) -> dict[int, int]:
         """The UDP entries of ``live`` whose socket is closed (sk -> end time): those

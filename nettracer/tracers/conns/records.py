@@ -26,7 +26,8 @@ class ConnValue(ctypes.Structure):
     space).  ``history`` holds the last 16 TCP states, newest in the low nibble.
     ``tcp_*``/``segs``/``total_retrans``/``srtt_us``/``mdev_us`` are copies of the
     ``struct tcp_sock`` fields taken at state changes, at destruction and on refresh;
-    for UDP ``segs_in``/``segs_out`` count datagrams.
+    for UDP ``segs_in``/``segs_out`` count datagrams; ``peers`` counts the peers of an
+    unconnected UDP socket in the ``peers`` hash (:mod:`nettracer.tracers.conns.peers`).
     """
 
     _fields_ = [
@@ -57,7 +58,7 @@ class ConnValue(ctypes.Structure):
         ("opened", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("end_reason", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8),
+        ("peers", ctypes.c_uint8),
         ("saddr6", ctypes.c_uint8 * 16),
         ("daddr6", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * 16),
