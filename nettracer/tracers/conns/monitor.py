@@ -15,7 +15,8 @@ How a connection ends (``end`` of a closed one):
   and ends the entries whose tuple is no longer listed.  Their end time is the last
   moment they were known open (the last datagram, or the previous dump that listed
   them): the true close lies after it and before the dump that missed it, within one
-  interval.
+  interval.  When the freed ``struct sock`` is reused by another socket (another
+  local port) before that, the programs end the entry as closed at its last datagram.
 * ``reused`` -- the socket got another tuple (UDP connect/rebind, TCP connect again).
 * ``idle`` -- open, but nothing moved for ``network.tcp_conn_timeout_s`` /
   ``network.udp_conn_timeout_s``: ended by user space to bound the table (a later

@@ -298,8 +298,24 @@ class _Builder:
             n = min(self.offsets[key].size, size(name))
             self.copy(value, off(name), FP, buf + plan.where[key], n)
 
-    def emit_closed(self, value: Reg, reason: EndReason, attempts: int = 3) -> None:
-        """Send ``*value`` (a map value) to the event channel as ended, and delete it.
+    def emit_closed(
+        self, value: Reg, reason: EndReason, attempts: int = 3, at_last: bool = False
+    ) -> None:
+        """:meth:`stamp_end` then :meth:`send_closed`."""
+        self.stamp_end(value, reason, at_last)
+        self.send_closed(value, attempts)
+
+    def stamp_end(self, value: Reg, reason: EndReason, at_last: bool = False) -> None:
+        """``value->end_reason = reason``; ``value->end_ns`` = now, or with ``at_last``
+        the time it was last active (``last_ns``)."""
+        self.p += st(1, value, off("end_reason"), int(reason))
+        if at_last:
+            self.p += [ldx(8, R1, value, off("last_ns")), stx(8, value, off("end_ns"), R1)]
+        else:
+            self.now(value, "end_ns")
+
+    def send_closed(self, value: Reg, attempts: int = 3) -> None:
+        """Send ``*value`` (a map value, stamped) to the event channel, and delete it.
 
         ``bpf_ringbuf_output`` fails (-EAGAIN) when the ring is full and, since Linux
         6.15 made the ring's lock a resilient spinlock, now and then under contention
@@ -308,8 +324,6 @@ class _Builder:
         well is it counted lost.  The reader polls on a timer: no wakeups.
         """
         ok = self.p.new_label("emitted")
-        self.p += st(1, value, off("end_reason"), int(reason))
-        self.now(value, "end_ns")
         for _ in range(attempts):
             EVENTS.try_output(self.p, ctx=None, src=value, size=VALUE_SIZE, ok=ok, wakeup=False)
         self.p += [ldx(8, R1, value, off("id")), stx(8, FP, TMP2, R1)]
@@ -560,9 +574,13 @@ def _event_args(b: _Builder, ev: _Event) -> None:
 
 
 def _udp_reused(b: _Builder, buf: int) -> None:
-    """A UDP entry whose socket now has another tuple is a new flow (connect, rebind,
-    or the struct sock was freed and reused): end the old entry as reused, go to
-    ``miss``.  Anything else continues at ``add``."""
+    """A UDP entry whose socket now has another tuple is a new flow; go to ``miss``
+    after ending the old entry.  Another local port means another socket: a UDP
+    socket keeps its port once bound, so the ``struct sock`` was freed and reused and
+    the old one closed (``closed``, ending at its last datagram, as user space ends a
+    closed socket found by NETLINK_SOCK_DIAG).  The same port with another peer is
+    the same socket connected elsewhere (``reused``).  Anything else continues at
+    ``add``."""
     p = b.p
     rplan = plan_reads(b.offsets, REUSE_KEYS)
     rw = rplan.where
@@ -571,7 +589,7 @@ def _udp_reused(b: _Builder, buf: int) -> None:
     p += [
         ldx(2, R1, FP, buf + rw["sock_common.skc_num"]),
         ldx(2, R2, R7, off("sport")),
-        jne(R1, R2, "reused"),
+        jne(R1, R2, "freed"),
         ldx(2, R1, FP, buf + rw["sock_common.skc_dport"]),
         ldx(2, R2, R7, off("dport")),
         jne(R1, R2, "reused"),
@@ -579,8 +597,13 @@ def _udp_reused(b: _Builder, buf: int) -> None:
         ldx(4, R2, R7, off("daddr4")),
         jeq(R1, R2, "add"),
     ]
+    p.label("freed")
+    b.stamp_end(R7, EndReason.DESTROYED, at_last=True)
+    p += ja("ended")
     p.label("reused")
-    b.emit_closed(R7, EndReason.REUSED)
+    b.stamp_end(R7, EndReason.REUSED)
+    p.label("ended")
+    b.send_closed(R7)
     p += ja("miss")
 
 
