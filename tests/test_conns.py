@@ -483,6 +483,31 @@ def no_loss(reports: list[dict[str, Any]]) -> None:
     ]
 
 
+def traced_script(
+    tracer: Tracer, ns: Netns, **args: Any
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Run the traffic script with ``args`` in ``ns`` under ``tracer``: its first line,
+    the second report after it (an interval that began after), and every report."""
+    script = Script(ns, **args)
+    try:
+        truth = script.read()
+        report = tracer.skip(2)
+        reports = tracer.stop()
+    finally:
+        script.close()
+        tracer.close()
+    return truth, report, reports
+
+
+def udp_tracer(ns: Netns, env: dict[str, str] | None = None) -> Tracer:
+    """The tracer on ``ns`` every 0.5 s; a skip where the kernel has no UDP flows."""
+    tracer = start_tracer("--interval", "0.5", "--netns", str(ns.inode), env=env)
+    if "UDP flows are not collected" in tracer.stderr:
+        tracer.close()
+        kernel_skip("no sock:sock_send_length on this kernel (Linux 6.3): no UDP flows")
+    return tracer
+
+
 # -- TCP ----------------------------------------------------------------------------------
 
 TCP_SEND, TCP_REPLY = 3000, 70000
@@ -648,14 +673,9 @@ def test_udp(ns: Netns, family: int) -> None:
     sizes, reply = [100, 1, 1400, 60000], 321
     tracer = start_tracer("--interval", "0.5", "--netns", str(ns.inode))
     degraded = "UDP flows are not collected" in tracer.stderr
-    script = Script(ns, mode="udp", family=family, host=host, sizes=sizes, reply=reply)
-    try:
-        truth = script.read()
-        report = tracer.skip(2)
-        reports = tracer.stop()
-    finally:
-        script.close()
-        tracer.close()
+    truth, report, reports = traced_script(
+        tracer, ns, mode="udp", family=family, host=host, sizes=sizes, reply=reply
+    )
     if degraded:
         # a kernel without sock:sock_send_length (Linux 6.1): said so, and nothing made up
         assert "sock_send_length" in tracer.stderr and "Linux 6.3" in tracer.stderr
@@ -695,16 +715,7 @@ def test_udp_close_and_idle(ns: Netns) -> None:
     between its first and last datagram and its close; a socket open but idle past the
     timeout ends ``"idle"``; neither is reported open after its end."""
     n, size = 3, 700
-    tracer = start_tracer(
-        "--interval",
-        "0.5",
-        "--netns",
-        str(ns.inode),
-        env={"NETTRACER_NETWORK__UDP_CONN_TIMEOUT_S": "3"},
-    )
-    if "UDP flows are not collected" in tracer.stderr:
-        tracer.close()
-        kernel_skip("no sock:sock_send_length on this kernel (Linux 6.3): no UDP flows")
+    tracer = udp_tracer(ns, env={"NETTRACER_NETWORK__UDP_CONN_TIMEOUT_S": "3"})
     script = Script(ns, mode="udp_close", family=4, host="127.0.0.1", n=n, size=size)
     try:
         truth = script.read()
@@ -743,18 +754,8 @@ def test_udp_peers_of_unconnected_sockets(ns: Netns) -> None:
     datagrams of 10(i+1) bytes and gets as many of 100(i+1) back.  The server's flow
     lists the three peers with exact bytes and datagrams each way, each client's flow
     the server; nothing is unattributed."""
-    tracer = start_tracer("--interval", "0.5", "--netns", str(ns.inode))
-    if "UDP flows are not collected" in tracer.stderr:
-        tracer.close()
-        kernel_skip("no sock:sock_send_length on this kernel (Linux 6.3): no UDP flows")
-    script = Script(ns, mode="udp_peers", family=4, host="127.0.0.1")
-    try:
-        truth = script.read()
-        report = tracer.skip(2)
-        reports = tracer.stop()
-    finally:
-        script.close()
-        tracer.close()
+    tracer = udp_tracer(ns)
+    truth, report, reports = traced_script(tracer, ns, mode="udp_peers", family=4, host="127.0.0.1")
     zero = dict.fromkeys(
         ("bytes_sent", "bytes_received", "datagrams_sent", "datagrams_received"), 0
     )
