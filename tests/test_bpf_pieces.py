@@ -5,6 +5,7 @@ behaviour: on the running kernel)."""
 from __future__ import annotations
 
 import ctypes
+import time
 
 import pytest
 from golden import check_golden
@@ -158,3 +159,50 @@ def test_atomic_fetch_add_returns_the_old_value() -> None:
         assert pr.test_run([0]) == 40
         assert pr.test_run([0]) == 45
         assert int(ids.lookup(0)) == 50
+
+
+#: what the memo program returns on a miss (after storing ctx[1] for tag ctx[0])
+MEMO_MISS = 0xFFFF
+
+
+def _memo_program() -> Program:
+    """Return the memoised ``u64`` for tag ``ctx[0]``, or remember ``ctx[1]`` for it and
+    return :data:`MEMO_MISS`."""
+    from nettracer.bpf.memo import memo_find, memo_store
+
+    p = Program()
+    p += [ldx(8, R6, R1, 0), ldx(8, R1, R1, 8), stx(8, FP, -8, R1)]
+    memo_find(p, "memo", R6, stamp_off=-16, key_off=-20, out_off=-32, size=8, miss="miss")
+    p += [ldx(8, R0, FP, -32), exit_()]
+    p.label("miss")
+    memo_store(p, "memo", R6, stamp_off=-16, key_off=-20, src_off=-8, size=8)
+    p += [mov64(R0, MEMO_MISS), exit_()]
+    return p
+
+
+def test_memo_listing() -> None:
+    check_golden("memo", _memo_program().listing())
+
+
+@pytest.mark.kernel
+def test_memo_answers_only_its_own_tag() -> None:
+    """A different tag always misses; the same tag hits (once the two runs fall in one
+    jiffy: polled with a deadline) with the payload stored for it."""
+    from nettracer.bpf import prog
+    from nettracer.bpf.memo import memo_map
+
+    with (
+        memo_map(8, "memo") as memo,
+        prog.load(_memo_program().insns, maps={"memo": memo}, name="nt_test_memo") as pr,
+    ):
+        deadline = time.monotonic() + 10
+        hits, tag = 0, 1
+        while hits == 0 and time.monotonic() < deadline:
+            a, b, tag = tag, tag + 1, tag + 2  # tags never seen before
+            assert pr.test_run([a, 100]) == MEMO_MISS
+            assert pr.test_run([b, 300]) == MEMO_MISS
+            assert pr.test_run([a, 200]) == MEMO_MISS  # b was last
+            got = pr.test_run([a, 900])
+            assert got in (MEMO_MISS, 200)  # 200 unless a jiffy began in between
+            hits += got == 200
+        assert hits == 1

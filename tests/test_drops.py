@@ -644,3 +644,33 @@ def test_idle_keys_are_evicted_without_losing_counts(topo: Topo) -> None:
             totals.append((sample.total, sample.lost, len(list(mon.counts.keys()))))
     # 3 keys > max_keys / 2: once idle for an interval they are removed, and come back
     assert totals == [(IPV4_DROPS, 0, 3), (0, 0, 0), (IPV4_DROPS, 0, 3), (0, 0, 0)]
+
+
+# one CPU sends to a closed port over s1 and over s2 in turn: back-to-back drops of one
+# key but for the device (veth delivers on the sending CPU's backlog)
+ALTERNATE = """
+import os, socket, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[1])):
+    s.sendto(b"x", ("10.201.1.2", 9))
+    s.sendto(b"x", ("10.201.2.2", 9))
+"""
+
+
+@pytest.mark.kernel
+def test_device_memo_keeps_alternating_devices_apart(topo: Topo) -> None:
+    """The per-CPU device memo (default where bpf_jiffies64 exists) is tagged with the
+    device: drops alternating between two devices on one CPU keep their ifindex."""
+    n = 300
+    with _monitor(topo) as mon:
+        assert mon.spec.memo
+        run([sys.executable, "-c", ALTERNATE, str(n)], ns=topo.client)
+        poll_until(lambda: _in_kernel(mon), lambda got: got >= 2 * n)
+        sample = mon.collect()
+    by_dev: Counter[int] = Counter()
+    for c in sample.counts:
+        assert c.netns == topo.inode
+        by_dev[c.ifindex] += c.count
+    assert by_dev == {topo.ifindex[topo.s1]: n, topo.ifindex[topo.s2]: n}
+    assert sample.lost == 0
