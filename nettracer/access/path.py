@@ -31,6 +31,7 @@ from nettracer.errors import NettracerError
 
 if TYPE_CHECKING:
     from nettracer.kernel.btf import Btf, BtfType
+    from nettracer.layout.catalogue import FieldSpec
     from nettracer.layout.offsets import Offsets
 
 #: largest value one expression may read (bytes); a struct larger than this is refused
@@ -522,6 +523,37 @@ def _catalogue_decode(ctype: str, points_to: str | None, byteorder: str) -> str:
     return "int" if ctype == "int" else "uint"
 
 
+def _catalogue_member(
+    expr: str, tokens: list[Token], i: int, struct: str
+) -> tuple[int, str, FieldSpec]:
+    """The catalogue field named by the ``->`` at ``tokens[i]`` and the ``.`` members
+    after it, in ``struct``: (index after them, catalogue key, field).
+    ``sk->__sk_common.X`` is ``sock_common.X``; ``possible_net_t`` accepts ``.net``."""
+    from nettracer.layout.catalogue import BY_KEY
+
+    j = i + 1
+    while j < len(tokens) and tokens[j].op == ".":
+        j += 1
+    members = [t.name for t in tokens[i:j]]
+    cur = struct
+    if cur == "sock" and members[0] == "__sk_common" and len(members) > 1:
+        cur, members = "sock_common", members[1:]
+    key = f"{cur}.{'.'.join(members)}"
+    if key not in BY_KEY and members[-1] == "net" and len(members) > 1:
+        inner = f"{cur}.{'.'.join(members[:-1])}"
+        if inner in BY_KEY and BY_KEY[inner].ctype == "possible_net_t":
+            key = inner
+    spec = BY_KEY.get(key)
+    if spec is None:
+        fields = [k.split(".", 1)[1] for k in BY_KEY if k.startswith(cur + ".")]
+        raise AccessError(
+            f"{expr}: at column {tokens[i].pos + 1}: {key} is not in the field catalogue, "
+            f"and without BTF only catalogue fields can be read"
+            + _did_you_mean(".".join(members), fields)
+        )
+    return j, key, spec
+
+
 def resolve_offsets(expr: str, offsets: Offsets, tracepoint: str) -> AccessPath:
     """Resolve ``expr`` without BTF: every member must be a catalogue field (as
     ``struct.member.path``) whose offset ``offsets`` knows.  ``sk->__sk_common.X``
@@ -568,27 +600,7 @@ def resolve_offsets(expr: str, offsets: Offsets, tracepoint: str) -> AccessPath:
             raise _error(expr, tok, f"{where} is not a pointer to a struct we know without BTF")
         if base_off is not None:
             derefs.append(base_off)
-        # the longest run of '.' members that is a catalogue key
-        j = i + 1
-        while j < len(tokens) and tokens[j].op == ".":
-            j += 1
-        members = [t.name for t in tokens[i:j]]
-        cur = struct
-        if cur == "sock" and members[0] == "__sk_common" and len(members) > 1:
-            cur, members = "sock_common", members[1:]
-        key = f"{cur}.{'.'.join(members)}"
-        if key not in BY_KEY and members[-1] == "net" and len(members) > 1:
-            inner = f"{cur}.{'.'.join(members[:-1])}"
-            if inner in BY_KEY and BY_KEY[inner].ctype == "possible_net_t":
-                key = inner
-        spec = BY_KEY.get(key)
-        if spec is None:
-            fields = [k.split(".", 1)[1] for k in BY_KEY if k.startswith(cur + ".")]
-            raise AccessError(
-                f"{expr}: at column {tok.pos + 1}: {key} is not in the field catalogue, and "
-                f"without BTF only catalogue fields can be read"
-                + _did_you_mean(".".join(members), fields)
-            )
+        j, key, spec = _catalogue_member(expr, tokens, i, struct)
         base_off = offsets.offset(key)  # UnresolvedField names the way out
         struct = spec.points_to
         where = f"{where}->{'.'.join(t.name for t in tokens[i:j])}"

@@ -120,13 +120,14 @@ def has_probe_read_kernel() -> bool:
 
     Conclusive: a classic tracepoint program (4.7) calling it with a stack buffer
     loads, or the verifier answers "invalid func unknown#113"."""
-    from nettracer.bpf.helpers import Helper
-    from nettracer.bpf.insn import FP, R1, R2, R3, add64, call, mov64
+    from nettracer.bpf.insn import FP, R3, Program, mov64
+    from nettracer.bpf.memory import KernelReads, read
     from nettracer.bpf.syscall import ProgType
 
-    body = [mov64(R1, FP), add64(R1, -8), mov64(R2, 8), mov64(R3, 0)]
-    body.append(call(Helper.probe_read_kernel))
-    return _loads(ProgType.TRACEPOINT, body, _UNKNOWN_HELPER)
+    p = Program(reads=KernelReads(legacy=False))
+    p += mov64(R3, 0)
+    read(p, FP, -8, 8, R3)  # the one read emitter, told to use the 5.5 helper
+    return _loads(ProgType.TRACEPOINT, p.insns, _UNKNOWN_HELPER)
 
 
 def has_jiffies64() -> bool:

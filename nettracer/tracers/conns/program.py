@@ -148,7 +148,7 @@ class ConnSpec:
     collect_ipv6: bool = True
     #: only create entries for sockets in this network namespace (inode), 0 = all
     netns: int = 0
-    #: the helpers that read kernel memory (None: ``bpf_probe_read_kernel``, 5.5)
+    #: which helper reads kernel memory (:mod:`nettracer.bpf.memory`; None: the 5.5 one)
     reads: KernelReads | None = None
 
 
