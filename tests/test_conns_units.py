@@ -151,6 +151,7 @@ def test_peer_fields() -> None:
     assert got["unattributed"] == {
         "bytes_sent": 20, "bytes_received": 0, "datagrams_sent": 1, "datagrams_received": 0,
     }  # fmt: skip
+    assert out._cells(c, False, 0)[4] == "* (2 peers)"
     line = json.loads(out.conn_line(c, 0, 0, closed=True))
     assert line == out.conn_json(c, 0, 0, closed=True)
     assert line["peers"] == got["peers"]

@@ -482,7 +482,7 @@ def _cells(c: Conn, closed: bool, now_ns: int) -> list[str]:
         c.comm,
         f"{c.proto}{c.family}",
         _endpoint(c.saddr, c.sport, c.family),
-        _endpoint(c.daddr, c.dport, c.family),
+        _endpoint(c.daddr, c.dport, c.family) if c.peers is None else _peers_text(c.peers),
         c.direction,
         c.state if not closed or c.end == "closed" else f"{c.state} ({c.end})",
         human_bytes(c.bytes_sent),
@@ -495,6 +495,14 @@ def _cells(c: Conn, closed: bool, now_ns: int) -> list[str]:
         f"{c.duration_ms(now_ns) / 1e3:.1f}",
         _gateway_text(c.gateway),
     ]
+
+
+def _peers_text(peers: list[tuple[Any, ...]]) -> str:
+    """REMOTE of an unconnected UDP socket: its one peer, or how many it has."""
+    if len(peers) == 1:
+        family, addr, port = peers[0][:3]
+        return _endpoint(addr_text(addr), port, 4 if family == 2 else 6)
+    return f"* ({len(peers)} peers)"
 
 
 def fit_columns(rows: list[list[str]], width: int | None) -> list[int]:

@@ -13,10 +13,11 @@ by (``struct sock *``, family, peer port, peer address) -> :class:`PeerValue`:
 ``peer_rx``     ``net:netif_receive_skb (struct sk_buff *skb)``: the source of a UDP
                 datagram goes to a per-CPU slot; delivery to the socket follows on the
                 same CPU in the same softirq (``ip_rcv`` ... ``__udp_enqueue_schedule_skb``)
-``peer_ready``  ``sock:sk_data_ready (const struct sock *sk)`` (Linux 6.6), fired by
-                that enqueue: the slot's datagram is counted for ``sk``.  (UDP's
-                ``recvmsg`` fires no tracepoint with the skb on 6.18: a linear skb is
-                copied by ``copy_linear_skb``, freed by ``skb_attempt_defer_free``.)
+``peer_ready``  ``sock:sk_data_ready (const struct sock *sk)`` (newer than 6.1; without
+                it a notice and no peers), fired by that enqueue: the slot's datagram
+                is counted for ``sk``.  (UDP's ``recvmsg`` fires no tracepoint with
+                the skb on 6.18: a linear skb is copied by ``copy_linear_skb`` and
+                freed by ``skb_attempt_defer_free``.)
 
 Sockets known to the tracer as TCP or connected UDP are skipped.  Each socket counts at
 most :data:`MAX_PEERS` peers (``ConnValue.peers``); a datagram of a further peer, one
@@ -134,8 +135,6 @@ def _peer_of(p: Program, buf: int, where: dict[str, int], source: bool) -> None:
     p += [ldx(8, R8, FP, buf + where["sk_buff.head"]), jeq(R8, 0, "out")]
     p += [ldx(2, R1, FP, buf + where["sk_buff.network_header"]), mov64(R3, R8), add64(R3, R1)]
     read(p, FP, HDR, 40, R3)
-    p += [ldx(2, R1, FP, buf + where["sk_buff.transport_header"]), add64(R8, R1)]
-    read(p, FP, UDPH, 8, R8)
     for i in range(0, 16, 8):
         p += st(8, FP, PKEY + 16 + i, 0)
     p += st(4, FP, PKEY + 12, 0)
@@ -148,7 +147,9 @@ def _peer_of(p: Program, buf: int, where: dict[str, int], source: bool) -> None:
     p += [ldx(1, R1, FP, HDR + 6), jne(R1, IPPROTO_UDP, "out"), st(2, FP, PKEY + 8, AF_INET6)]
     for i in range(0, 16, 8):
         p += [ldx(8, R1, FP, HDR + (8 if source else 24) + i), stx(8, FP, PKEY + 16 + i, R1)]
-    p.label("ports")
+    p.label("ports")  # a UDP datagram: its header (not read for TCP's packets)
+    p += [ldx(2, R1, FP, buf + where["sk_buff.transport_header"]), add64(R8, R1)]
+    read(p, FP, UDPH, 8, R8)
     p += [ldx(2, R1, FP, UDPH + (0 if source else 2)), stx(2, FP, PKEY + 10, R1)]
     # a UDP length below its own header's is not a datagram
     p += [ldx(2, R9, FP, UDPH + 4), endian(R9, 16), jlt(R9, 8, "out"), sub64(R9, 8)]
