@@ -22,6 +22,7 @@ from nettracer.tracers.conns import program as cp
 from nettracer.tracers.conns.model import Conn, decode, tcp_data_bytes
 from nettracer.tracers.conns.records import (
     RECORD,
+    STREAM_BITS,
     ConnValue,
     EndReason,
     Flag,
@@ -29,7 +30,7 @@ from nettracer.tracers.conns.records import (
     TcpState,
     history_states,
 )
-from nettracer.tracers.conns.table import ConnTable
+from nettracer.tracers.conns.table import ConnTable, IdCounts
 
 S = TcpState
 
@@ -155,6 +156,17 @@ def test_peer_fields() -> None:
     line = json.loads(out.conn_line(c, 0, 0, closed=True))
     assert line == out.conn_json(c, 0, 0, closed=True)
     assert line["peers"] == got["peers"]
+
+
+@pytest.mark.parametrize("prog", ["state", "send"])
+def test_program_listing_stream_ids(prog: str) -> None:
+    """Without BPF_FETCH (before 5.12) the programs that create entries take their ids
+    from the per-CPU, per-level counters: no fetch-and-add (a plain locked add, which
+    older kernels have as BPF_XADD, remains for the lost counter)."""
+    built = PROGRAMS[prog](fake_offsets(), cp.ConnSpec(atomic_fetch=False))
+    _check_listing(f"{prog}-stream_ids", built)
+    assert "fetch" not in built.listing()
+    assert "fetch_add" in PROGRAMS[prog](fake_offsets(), cp.ConnSpec()).listing()
 
 
 def test_program_without_field_says_which() -> None:
@@ -318,6 +330,29 @@ def test_table_counts_evictions_exactly() -> None:
     iv = t.update(8, [_conn(3), _conn(6), _conn(7)], [], 1)
     assert (iv.evicted, iv.lost) == (0, 1)
     assert t.evicted_total == 4
+
+
+def test_table_counts_evictions_exactly_per_stream() -> None:
+    """Ids from per-CPU, per-level counters (no BPF_FETCH, before 5.12): the same
+    accounting as the dense counter, stream by stream (id = seq << 16 | cpu << 2 | lvl)."""
+
+    def sid(seq: int, cpu: int, level: int = 0) -> int:
+        return seq << STREAM_BITS | cpu << 2 | level
+
+    def counts(**streams: int) -> IdCounts:
+        return IdCounts({int(k[1:]): n for k, n in streams.items()}, STREAM_BITS)
+
+    t = ConnTable(max_conns=100)
+    iv = t.update(counts(s0=2, s4=1), [_conn(sid(0, 0)), _conn(sid(1, 0)), _conn(sid(0, 1))], [], 0)
+    assert iv.evicted == 0
+    # cpu 1 made ids 1..3, 2 was seen; cpu 0 level 1 (softirq) made one, seen closing;
+    # sid(0, 0) vanished; an id created after the read (cpu 0 seq 2) is seen early
+    live = [_conn(sid(1, 0)), _conn(sid(0, 1)), _conn(sid(2, 1)), _conn(sid(2, 0))]
+    closed = [_conn(sid(0, 0, 1), end=EndReason.DESTROYED)]
+    iv = t.update(counts(s0=2, s4=4, s1=1), live, closed, 0)
+    assert iv.evicted == 1 + 2  # sid(0, 0), and cpu 1's seq 1 and 3
+    iv = t.update(counts(s0=3, s4=4, s1=1), live, [], 0)
+    assert iv.evicted == 0 and t.created.total == 8
 
 
 def test_table_user_space_bound() -> None:

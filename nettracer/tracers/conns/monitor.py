@@ -45,14 +45,15 @@ from nettracer.bpf import maps, prog, ringbuf, syscall
 from nettracer.bpf.link import Link, UnknownTracepoint, attach_raw_tracepoint
 from nettracer.bpf.syscall import BpfSyscallError, Cmd, ProgType
 from nettracer.errors import NotSupported
+from nettracer.kernel import features
 from nettracer.kernel.features import kernel_reads
 from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers.conns import peers
 from nettracer.tracers.conns import program as cp
 from nettracer.tracers.conns.model import Conn, decode, route_of, udp_tuple
-from nettracer.tracers.conns.records import IDX, RECORD, RECORD_SIZE, EndReason, Flag
-from nettracer.tracers.conns.table import ConnTable, Interval
+from nettracer.tracers.conns.records import IDX, RECORD, RECORD_SIZE, STREAM_BITS, EndReason, Flag
+from nettracer.tracers.conns.table import ConnTable, IdCounts, Interval
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -81,7 +82,7 @@ class Collected:
     """One read of the kernel side: the id counter read first, then the map's entries
     (the ring buffer is drained last, into :meth:`ConnTracer.take_closed`)."""
 
-    created: int
+    created: IdCounts
     live: list[tuple[Any, ...]]
     lost: int
 
@@ -189,7 +190,12 @@ class ConnTracer:
         self.conns = maps.lru_hash(ctypes.c_uint64, cp.ConnValue, self.max_conns, cp.MAP_CONNS)
         self.events = ringbuf.RingBuf(self.ring_bytes, cp.MAP_EVENTS)
         self.lost = ringbuf.lost_counter(cp.MAP_LOST)
-        self.ids = maps.array(ctypes.c_uint64, 1, cp.MAP_IDS)
+        fetch = features.current().use("atomic_fetch")
+        self.opts = opts = replace(opts, atomic_fetch=fetch)
+        if fetch:
+            self.ids = maps.array(ctypes.c_uint64, 1, cp.MAP_IDS)
+        else:  # before 5.12: per-CPU, per-nesting-level counters (cp.StreamIds)
+            self.ids = maps.percpu_array(cp.StreamIds, 1, cp.MAP_IDS)
         self.ended = maps.hash_map(ctypes.c_uint64, cp.ConnValue, cp.ENDED_ENTRIES, cp.MAP_ENDED)
         m = {
             cp.MAP_CONNS: self.conns,
@@ -319,8 +325,17 @@ class ConnTracer:
     def lost_total(self) -> int:
         return self._reader.lost if self._reader is not None else 0
 
-    def created(self) -> int:
-        return int(self.ids.lookup(0, 0))
+    def created(self) -> IdCounts:
+        """The id counters (:class:`~nettracer.tracers.conns.table.IdCounts`)."""
+        if self.opts.atomic_fetch:
+            return IdCounts(int(self.ids.lookup(0, 0)))
+        per_cpu = self.ids.lookup(0)
+        counts = {
+            cpu << 2 | level: int(v.count[level])
+            for cpu, v in enumerate(per_cpu)
+            for level in range(cp.NEST_LEVELS)
+        }
+        return IdCounts(counts, STREAM_BITS)
 
     def collect(self) -> Collected:
         """Read the id counter, refresh the TCP entries' stats, walk the map, drain."""
@@ -830,7 +845,7 @@ class ConnMonitor:
             "records": t.records,
             "lost_total": self.table.lost_total,
             "evicted_total": self.table.evicted_total,
-            "created_total": self.table.created,
+            "created_total": self.table.created.total,
             "open": len(self.table.open),
             "refreshes": t.refreshes,
             "overflowed": t.overflowed,

@@ -25,7 +25,9 @@ Every struct field comes from an :class:`~nettracer.layout.offsets.Offsets`; fie
 lie close together are read with one helper call
 (:func:`nettracer.access.plan.plan_reads`).
 Entry ids come from one counter (``ids[0]``, atomic fetch-and-add) so that user space
-can account for every entry the LRU map evicted (:mod:`nettracer.tracers.conns.table`).
+can account for every entry the LRU map evicted (:mod:`nettracer.tracers.conns.table`);
+before Linux 5.12 (no ``BPF_FETCH``; ``ConnSpec.atomic_fetch`` false) from per-CPU
+counters, one per nesting level (:meth:`_Builder.next_id`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from nettracer.bpf.insn import (
     R1,
     R2,
     R3,
+    R4,
     R6,
     R7,
     R8,
@@ -59,6 +62,7 @@ from nettracer.bpf.insn import (
     exit_,
     ja,
     jeq,
+    jge,
     jmp,
     jmp32,
     jne,
@@ -82,6 +86,7 @@ from nettracer.tracers.conns.records import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     MSG_PEEK,
+    STREAM_BITS,
     ConnValue,
     EndReason,
     Flag,
@@ -139,6 +144,17 @@ NEEDED_FIELDS: tuple[str, ...] = (
 IPV6_FIELDS: tuple[str, ...] = TUPLE_V6
 
 
+#: nesting levels a CPU can run the programs at (task, softirq, hardirq, NMI)
+NEST_LEVELS = 4
+
+
+class StreamIds(ctypes.Structure):
+    """The per-CPU value of ``ids`` without ``BPF_FETCH``: the nesting level being
+    handed an id, and one counter per level."""
+
+    _fields_ = (("nest", ctypes.c_uint64), ("count", ctypes.c_uint64 * NEST_LEVELS))
+
+
 @dataclass(frozen=True)
 class ConnSpec:
     """What the programs collect; baked into the instructions as constants."""
@@ -150,6 +166,8 @@ class ConnSpec:
     netns: int = 0
     #: which helper reads kernel memory (:mod:`nettracer.bpf.memory`; None: the 5.5 one)
     reads: KernelReads | None = None
+    #: ids from one fetch-and-add counter (5.12), else from per-CPU, per-level ones
+    atomic_fetch: bool = True
 
 
 def jsle32(dst: Reg, imm: int, target: str) -> Insn:
@@ -234,7 +252,11 @@ class _Builder:
         ]
 
     def next_id(self, value: Reg, fail: str) -> None:
-        """``value->id = atomic_fetch_add(&ids[0], 1)``."""
+        """``value->id = atomic_fetch_add(&ids[0], 1)``, or without ``BPF_FETCH`` (before
+        5.12) :meth:`next_stream_id`."""
+        if not self.opts.atomic_fetch:
+            self.next_stream_id(value, fail)
+            return
         self.p += st(4, FP, TMP2, 0)
         lookup(self.p, MAP_IDS, TMP2)
         self.p += [
@@ -242,6 +264,40 @@ class _Builder:
             mov64(R1, 1),
             atomic_fetch_add(8, R0, 0, R1),
             stx(8, value, off("id"), R1),
+        ]
+
+    def next_stream_id(self, value: Reg, fail: str) -> None:
+        """``value->id = seq << STREAM_BITS | cpu << 2 | level`` from ``ids``, a per-CPU
+        :class:`StreamIds`: ``level = nest; nest = level + 1; seq = count[level]++;
+        nest = level``. No atomics: the programs run with preemption off (the tracepoint
+        disables it), so on one CPU a program only ever interrupts another and finishes
+        before it resumes (last in, first out). One interrupting before ``nest`` is
+        raised uses ``count[level]`` and is done before this one does; one interrupting
+        after it uses ``count[level + 1]``. Deeper than :data:`NEST_LEVELS`: ``fail``."""
+        p = self.p
+        p += call(Helper.get_smp_processor_id)
+        p += [lsh64(R0, 2), stx(8, value, off("id"), R0), st(4, FP, TMP2, 0)]
+        lookup(p, MAP_IDS, TMP2)
+        p += [
+            jeq(R0, 0, fail),
+            ldx(8, R1, R0, StreamIds.nest.offset),
+            jge(R1, NEST_LEVELS, fail),
+            mov64(R2, R1),
+            add64(R2, 1),
+            stx(8, R0, StreamIds.nest.offset, R2),
+            mov64(R2, R1),
+            lsh64(R2, 3),
+            add64(R2, R0),
+            ldx(8, R3, R2, StreamIds.count.offset),
+            mov64(R4, R3),
+            add64(R4, 1),
+            stx(8, R2, StreamIds.count.offset, R4),
+            stx(8, R0, StreamIds.nest.offset, R1),
+            lsh64(R3, STREAM_BITS),
+            or64(R3, R1),
+            ldx(8, R1, value, off("id")),
+            or64(R3, R1),
+            stx(8, value, off("id"), R3),
         ]
 
     def netns(self, buf: int, plan: ReadPlan, dst: Reg, fail: str) -> None:

@@ -17,6 +17,10 @@ import ctypes
 import struct
 from enum import IntEnum
 
+#: low bits of an entry id that name its stream (``cpu << 2 | nesting level``) where ids
+#: come from per-CPU counters (no ``BPF_FETCH`` before Linux 5.12); see ``table.py``
+STREAM_BITS = 16
+
 
 class ConnValue(ctypes.Structure):
     """``struct conn`` as the programs write it (176 bytes, naturally aligned).

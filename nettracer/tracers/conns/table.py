@@ -14,6 +14,12 @@ eviction left a record in the ring buffer before it was deleted, so after the dr
 
 Records that did not fit in the ring buffer (``lost``, counted by the programs) look
 the same, so ``evicted`` is what is missing minus what was lost.  Nothing is silent.
+
+Before Linux 5.12 there is no atomic fetch-and-add (``BPF_FETCH``); the programs then
+count per *stream* instead, a CPU and the nesting level of the program on it (task,
+softirq, hardirq, NMI), and an id is ``seq << STREAM_BITS | stream``
+(:data:`STREAM_BITS`): dense per stream, so the same accounting holds stream by stream.
+:class:`IdCounts` holds the counters; the single counter is the case of one stream.
 """
 
 from __future__ import annotations
@@ -22,6 +28,35 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from nettracer.tracers.conns.model import Conn
+
+
+class IdCounts:
+    """How many ids each stream has handed out: ``counts[stream]``; an id is
+    ``seq << bits | stream`` (``bits`` 0: the one dense counter ``0 .. n-1``)."""
+
+    __slots__ = ("bits", "counts")
+
+    def __init__(self, counts: dict[int, int] | int = 0, bits: int = 0) -> None:
+        self.counts = {0: counts} if isinstance(counts, int) else dict(counts)
+        self.bits = bits
+
+    def __repr__(self) -> str:
+        return f"IdCounts({self.counts!r}, bits={self.bits})"
+
+    def has(self, cid: int) -> bool:
+        """Id ``cid`` was handed out before these counts were read."""
+        mask = (1 << self.bits) - 1
+        return cid >> self.bits < self.counts.get(cid & mask, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def union(self, other: IdCounts) -> IdCounts:
+        """Stream by stream the larger count (a counter never goes back)."""
+        keys = self.counts.keys() | other.counts.keys()
+        merged = {k: max(self.counts.get(k, 0), other.counts.get(k, 0)) for k in keys}
+        return IdCounts(merged, other.bits)
 
 
 @dataclass
@@ -49,15 +84,15 @@ class ConnTable:
 
     max_conns: int
     open: dict[int, Conn] = field(default_factory=dict)
-    created: int = 0
+    created: IdCounts = field(default_factory=IdCounts)
     lost_total: int = 0
     evicted_total: int = 0
-    #: ids >= ``created`` already seen (created after the counter was read)
+    #: ids not yet in ``created`` already seen (created after the counter was read)
     _early: set[int] = field(default_factory=set)
 
     def update(
         self,
-        created: int,
+        created: IdCounts | int,
         live: list[Conn],
         closed: list[Conn],
         lost_total: int,
@@ -67,12 +102,14 @@ class ConnTable:
         ``live`` the map's entries, ``closed`` the ring buffer's records since the last
         update (including entries user space expired), ``lost_total`` the lost counter,
         ``seen`` the ids of more closed connections (never seen open) reported elsewhere."""
+        if isinstance(created, int):
+            created = IdCounts(created)
         lo = self.created
         seen = list(seen)
-        seen_new = {i for i in self._early if i < created}
-        seen_new.update([i for i in seen if lo <= i < created])
-        early = {i for i in self._early if i >= created}
-        early.update([i for i in seen if i >= created])
+        seen_new = {i for i in self._early if created.has(i)}
+        seen_new.update([i for i in seen if created.has(i) and not lo.has(i)])
+        early = {i for i in self._early if not created.has(i)}
+        early.update([i for i in seen if not created.has(i)])
         closed_ids = set()
         reported_closed: list[Conn] = []
         for c in closed:
@@ -90,7 +127,7 @@ class ConnTable:
             self._see(c.id, created, seen_new, early)
             live_now[c.id] = c
         vanished = sum(1 for i in self.open if i not in live_now)
-        never_seen = max(0, created - self.created) - len(seen_new)
+        never_seen = max(0, created.total - self.created.total) - len(seen_new)
         missing = vanished + never_seen
         lost = max(0, lost_total - self.lost_total)
         evicted = max(0, missing - lost)
@@ -103,7 +140,7 @@ class ConnTable:
             evicted += len(reported_closed) - self.max_conns
             reported_closed = reported_closed[: self.max_conns]
         self.open = {c.id: c for c in conns}
-        self.created = max(self.created, created)
+        self.created = self.created.union(created)
         self._early = early
         self.lost_total = max(self.lost_total, lost_total)
         self.evicted_total += evicted
@@ -117,8 +154,8 @@ class ConnTable:
             c.prev = prev.counters()
             c.gateway = c.gateway or prev.gateway
 
-    def _see(self, cid: int, created: int, seen_new: set[int], early: set[int]) -> None:
-        if cid >= created:
+    def _see(self, cid: int, created: IdCounts, seen_new: set[int], early: set[int]) -> None:
+        if not created.has(cid):
             early.add(cid)
-        elif cid >= self.created:
+        elif not self.created.has(cid):
             seen_new.add(cid)
