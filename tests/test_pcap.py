@@ -256,7 +256,8 @@ def capture(t: Topo, args: list[str], prefix: tuple[str, ...] = (), pipe: bool =
     import json
 
     server = subprocess.Popen(
-        ["ip", "netns", "exec", t.server, sys.executable, "-c", SERVER],
+        ["ip", "netns", "exec", t.server, sys.executable, "-c", SERVER,
+         *(str(n) for n in (U4, U6, BURST))],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     proc = reader = None
