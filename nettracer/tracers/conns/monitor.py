@@ -258,19 +258,20 @@ class ConnTracer:
         for name, (_, args) in builds.items():
             if args is not None:
                 self.links.append(args.attach(self.progs[name]))
-        for name, (program, tp) in peer_progs.items():
-            self.progs[name] = prog.load(program.insns, maps=m, name=name)
-            self.links.append(attach_raw_tracepoint(self.progs[name], tp))
+        for name, (program, args) in peer_progs.items():
+            self.progs[name] = prog.load(program.insns, prog_type=args.prog_type, maps=m, name=name)
+            self.links.append(args.attach(self.progs[name]))
         self._reader = RecordReader(self.events, self.lost)
 
-    def _peer_programs(self, m: dict[str, Any]) -> dict[str, tuple[Any, str]]:
-        """The programs of :mod:`nettracer.tracers.conns.peers` and their raw
-        tracepoints, their maps added to ``m``; none (and a notice) when UDP is off or
-        a tracepoint is missing."""
+    def _peer_programs(self, m: dict[str, Any]) -> dict[str, tuple[Any, TracepointArgs]]:
+        """The programs of :mod:`nettracer.tracers.conns.peers` and their tracepoints'
+        layouts, their maps added to ``m``; none (and a notice) when UDP is off or a
+        tracepoint is missing."""
         if not (self.with_peers and self.opts.collect_udp):
             return {}
         tps = (peers.TP_TX, peers.TP_RX, peers.TP_READY)
-        missing = [tp for tp in tps if not _has_raw_tp(tp)]
+        found = {tp: _available(peers.tracepoint_args(tp)) for tp in tps}
+        missing = [tp for tp, args in found.items() if args is None]
         if missing:
             self.notices.append(
                 "peers of unconnected UDP sockets are not counted: no raw tracepoint "
@@ -284,10 +285,13 @@ class ConnTracer:
         m[peers.MAP_PEERS] = self.peers
         m[peers.MAP_SLOT] = self.slot
         self.peers_on = True
+        tx, rx, ready = (found[tp] for tp in tps)
+        assert tx is not None and rx is not None and ready is not None
+        reads = self.opts.reads
         return {
-            "peer_tx": (peers.build_tx(self.offsets), tps[0]),
-            "peer_rx": (peers.build_rx(self.offsets), tps[1]),
-            "peer_ready": (peers.build_ready(self.offsets), tps[2]),
+            "peer_tx": (peers.build_tx(self.offsets, tx, reads), tx),
+            "peer_rx": (peers.build_rx(self.offsets, rx, reads), rx),
+            "peer_ready": (peers.build_ready(self.offsets, ready, reads), ready),
         }
 
     def take_peers(self, keep: set[int]) -> dict[int, list[tuple[Any, ...]]]:
@@ -445,11 +449,17 @@ def _vm_hwm() -> int:
 def _tracepoint(tp: tuple[str, str | None]) -> TracepointArgs | None:
     """The layout of tracepoint ``tp`` (a ``cp.TP_*``) this kernel is to use, or None
     when the kernel lacks the tracepoint."""
+    return _available(cp.tracepoint_args(tp))
+
+
+def _available(raw: TracepointArgs) -> TracepointArgs | None:
+    """The layout of ``raw``'s tracepoint this kernel is to use, or None when the
+    kernel lacks the tracepoint."""
     try:
-        args = cp.tracepoint_args(tp).for_kernel()
+        args = raw.for_kernel()
     except UnknownTracepoint:
         return None
-    if args.raw and not _has_raw_tp(tp[0]):
+    if args.raw and not _has_raw_tp(raw.name):
         return None
     return args
 

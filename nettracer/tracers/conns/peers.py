@@ -61,7 +61,8 @@ from nettracer.bpf.insn import (
     stx,
     sub64,
 )
-from nettracer.bpf.memory import read
+from nettracer.bpf.memory import KernelReads, read
+from nettracer.kernel.tracepoints import TracepointArgs
 from nettracer.layout.offsets import Offsets
 from nettracer.tracers.conns.records import AF_INET, AF_INET6, IPPROTO_UDP, off
 
@@ -69,6 +70,20 @@ from nettracer.tracers.conns.records import AF_INET, AF_INET6, IPPROTO_UDP, off
 TP_TX = "net_dev_start_xmit"
 TP_RX = "netif_receive_skb"
 TP_READY = "sk_data_ready"
+#: their ``TP_PROTO`` argument names (include/trace/events/net.h, sock.h)
+TP_ARGS: dict[str, tuple[str, ...]] = {
+    TP_TX: ("skb", "dev"),
+    TP_RX: ("skb",),
+    TP_READY: ("sk",),
+}
+
+
+def tracepoint_args(name: str) -> TracepointArgs:
+    """The raw tracepoint layout of ``name`` (one of the ``TP_*``);
+    :meth:`~TracepointArgs.for_kernel` gives the one this kernel is to use."""
+    return TracepointArgs.raw_args(name, TP_ARGS[name])
+
+
 MAP_PEERS = "peers"
 MAP_SLOT = "peer_slot"
 MAP_CONNS = "conns"
@@ -116,13 +131,13 @@ UDPH = -152  #: 8 bytes of UDP header
 SKB = -160  #: the sk_buff fields read (grows down)
 
 
-def _skb_fields(p: Program, offsets: Offsets, skb_arg: int) -> tuple[int, dict[str, int]]:
+def _skb_fields(p: Program, offsets: Offsets, args: TracepointArgs) -> tuple[int, dict[str, int]]:
     """R6 = the tracepoint's skb; read :data:`SKB_FIELDS` into the stack below SKB;
     (buffer offset, field positions)."""
     plan = plan_reads(offsets, SKB_FIELDS)
     buf = SKB - plan.size
     buf -= buf % 8
-    p += ldx(8, R6, R1, 8 * skb_arg)
+    p += args.load(R6, R1, "skb")
     emit_plan(p, plan, buf, R6)
     return buf, dict(plan.where)
 
@@ -189,10 +204,14 @@ def _out(p: Program) -> None:
     p += [mov64(R0, 0), exit_()]
 
 
-def build_tx(offsets: Offsets) -> Program:
-    """``net_dev_start_xmit``: count the destination of a UDP datagram for its socket."""
-    p = Program()
-    buf, where = _skb_fields(p, offsets, 0)
+def build_tx(
+    offsets: Offsets, args: TracepointArgs | None = None, reads: KernelReads | None = None
+) -> Program:
+    """``net_dev_start_xmit``: count the destination of a UDP datagram for its socket.
+    ``args`` is the context's layout (default: the raw tracepoint's), ``reads`` the
+    helper that reads kernel memory."""
+    p = Program(reads=reads)
+    buf, where = _skb_fields(p, offsets, args or tracepoint_args(TP_TX))
     p += [ldx(8, R1, FP, buf + where["sk_buff.sk"]), jeq(R1, 0, "out"), stx(8, FP, KEY, R1)]
     lookup(p, MAP_CONNS, KEY)
     _skip_known(p)
@@ -202,14 +221,16 @@ def build_tx(offsets: Offsets) -> Program:
     return p
 
 
-def build_rx(offsets: Offsets) -> Program:
+def build_rx(
+    offsets: Offsets, args: TracepointArgs | None = None, reads: KernelReads | None = None
+) -> Program:
     """``netif_receive_skb``: the source and length of a UDP datagram to this CPU's
     slot (emptied first: a packet that is not one leaves no stale peer)."""
-    p = Program()
+    p = Program(reads=reads)
     p += [mov64(R6, R1), st(4, FP, TMP, 0)]
     lookup(p, MAP_SLOT, TMP)
     p += [jeq(R0, 0, "out"), st(2, R0, 8, 0), mov64(R1, R6)]
-    buf, where = _skb_fields(p, offsets, 0)
+    buf, where = _skb_fields(p, offsets, args or tracepoint_args(TP_RX))
     _peer_of(p, buf, where, source=True)
     p += [stx(4, FP, PKEY + 12, R9), st(8, FP, PKEY, 0)]
     p += st(4, FP, TMP, 0)
@@ -221,10 +242,14 @@ def build_rx(offsets: Offsets) -> Program:
     return p
 
 
-def build_ready(offsets: Offsets) -> Program:
+def build_ready(
+    offsets: Offsets, args: TracepointArgs | None = None, reads: KernelReads | None = None
+) -> Program:
     """``sk_data_ready``: count this CPU's slot (if full) for ``sk``, and empty it."""
+    del reads  # reads no kernel memory
     p = Program()
-    p += [ldx(8, R1, R1, 0), stx(8, FP, KEY, R1), st(4, FP, TMP, 0)]
+    args = args or tracepoint_args(TP_READY)
+    p += [args.load(R1, R1, "sk"), stx(8, FP, KEY, R1), st(4, FP, TMP, 0)]
     lookup(p, MAP_SLOT, TMP)
     p += [jeq(R0, 0, "out"), ldx(2, R1, R0, 8), jeq(R1, 0, "out")]
     for i in range(0, 32, 8):
