@@ -86,9 +86,14 @@ class EventChannel:
         """``dst = bpf_ringbuf_reserve(&map, size, 0)``: a record of ``size`` bytes to
         fill; when there is no room, ``lost[0] += 1`` and jump to ``on_fail``.
         ``scratch_off`` is a 4-byte stack slot (the key of ``lost``)."""
-        ok = p.new_label("reserved")
         p += [ld_map_fd(R1, self.map), mov64(R2, size), mov64(R3, 0)]
-        p += [call(Helper.ringbuf_reserve), jne(R0, 0, ok)]
+        p += call(Helper.ringbuf_reserve)
+        self._reserved(p, dst, on_fail, scratch_off)
+
+    def _reserved(self, p: Program, dst: Reg, on_fail: str, scratch_off: int) -> None:
+        """``dst = R0``, the record; when R0 is NULL ``lost[0] += 1`` and ``on_fail``."""
+        ok = p.new_label("reserved")
+        p += jne(R0, 0, ok)
         lost_inc(p, self.lost, scratch_off)
         p += ja(on_fail)
         p += mov64(dst, R0).at(ok)
@@ -188,13 +193,9 @@ class PerfEventChannel(EventChannel):
         """``dst`` = this CPU's record slot (``size`` bytes of it are the record)."""
         if size > self.RECORD_MAX:
             raise ValueError(f"a {size}-byte record does not fit the {self.RECORD_MAX}-byte slot")
-        ok = p.new_label("reserved")
         p += st(4, FP, scratch_off, 0)
         lookup(p, self.scratch, scratch_off)
-        p += jne(R0, 0, ok)
-        lost_inc(p, self.lost, scratch_off)
-        p += ja(on_fail)
-        p += mov64(dst, R0).at(ok)
+        self._reserved(p, dst, on_fail, scratch_off)
 
     def submit(
         self,

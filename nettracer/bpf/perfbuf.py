@@ -24,6 +24,7 @@ from collections.abc import Callable
 from nettracer.bpf import syscall
 from nettracer.bpf.fd import FdObject
 from nettracer.bpf.maps import Map
+from nettracer.bpf.ringbuf import RingBufReader
 from nettracer.bpf.syscall import MapType
 
 PERF_TYPE_SOFTWARE = 1
@@ -150,13 +151,9 @@ class PerfBufReader:
         self.records += n
         return n
 
-    def poll(self, timeout_s: float, callback: Callable[[memoryview], None]) -> int:
-        """Wait up to ``timeout_s`` for samples, then :meth:`consume` them."""
-        n = self.consume(callback)
-        if n:
-            return n
-        self._ep.poll(timeout_s)
-        return self.consume(callback)
+    #: wait up to ``timeout_s`` for samples, then :meth:`consume` them (the ring
+    #: buffer reader's, which uses only ``consume`` and ``_ep``)
+    poll = RingBufReader.poll
 
     def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
