@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from typing import Any, TextIO
 
     from nettracer.access.reader import Reader
+    from nettracer.bpf.fd import StopRequest
     from nettracer.output.read import ValueNames
 
 #: setting -> the flag that sets it here (errors below the CLI name settings)
@@ -169,7 +170,7 @@ def _check_category(text: str, tp: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nettracer.access.reader import Reader, tracepoint_name
-    from nettracer.bpf.fd import Terminated
+    from nettracer.bpf.fd import StopRequest, ignore_stop_signals
     from nettracer.output.table import plural
 
     tp = tracepoint_name(args.tracepoint)
@@ -181,18 +182,20 @@ def run(args: argparse.Namespace) -> int:
     mode = "count" if args.count else "events"
     reader = Reader.from_config(config, tp, args.exprs, mode=mode, netns=inum)
     with reader:
-        how = "btf" if reader.source == "btf" else f"catalogue, {reader.source} offsets"
-        sys.stderr.write(
-            f"nettracer: attached to raw tracepoint {tp} "
-            f"({plural(len(reader.paths), 'expression')}, {how}); Ctrl-C to stop\n"
-        )
-        sys.stderr.flush()
+        # ready to report before saying so: a signal after "attached" gets the last report
         printer = _Printer(reader, args.json, sys.stdout, _value_names(reader, tp))
+        stop = StopRequest().install()
+        how = "btf" if reader.source == "btf" else f"catalogue, {reader.source} offsets"
+        if not stop.signum:  # stopped while starting: no "attached" line
+            sys.stderr.write(
+                f"nettracer: attached to raw tracepoint {tp} "
+                f"({plural(len(reader.paths), 'expression')}, {how}); Ctrl-C to stop\n"
+            )
+            sys.stderr.flush()
         try:
-            _loop(args, reader, printer)
-        except Terminated:  # later signals are ignored: the end is printed
-            pass
+            _loop(args, reader, printer, stop)
         finally:
+            ignore_stop_signals()  # later signals are ignored: the end is printed
             if not args.count:
                 reader.poll(0, printer.event)
                 printer.lost_line(True)
@@ -217,12 +220,14 @@ def _value_names(reader: Reader, tp: str) -> ValueNames:
     )
 
 
-def _loop(args: argparse.Namespace, reader: Reader, printer: _Printer) -> None:
-    """Print until ``--duration`` (forever without); the last counts at the end, too."""
+def _loop(args: argparse.Namespace, reader: Reader, printer: _Printer, stop: StopRequest) -> None:
+    """Print until ``--duration`` (forever without) or a stop signal (which only sets a
+    flag: a signal in the middle of reading the counts would lose them); the last counts
+    at the end, too."""
     start = last = time.monotonic()
     end = start + args.duration if args.duration else None
     try:
-        while True:
+        while not stop.signum:
             now = time.monotonic()
             if end is not None and now >= end:
                 return
@@ -233,7 +238,9 @@ def _loop(args: argparse.Namespace, reader: Reader, printer: _Printer) -> None:
                 printer.out.flush()
                 continue
             due = last + args.interval
-            time.sleep(max(0.0, min(due, end or due) - now))
+            stop.sleep(max(0.0, min(due, end or due) - now))
+            if stop.signum:
+                return  # the final report covers it
             now = time.monotonic()
             if end is not None and now >= end:
                 return  # the final report covers it
