@@ -2,8 +2,9 @@
 
 Run as root from the repository: ``python3 bench/bench_drops.py [--drops N] [--rounds R]
 [--seconds S] [--solo R] [--startups K] [--installed VENV] [--other-repo PATH] [--guess]
-[--parts startup,shared,solo,workload] [--only-startup]``.  It builds two network namespaces (blaster B, target T,
-one veth pair with static neighbours; removed at the end) and measures:
+[--without LIST|all] [--events] [--parts startup,shared,solo,workload]
+[--only-startup]``.  It builds two network namespaces (blaster B, target T, one veth
+pair with static neighbours; removed at the end) and measures:
 
 1. start-up, command start to attached, for ``nettracer drops`` (with its byte-code
    cached, without, and -- with ``--installed VENV`` -- as ``pip install`` puts it in a
@@ -25,7 +26,10 @@ one veth pair with static neighbours; removed at the end) and measures:
    namespace at (location, reason) -- the key bpftrace has -- and bpftrace's;
    (``solo``, issue 15's figure) each program attached alone, in turn, R rounds of N
    drops: ours (default options; with ``--guess`` also ``--offsets guess``; with
-   ``--other-repo`` also that checkout's), bpftrace with our key (location, reason,
+   ``--other-repo`` also that checkout's; with ``--without LIST`` also ours with those
+   kernel features forced away, ``NETTRACER_KERNEL__WITHOUT=LIST``, start-up too; with
+   ``--events`` also ``--events`` through the ring buffer and the perf event array),
+   each of ours with its counts for T's namespace next to the drops caused, bpftrace with our key (location, reason,
    protocol, ifindex, netns inode) and bpftrace with location and reason only;
 3. the send rate of the same blaster for S seconds, alternating without / with
    ``nettracer drops`` attached / with bpftrace attached (for reference), R rounds
@@ -58,6 +62,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import IO
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -341,15 +346,21 @@ def env(pyc: bool | None, repo: str = REPO) -> dict[str, str]:
 
 
 def start(
-    cmd: list[str], timeout: float = 60, pyc: bool | None = True, repo: str = REPO
+    cmd: list[str],
+    timeout: float = 60,
+    pyc: bool | None = True,
+    repo: str = REPO,
+    extra: dict[str, str] | None = None,
+    stdout: int | IO[str] = subprocess.PIPE,
 ) -> Started:
-    """Start ``cmd`` (ours: from the checkout ``repo``) and wait until it attached."""
-    e = env(pyc, repo)
+    """Start ``cmd`` (ours: from the checkout ``repo``; ``extra`` added to its
+    environment; its output to ``stdout``) and wait until it attached."""
+    e = dict(env(pyc, repo), **(extra or {}))
     account = CpuAccount()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.DEVNULL,
         text=True,
         cwd="/" if pyc is None else repo,
@@ -405,31 +416,35 @@ def vm_hwm_mb(pid: int) -> float:
 
 
 def bench_startup(
-    k: int, installed: str | None = None, other: str | None = None
+    k: int, installed: str | None = None, other: str | None = None, without: str | None = None
 ) -> dict[str, tuple[list[float], list[float]]]:
     """Start-up of ours with byte-code cached (as installed), ours without (this checkout
     under PYTHONDONTWRITEBYTECODE=1), bpftrace, -- with ``installed`` (a virtual
     environment ``pip install`` put nettracer in) -- its ``bin/nettracer``, and -- with
-    ``other`` (another checkout) -- that checkout's, byte-code cached, interleaved.
+    ``other`` (another checkout) -- that checkout's, byte-code cached, and -- with
+    ``without`` -- this checkout's with those kernel features forced away
+    (``NETTRACER_KERNEL__WITHOUT``), byte-code cached, interleaved.
     One unmeasured start of each first (byte-code, caches, page cache).  Returns
     ``{name: (wall seconds, CPU seconds)}``, both until attached."""
     ours = [*OURS, "--interval", "3600"]
-    cmds: dict[str, tuple[list[str], bool | None, str]] = {
-        "pyc": (ours, True, REPO),
-        "bpftrace": (BPFTRACE, True, REPO),
-        "nopyc": (ours, False, REPO),
+    cmds: dict[str, tuple[list[str], bool | None, str, dict[str, str]]] = {
+        "pyc": (ours, True, REPO, {}),
+        "bpftrace": (BPFTRACE, True, REPO, {}),
+        "nopyc": (ours, False, REPO, {}),
     }
     if other:
-        cmds["other"] = (ours, True, other)
+        cmds["other"] = (ours, True, other, {})
+    if without:
+        cmds["without"] = (ours, True, REPO, without_env(without))
     if installed:
         cmd = [os.path.join(installed, "bin", "nettracer"), "drops", "--interval", "3600"]
-        cmds["installed"] = (cmd, None, REPO)
-    for cmd, pyc, repo in cmds.values():
-        stop(start(cmd, pyc=pyc, repo=repo))
+        cmds["installed"] = (cmd, None, REPO, {})
+    for cmd, pyc, repo, extra in cmds.values():
+        stop(start(cmd, pyc=pyc, repo=repo, extra=extra))
     out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in cmds}
     for _ in range(k):
-        for name, (cmd, pyc, repo) in cmds.items():
-            s = start(cmd, pyc=pyc, repo=repo)
+        for name, (cmd, pyc, repo, extra) in cmds.items():
+            s = start(cmd, pyc=pyc, repo=repo, extra=extra)
             out[name][0].append(s.seconds)
             out[name][1].append(s.cpu)
             stop(s)
@@ -486,41 +501,112 @@ def bench_cost_and_counts(n: int, inode: int) -> dict[str, object]:
     }
 
 
-def solo_arms(guess: bool, other: str | None) -> dict[str, tuple[list[str], str]]:
-    """The programs of :func:`bench_solo`: name -> (command, checkout it runs from)."""
-    ours = [*OURS, "--interval", "3600"]
-    arms = {"ours": (ours, REPO)}
+def without_env(without: str) -> dict[str, str]:
+    """The environment that forces kernel features away (``kernel.without``)."""
+    return {"NETTRACER_KERNEL__WITHOUT": without}
+
+
+@dataclass
+class Arm:
+    """One program of :func:`bench_solo`: its command, the checkout it runs from, what
+    it adds to the environment, and whether it is ours (counted: ``--json``)."""
+
+    cmd: list[str]
+    repo: str = REPO
+    extra: dict[str, str] | None = None
+    ours: bool = True
+
+
+#: names of the variants of ours in :func:`bench_solo`
+FORCED = "ours, fallbacks forced"
+EVENTS_RB = "ours --events (ring buffer)"
+EVENTS_PERF = "ours --events, perf event array"
+#: what each variant of ours is compared with besides "ours" (default: the bpftraces)
+SOLO_REFS = {EVENTS_RB: (), EVENTS_PERF: (EVENTS_RB,)}
+
+
+def solo_arms(
+    guess: bool, other: str | None, without: str | None = None, events: bool = False
+) -> dict[str, Arm]:
+    """The programs of :func:`bench_solo`, by name."""
+    ours = [*OURS, "--json", "--interval", "3600"]
+    arms = {"ours": Arm(ours)}
+    if without:
+        arms[FORCED] = Arm(ours, extra=without_env(without))
     if guess:
-        arms["ours --offsets guess"] = ([*ours, "--offsets", "guess"], REPO)
+        arms["ours --offsets guess"] = Arm([*ours, "--offsets", "guess"])
     if other:
-        arms["other checkout"] = (ours, other)
-    arms["bpftrace same key"] = (BPFTRACE_SAME_KEY, REPO)
-    arms["bpftrace location+reason"] = (BPFTRACE, REPO)
+        arms["other checkout"] = Arm(ours, other)
+    if events:
+        arms[EVENTS_RB] = Arm([*OURS, "--events", "--json"])
+        arms[EVENTS_PERF] = Arm([*OURS, "--events", "--json"], extra=without_env("ringbuf"))
+    arms["bpftrace same key"] = Arm(BPFTRACE_SAME_KEY, ours=False)
+    arms["bpftrace location+reason"] = Arm(BPFTRACE, ours=False)
     return arms
 
 
-def bench_solo(
-    n: int, rounds: int, arms: dict[str, tuple[list[str], str]]
-) -> dict[str, list[float]]:
+@dataclass
+class Solo:
+    """Per round: in-kernel ns/event, drops caused, and (ours) what it reported for T's
+    namespace at (``__udp4_lib_rcv``, NO_SOCKET): counted, or events shown and lost."""
+
+    ns: list[float]
+    caused: list[int]
+    counted: list[int]
+    lost: list[int]
+
+
+def our_counts(out: str, inode: int) -> tuple[int, int]:
+    """(UDP-to-closed-port drops in T's namespace, events lost) in the ``--json`` output
+    of ``nettracer drops``: interval objects (``drops``) or events and their
+    ``{"time", "events", "lost"}`` lines."""
+    counted = lost = 0
+    for line in out.splitlines():
+        obj = json.loads(line)
+        rows = obj.get("drops", [obj] if "symbol" in obj else [])
+        for d in rows:
+            ours = d["symbol"] == "__udp4_lib_rcv" and d["reason"] == "NO_SOCKET"
+            if ours and d["netns"] == inode:
+                counted += d.get("count", 1)
+        if "events" in obj:
+            lost = max(lost, obj["lost"])
+    return counted, lost
+
+
+def bench_solo(n: int, rounds: int, arms: dict[str, Arm], inode: int) -> dict[str, Solo]:
     """In-kernel ns/event of each program attached alone, in turn, ``rounds`` times
     (alternating: no program profits from another's warm cache lines): run_time_ns /
-    run_cnt over ``n`` drops."""
+    run_cnt over ``n`` drops.  The program is the one the command's pid has attached to
+    ``kfree_skb`` (a raw tracepoint program, or with ``raw_tracepoint`` forced away a
+    classic tracepoint one, perf_event_open + PERF_EVENT_IOC_SET_BPF: both answer
+    BPF_TASK_FD_QUERY with the tracepoint's name).  Ours writes to a file (events: one
+    line per drop, a pipe would fill and make it lose them)."""
+    import tempfile
+
     from nettracer.bpf import prog as bpf_prog
 
-    out: dict[str, list[float]] = {name: [] for name in arms}
+    out = {name: Solo([], [], [], []) for name in arms}
     with bpf_prog.enable_stats():
         for _ in range(rounds):
-            for name, (cmd, repo) in arms.items():
-                s = start(cmd, repo=repo)
-                time.sleep(0.5)
-                # the program attached now: --offsets guess attaches its probes first
-                prog_id = attached(s.proc.pid) or s.prog_id
-                t0, c0 = prog_stats(prog_id)
-                blast("count", n)
-                time.sleep(0.5)
-                t1, c1 = prog_stats(prog_id)
-                stop(s)
-                out[name].append((t1 - t0) / max(1, c1 - c0))
+            for name, arm in arms.items():
+                with tempfile.TemporaryFile("w+") as f:
+                    sink = f if arm.ours else subprocess.PIPE
+                    s = start(arm.cmd, repo=arm.repo, extra=arm.extra, stdout=sink)
+                    time.sleep(0.5)
+                    # the program attached now: --offsets guess attaches its probes first
+                    prog_id = attached(s.proc.pid) or s.prog_id
+                    t0, c0 = prog_stats(prog_id)
+                    caused = int(blast("count", n))
+                    time.sleep(0.5)
+                    t1, c1 = prog_stats(prog_id)
+                    stop(s)
+                    f.seek(0)
+                    counted, lost = our_counts(f.read(), inode) if arm.ours else (0, 0)
+                r = out[name]
+                r.ns.append((t1 - t0) / max(1, c1 - c0))
+                r.caused.append(caused)
+                r.counted.append(counted)
+                r.lost.append(lost)
     return out
 
 
@@ -574,6 +660,19 @@ def parse_args() -> argparse.Namespace:
         "--guess", action="store_true", help="also measure ours with --offsets guess (cost alone)"
     )
     ap.add_argument(
+        "--without",
+        metavar="LIST",
+        help="also measure ours with these kernel features forced away (start-up and cost "
+        "alone, counts): NETTRACER_KERNEL__WITHOUT=LIST, e.g. "
+        "ringbuf,probe_read_kernel,atomic_fetch,raw_tracepoint,batch_ops ('all': every one)",
+    )
+    ap.add_argument(
+        "--events",
+        action="store_true",
+        help="also measure ours --events (cost alone) through the ring buffer and, with "
+        "ringbuf forced away, the perf event array",
+    )
+    ap.add_argument(
         "--parts",
         default=",".join(PARTS),
         help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)",
@@ -594,6 +693,10 @@ def parse_args() -> argparse.Namespace:
         ap.error(f"--parts: unknown {','.join(sorted(args.parts - set(PARTS)))}")
     if args.other_repo:
         args.other_repo = os.path.abspath(args.other_repo)
+    if args.without == "all":
+        from nettracer.kernel.features import FORCEABLE
+
+        args.without = ",".join(FORCEABLE)
     return args
 
 
@@ -614,13 +717,14 @@ def main() -> None:
     rss = float("nan")
     try:
         if "startup" in args.parts:
-            startup = bench_startup(args.startups, args.installed, args.other_repo)
+            startup = bench_startup(args.startups, args.installed, args.other_repo, args.without)
         if args.only_startup:
             rss = bench_rss(args.seconds)
         if "shared" in args.parts:
             cost = bench_cost_and_counts(args.drops, inode)
         if "solo" in args.parts:
-            solo = bench_solo(args.drops, args.solo, solo_arms(args.guess, args.other_repo))
+            arms = solo_arms(args.guess, args.other_repo, args.without, args.events)
+            solo = bench_solo(args.drops, args.solo, arms, inode)
         if "workload" in args.parts:
             load = os.getloadavg()[0]
             without, with_, with_bt, rss = bench_workload(args.rounds, args.seconds)
@@ -670,24 +774,42 @@ def report_cost(cost: dict[str, object]) -> None:
 SOLO_TARGETS = {"bpftrace same key": 0.7, "bpftrace location+reason": 1.0}
 
 
-def report_solo(args: argparse.Namespace, solo: dict[str, list[float]]) -> None:
+def report_solo(args: argparse.Namespace, solo: dict[str, Solo]) -> None:
     """Medians, each round's figure, and ours (and the variants) / each other program:
-    the ratio of medians and the spread of the per-round ratios."""
+    the ratio of medians and the spread of the per-round ratios; what ours counted."""
     med = statistics.median
     print(f"in-kernel ns/event, each program attached alone, alternating, {args.solo} rounds "
           f"of {args.drops} drops (median; per round)")  # fmt: skip
-    for name, xs in solo.items():
-        print(f"  {name:26} {med(xs):6.1f} ns  {[round(x, 1) for x in xs]}")
-    for name in ("ours", "ours --offsets guess", "other checkout"):
-        if name not in solo:
-            continue
-        for ref in solo:
-            if ref == name or ref.startswith("ours"):
-                continue
-            pairs = [a / b for a, b in zip(solo[name], solo[ref], strict=True)]
+    for name, r in solo.items():
+        print(f"  {name:34} {med(r.ns):6.1f} ns  {[round(x, 1) for x in r.ns]}")
+    if FORCED in solo:
+        print(f"  ({FORCED}: NETTRACER_KERNEL__WITHOUT={args.without})")
+    if EVENTS_PERF in solo:
+        print(f"  ({EVENTS_PERF}: NETTRACER_KERNEL__WITHOUT=ringbuf)")
+    ours = [name for name in solo if name.startswith("ours") or name == "other checkout"]
+    bpftraces = [name for name in solo if name not in ours]
+    for name in ours:
+        refs = ([] if name == "ours" else ["ours"]) + list(SOLO_REFS.get(name, bpftraces))
+        for ref in refs:
+            pairs = [a / b for a, b in zip(solo[name].ns, solo[ref].ns, strict=True)]
             target = f"  (target <= {SOLO_TARGETS[ref]})" if ref in SOLO_TARGETS else ""
-            print(f"  {name} / {ref}: {med(solo[name]) / med(solo[ref]):.3f}{target}; "
+            print(f"  {name} / {ref}: {med(solo[name].ns) / med(solo[ref].ns):.3f}{target}; "
                   f"per round {min(pairs):.3f}-{max(pairs):.3f}")  # fmt: skip
+    print(
+        "counts of UDP-to-closed-port drops in T's netns (__udp4_lib_rcv, NO_SOCKET), "
+        "per round: caused / counted (events: shown, lost over every netns)"
+    )
+    for name in ours:
+        r = solo[name]
+        rows = zip(r.caused, r.counted, r.lost, strict=True)
+        if "--events" in name:
+            print(f"  {name:34} " + ", ".join(f"{c}/{k} lost {x}" for c, k, x in rows))
+        else:
+            exact = all(c == k for c, k, _ in rows)
+            print(
+                f"  {name:34} {'exact' if exact else 'NOT EXACT'}: "
+                + ", ".join(f"{c}/{k}" for c, k in zip(r.caused, r.counted, strict=True))
+            )
 
 
 def report_workload(
@@ -729,6 +851,7 @@ def report_startup(
         ("installed", f"nettracer drops, pip-installed in {args.installed} (byte-code)"),
         ("pyc", "nettracer drops, this checkout, byte-code cached (PYTHONPATH; editable site)"),
         ("other", f"nettracer drops, {args.other_repo}, byte-code cached (PYTHONPATH)"),
+        ("without", f"nettracer drops, this checkout, NETTRACER_KERNEL__WITHOUT={args.without}"),
         ("nopyc", "nettracer drops, this checkout without byte-code (PYTHONDONTWRITEBYTECODE=1)"),
     )
     for name, what in rows:
@@ -743,10 +866,13 @@ def report_startup(
         print(f"                       CPU {med(cpu) * 1000:4.0f} ms {ms(cpu)}")
         print(f"      ratio to bpftrace: wall {med(wall) / bt_wall:.3f}{target}, "
               f"CPU {med(cpu) / bt_cpu:.3f}")  # fmt: skip
-    if "other" in times:
-        (w, c), (ow, oc) = times["pyc"], times["other"]
+    for name, what in (("other", "this checkout / other checkout"),
+                       ("without", "this checkout / the same with features forced away")):  # fmt: skip
+        if name not in times:
+            continue
+        (w, c), (ow, oc) = times["pyc"], times[name]
         pairs = [a / b for a, b in zip(w, ow, strict=True)]
-        print(f"  this checkout / other checkout (byte-code cached): wall {med(w) / med(ow):.3f} "
+        print(f"  {what} (byte-code cached): wall {med(w) / med(ow):.3f} "
               f"(per start {min(pairs):.3f}-{max(pairs):.3f}), CPU {med(c) / med(oc):.3f}")  # fmt: skip
 
 
