@@ -29,12 +29,15 @@ pair with static neighbours; removed at the end) and measures:
    ``--other-repo`` also that checkout's; with ``--without LIST`` also ours with those
    kernel features forced away, ``NETTRACER_KERNEL__WITHOUT=LIST``, start-up too; with
    ``--events`` also ``--events`` through the ring buffer and the perf event array),
-   each of ours with its counts for T's namespace next to the drops caused, bpftrace with our key (location, reason,
-   protocol, ifindex, netns inode) and bpftrace with location and reason only;
+   each of ours with its counts for T's namespace next to the drops caused, bpftrace
+   with our key (location, reason, protocol, ifindex, netns inode) and bpftrace with
+   location and reason only;
 3. the send rate of the same blaster for S seconds, alternating without / with
-   ``nettracer drops`` attached / with bpftrace attached (for reference), R rounds
-   (ratio of medians), per wall second and per
-   CPU second of the blaster (the drop path runs in its sendto() calls; CPU time is
+   ``nettracer drops`` attached / (``--without``) with it and those features forced
+   away / with bpftrace attached (for reference), R rounds (ratio of medians), per wall
+   second and per CPU second of the blaster (the drop path runs in its sendto() calls,
+   so this is the whole cost: run_time_ns leaves out what the kernel does around a
+   program, e.g. a classic tracepoint's record; CPU time is
    what other load on a shared machine does not disturb);
 4. the peak RSS (``VmHWM``) of ``nettracer drops`` in those runs (``--only-startup``:
    while it prints the drops of an S-second blast, after measuring start-up only).
@@ -610,29 +613,42 @@ def bench_solo(n: int, rounds: int, arms: dict[str, Arm], inode: int) -> dict[st
     return out
 
 
+#: one send-rate series of :func:`bench_workload`: (per wall second, per CPU second)
+Rates = list[tuple[float, ...]]
+
+
 def bench_workload(
-    rounds: int, seconds: float
-) -> tuple[list[tuple[float, ...]], list[tuple[float, ...]], list[tuple[float, ...]], float]:
-    """Alternating runs without, with ``nettracer drops`` and with bpftrace; in every arm
-    the blast starts 2 s after the (would-be) attach, so that the comparison is of the
-    steady state, not of start-up.  Each run gives (datagrams per wall second,
-    datagrams per CPU second of the blaster): the drops are processed in softirq inside
-    its sendto() calls, so its CPU time includes the tracing programs' and the second
-    figure is not disturbed by other load on the machine."""
-    without, with_, with_bt, rss = [], [], [], 0.0
+    rounds: int, seconds: float, without: str | None = None
+) -> tuple[dict[str, Rates], float]:
+    """Alternating runs without, with ``nettracer drops``, (``without``) with it and
+    those kernel features forced away, and with bpftrace; in every arm the blast starts
+    2 s after the (would-be) attach, so that the comparison is of the steady state, not
+    of start-up.  Each run gives (datagrams per wall second, datagrams per CPU second of
+    the blaster): the drops are processed in softirq inside its sendto() calls, so its
+    CPU time includes the tracing programs' -- and what the kernel does around them,
+    which run_time_ns leaves out (a classic tracepoint's record) -- and the second
+    figure is not disturbed by other load on the machine.  Returns the series by arm
+    ("without", "nettracer drops", "fallbacks forced", "bpftrace (reference)") and the
+    peak RSS of ours."""
+    arms: dict[str, tuple[list[str], dict[str, str]] | None] = {
+        "without": None,
+        "nettracer drops": ([*OURS, "--interval", "1"], {}),
+    }
+    if without:
+        arms["fallbacks forced"] = ([*OURS, "--interval", "1"], without_env(without))
+    arms["bpftrace (reference)"] = (BPFTRACE, {})
+    out: dict[str, Rates] = {name: [] for name in arms}
+    rss = 0.0
     for _ in range(rounds):
-        time.sleep(2)
-        without.append(blast_rates("rate", seconds))
-        s = start([*OURS, "--interval", "1"])
-        time.sleep(2)
-        with_.append(blast_rates("rate", seconds))
-        rss = max(rss, vm_hwm_mb(s.proc.pid))
-        stop(s)
-        s = start(BPFTRACE)
-        time.sleep(2)
-        with_bt.append(blast_rates("rate", seconds))
-        stop(s)
-    return without, with_, with_bt, rss
+        for name, arm in arms.items():
+            s = start(arm[0], extra=arm[1]) if arm else None
+            time.sleep(2)
+            out[name].append(blast_rates("rate", seconds))
+            if s is not None:
+                if name == "nettracer drops":
+                    rss = max(rss, vm_hwm_mb(s.proc.pid))
+                stop(s)
+    return out, rss
 
 
 PARTS = ("startup", "shared", "solo", "workload")
@@ -727,7 +743,7 @@ def main() -> None:
             solo = bench_solo(args.drops, args.solo, arms, inode)
         if "workload" in args.parts:
             load = os.getloadavg()[0]
-            without, with_, with_bt, rss = bench_workload(args.rounds, args.seconds)
+            rates, rss = bench_workload(args.rounds, args.seconds, args.without)
     finally:
         teardown()
     print()
@@ -736,7 +752,7 @@ def main() -> None:
     if "solo" in args.parts:
         report_solo(args, solo)
     if "workload" in args.parts:
-        report_workload(args, load, without, with_, with_bt)
+        report_workload(args, load, rates)
     if "startup" in args.parts:
         report_startup(args, startup)
     if rss == rss:
@@ -812,22 +828,20 @@ def report_solo(args: argparse.Namespace, solo: dict[str, Solo]) -> None:
             )
 
 
-def report_workload(
-    args: argparse.Namespace,
-    load: float,
-    without: list[tuple[float, ...]],
-    with_: list[tuple[float, ...]],
-    with_bt: list[tuple[float, ...]],
-) -> None:
+def report_workload(args: argparse.Namespace, load: float, rates: dict[str, Rates]) -> None:
     print(f"workload: blaster send rate, {args.rounds} alternating rounds of {args.seconds:g} s "
           f"(load average before: {load:.2f})")  # fmt: skip
+    if "fallbacks forced" in rates:
+        print(f"  (fallbacks forced: NETTRACER_KERNEL__WITHOUT={args.without})")
     for i, what in ((0, "per wall second"), (1, "per CPU second of the blaster")):
-        wo = statistics.median(r[i] for r in without)
+        wo = statistics.median(r[i] for r in rates["without"])
         print(f"  {what}: without {wo:.0f}/s")
-        for name, arm in (("nettracer drops", with_), ("bpftrace (reference)", with_bt)):
+        for name, arm in rates.items():
+            if name == "without":
+                continue
             w = statistics.median(r[i] for r in arm)
-            pairs = sorted(a[i] / b[i] for a, b in zip(arm, without, strict=True))
-            target = "  (target >= 0.95)" if arm is with_ else ""
+            pairs = sorted(a[i] / b[i] for a, b in zip(arm, rates["without"], strict=True))
+            target = "  (target >= 0.95)" if name == "nettracer drops" else ""
             print(f"    with {name}: {w:.0f}/s, ratio {w / wo:.3f}{target}; "
                   f"per round {[round(x, 3) for x in pairs]}")  # fmt: skip
 

@@ -517,12 +517,16 @@ class DropMonitor:
 
     def lost(self) -> int:
         """Drops not counted (or, without counts, events not delivered) so far, in total."""
+        if not self.spec.counts:
+            return self.events_lost()
         return self._lost_total()
 
     def events_lost(self) -> int:
-        """Events not delivered so far (ring buffer full, or the program busy on its CPU)."""
-        if not self.spec.counts:
-            return self._lost_total()
+        """Events not delivered so far (ring buffer full, or the program busy on its CPU):
+        the reader's count, which without counts includes ``lost`` (shared) and, for a
+        perf event array, the kernel's ``PERF_RECORD_LOST`` records (written only before
+        the next record that fits: a full buffer's last losses show once another event
+        arrived on that CPU)."""
         assert self.reader is not None and self.prog is not None
         return self.reader.lost + self.prog.stats().recursion_misses
 
