@@ -30,7 +30,6 @@ done="out", scratch_off=-8)``.  User side::
 from __future__ import annotations
 
 import contextlib
-import errno
 from collections.abc import Callable
 
 from nettracer.bpf.counters import lookup, lost_counter, lost_inc
@@ -177,9 +176,12 @@ class PerfEventChannel(EventChannel):
     :data:`RECORD_MAX` bytes: programs cannot nest on a CPU through this path, the
     tracepoint runs them with preemption off and each program at most once per CPU at
     a time) and sent with ``bpf_perf_event_output(ctx, &map, BPF_F_CURRENT_CPU, rec,
-    size)``. A full perf buffer (``-ENOSPC``) is counted by the kernel, which writes a
-    ``PERF_RECORD_LOST`` when there is room again (before 5.4 the helper did not even
-    return the error): the reader adds those; any other failure counts in ``lost``."""
+    size)``. Every failed output counts in ``lost`` at once, a full perf buffer
+    (``-ENOSPC``) too; the kernel also counts full buffers and reports them in a
+    ``PERF_RECORD_LOST``, but only when a later record fits on that CPU, so a burst's
+    losses would stay unsaid until the next drop. Before 5.4 the helper returned 0 on
+    a full buffer: there the kernel's records are the only count, hence the reader's
+    lost is the larger of the two."""
 
     kind = "perf_event_array"
     #: largest record built in place (the per-CPU array value)
@@ -224,9 +226,8 @@ class PerfEventChannel(EventChannel):
         p += ja(done)
 
     def _failed(self, p: Program, scratch_off: int, done: str) -> None:
-        """After a failed output: ``lost[0] += 1`` unless the buffer was full (R0 is
-        ``-ENOSPC``: the kernel counts that one itself, see the class docstring)."""
-        p += jeq(R0, -errno.ENOSPC, done)
+        """After a failed output (a full buffer included): ``lost[0] += 1``."""
+        del done
         lost_inc(p, self.lost, scratch_off)
 
     def try_output(
@@ -316,11 +317,12 @@ class ChannelReader:
 
     @property
     def lost(self) -> int:
-        """Records that did not fit since the start (the sum over CPUs of ``lost[0]``,
-        plus what a perf buffer reported lost)."""
+        """Records that did not fit since the start: the sum over CPUs of ``lost[0]``, or
+        what the perf buffers reported lost where that is more (kernels before 5.4,
+        whose ``bpf_perf_event_output`` did not say the buffer was full)."""
         v = self.lost_map.lookup(0, 0)
         counted = sum(v) if isinstance(v, list) else int(v)
-        return counted + int(getattr(self._reader, "lost_records", 0))
+        return max(counted, int(getattr(self._reader, "lost_records", 0)))
 
     @property
     def records(self) -> int:
