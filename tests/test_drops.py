@@ -555,7 +555,9 @@ def test_drops_duration_and_empty_intervals(topo: Topo) -> None:
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     objs = [json.loads(line) for line in out.splitlines()]
-    assert len(objs) == 4  # 0.5, 1.0, 1.5 and the last 0.1 s
+    # 0.5, 1.0, 1.5 and the last 0.1 s; on a slow machine (a guest under TCG) a tick that
+    # came too late is skipped, not caught up, so its time goes to the next object
+    assert 2 <= len(objs) <= 4, objs
     assert all(o["drops"] == [] and o["total"] == 0 for o in objs)
     assert abs(sum(o["interval_s"] for o in objs) - 1.6) < 0.5
 
