@@ -252,7 +252,8 @@ class Agent:
 
     @property
     def notices(self) -> list[str]:
-        return list(self.conns.notices) if self.conns is not None else []
+        drops = list(self.drops.notices) if self.drops is not None else []
+        return drops + (list(self.conns.notices) if self.conns is not None else [])
 
     def run(self, duration: float | None = None, on_hup: Callable[[], None] | None = None) -> None:
         """The main loop, in the main thread, until SIGINT/SIGTERM or ``duration``;

@@ -28,6 +28,7 @@ The oracles: the counts the test sent, the server's own reads and SNMP counters,
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -229,7 +230,7 @@ class Run:
     stderr: str
     returncode: int
     server: dict[str, int]
-    kernel_locations: set[tuple[str, str]]  # (sym+0xoff, reason) the kernel printed
+    kernel_locations: set[tuple[str, str | None]]  # (sym+0xoff, reason) the kernel printed
 
 
 def _wait_attached(proc: subprocess.Popen[str], timeout: float = 60) -> str:
@@ -260,6 +261,28 @@ def cli(*args: str) -> subprocess.Popen[str]:
         env=env,
         cwd=REPO,
     )
+
+
+@functools.cache
+def has_reason() -> bool:
+    """Whether this kernel's ``kfree_skb`` gives a drop reason (Linux 5.17)."""
+    from nettracer.tracers.drops.monitor import kfree_skb_args
+
+    return kfree_skb_args(None).has_reason
+
+
+#: what nettracer says once where kfree_skb has no reason (before 5.17)
+NO_REASONS = "does not report drop reasons (kfree_skb has no reason before 5.17)"
+
+
+def check_reasons_notice(run_: Run) -> None:
+    """Where the kernel has no reasons, stderr says so once (nothing about it otherwise)."""
+    assert run_.stderr.count(NO_REASONS) == (0 if has_reason() else 1), run_.stderr
+
+
+def reason_or_none(name: str) -> str | None:
+    """The reason a row carries for a drop of reason ``name``: None before 5.17."""
+    return name if has_reason() else None
 
 
 def guess_unavailable(stderr: str) -> bool:
@@ -311,7 +334,7 @@ def cause_drops(t: Topo, *args: str, stop: int = signal.SIGINT) -> Run:
                     # before Linux 6.2 the print fmt is "location=%p": the kernel's raw
                     # address (the VM boots with no_hash_pointers), named here
                     loc = ksyms.format(int(loc, 16))
-                reason = tl.body.rsplit("reason: ", 1)[-1].strip()
+                reason = tl.body.rsplit("reason: ", 1)[-1].strip() if has_reason() else None
                 kernel_locations.add((loc, reason))
         proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
@@ -371,7 +394,9 @@ def check_rows(t: Topo, run_: Run, rows: Counter[Row]) -> None:
     from nettracer.kernel.kallsyms import Kallsyms
 
     ksyms = Kallsyms()
-    for symbols, dev, reason, proto, count in expected(t, run_):
+    check_reasons_notice(run_)
+    for symbols, dev, name, proto, count in expected(t, run_):
+        reason = reason_or_none(name)  # before 5.17 drops are told apart by location
         matching = {
             r: n
             for r, n in rows.items()
@@ -390,6 +415,7 @@ def check_rows(t: Topo, run_: Run, rows: Counter[Row]) -> None:
             assert sym is not None and r.module == sym.module
     # the nftables rule is on s2 only: the same traffic over s1 is not a netfilter drop
     assert not [r for r in rows if r.reason == "NETFILTER_DROP" and r.device == t.s1]
+    assert not [r for r in rows if r.location.startswith("nft_do_chain+") and r.device == t.s1]
 
 
 def parse_json(t: Topo, run_: Run) -> Counter[Row]:
@@ -397,22 +423,24 @@ def parse_json(t: Topo, run_: Run) -> Counter[Row]:
     objs = [json.loads(line) for line in run_.stdout.splitlines() if line.strip()]
     assert objs, run_.stderr
     for obj in objs:
-        assert set(obj) == {"time", "interval_s", "drops", "total", "lost"}
+        keys = {"time", "interval_s", "drops", "total", "lost"}
+        # before 5.17 each object says the kernel has no reasons, and rows have no key
+        assert set(obj) == (keys if has_reason() else keys | {"reasons"}), obj
+        assert obj.get("reasons", True) is has_reason()
         assert isinstance(obj["interval_s"], float) and obj["lost"] == 0
         assert obj["total"] == sum(d["count"] for d in obj["drops"])
         for d in obj["drops"]:
             assert set(d) == {
                 "count", "location", "symbol", "offset", "module", "device",
-                "ifindex", "netns", "reason", "protocol", "container", "cgroup",
-            }  # fmt: skip
+                "ifindex", "netns", "protocol", "container", "cgroup",
+            } | ({"reason"} if has_reason() else set())  # fmt: skip
             assert d["container"] is None  # the test's namespaces are in no container
             assert d["location"] == f"{d['symbol']}+{d['offset']:#x}"
             assert d["netns"] == t.inode
             if d["device"] is not None:
                 assert d["ifindex"] == t.ifindex[d["device"]]
-            rows[Row(d["location"], d["device"], d["module"], d["reason"], d["protocol"])] += d[
-                "count"
-            ]
+            row = Row(d["location"], d["device"], d["module"], d.get("reason"), d["protocol"])
+            rows[row] += d["count"]
     return rows
 
 
@@ -426,16 +454,16 @@ def parse_text(run_: Run) -> Counter[Row]:
             continue
         if words[0] == "COUNT":
             header = words
-            assert header == ["COUNT", "LOCATION", "DEVICE", "MODULE", "REASON", "PROTOCOL"]
+            reason = ["REASON"] if has_reason() else []  # no column before 5.17
+            assert header == ["COUNT", "LOCATION", "DEVICE", "MODULE", *reason, "PROTOCOL"]
         elif words[0] == "total":
             summaries += 1
             assert words[-2:] == ["0", "lost"], line
         elif words[0].isdigit() and header and len(words) == len(header):
             v = dict(zip(header, words, strict=True))
             dev = None if v["DEVICE"] == "-" else v["DEVICE"]
-            rows[Row(v["LOCATION"], dev, v["MODULE"], v["REASON"], v["PROTOCOL"])] += int(
-                v["COUNT"]
-            )
+            row = Row(v["LOCATION"], dev, v["MODULE"], v.get("REASON"), v["PROTOCOL"])
+            rows[row] += int(v["COUNT"])
     assert summaries >= 1, run_.stdout
     return rows
 
@@ -468,31 +496,45 @@ def test_drops_text(topo: Topo, offsets: str) -> None:
 @pytest.mark.kernel
 @pytest.mark.slow
 def test_drops_filters_in_kernel(topo: Topo) -> None:
-    """--device, --reason and --protocol leave only the matching drops."""
-    r = cause_drops(
-        topo, "--json", "--device", topo.s2, "--reason", "netfilter_drop", "--protocol", "ipv6"
-    )
+    """--device, --reason and --protocol leave only the matching drops; before 5.17
+    --reason is a one-line error and the netfilter drops are those at nft_do_chain."""
+    reason = ["--reason", "netfilter_drop"] if has_reason() else []
+    if not has_reason():
+        check_user_error(["--reason", "netfilter_drop"], NO_REASON_FILTER)
+    r = cause_drops(topo, "--json", "--device", topo.s2, *reason, "--protocol", "ipv6")
     assert r.returncode == 0, r.stderr
     rows = parse_json(topo, r)
     assert set(rows) and all(
-        x.device == topo.s2 and x.reason == "NETFILTER_DROP" and x.protocol == "IPv6" for x in rows
-    ), rows
-    assert sum(rows.values()) == F6
+        x.device == topo.s2 and x.reason == reason_or_none("NETFILTER_DROP")
+        and x.protocol == "IPv6" for x in rows
+    ), rows  # fmt: skip
+    nft = {x: n for x, n in rows.items() if has_reason() or x.location.startswith("nft_do_chain+")}
+    assert sum(nft.values()) == F6, rows
 
 
 @pytest.mark.kernel
 @pytest.mark.slow
 def test_drops_by_and_stack(topo: Topo) -> None:
-    """--by reason merges locations, devices and protocols; --stack symbolizes stacks."""
-    r = cause_drops(topo, "--json", "--by", "reason", "--stack", "--reason", "NO_SOCKET")
+    """--by reason merges locations, devices and protocols; --stack symbolizes stacks.
+    Before 5.17 (no reasons) the no-socket drops are those --by location puts at the
+    receive functions."""
+    rcv = {"__udp4_lib_rcv", "__udp6_lib_rcv", "tcp_v4_rcv", "tcp_v6_rcv"}
+    if has_reason():
+        r = cause_drops(topo, "--json", "--by", "reason", "--stack", "--reason", "NO_SOCKET")
+    else:
+        r = cause_drops(topo, "--json", "--by", "location", "--stack")
     assert r.returncode == 0, r.stderr
     total = 0
     for obj in map(json.loads, r.stdout.splitlines()):
         for d in obj["drops"]:
-            assert d["reason"] == "NO_SOCKET" and d["location"] is None and d["device"] is None
+            if has_reason():
+                assert d["reason"] == "NO_SOCKET" and d["location"] is None
+            elif d["symbol"] not in rcv:
+                continue
+            assert d["device"] is None
             frames = [f.split("+")[0] for f in d["stack"]]
             assert (frames and frames[0] == "sk_skb_reason_drop") or "kfree_skb" in frames[0]
-            assert {"__udp4_lib_rcv", "__udp6_lib_rcv", "tcp_v4_rcv", "tcp_v6_rcv"} & set(frames)
+            assert rcv & set(frames)
             total += d["count"]
     assert total == U4 + U6 + T4 + T6
 
@@ -507,39 +549,48 @@ def test_drops_events(topo: Topo, offsets: str) -> None:
     objs = [json.loads(line) for line in r.stdout.splitlines()]
     summary = objs[-1]
     assert summary["lost"] == 0 and summary["events"] == len(objs) - 1
+    assert summary.get("reasons", True) is has_reason()  # said once, not on each event
+    check_reasons_notice(r)
     seen: Counter[tuple[object, ...]] = Counter()
     for e in objs[:-1]:
         assert e["netns"] == topo.inode and e["comm"] and e["pid"] > 0
         p = e["packet"]
-        seen[(e["reason"], e["device"], p["proto"], p["src"], p["sport"], p["dst"], p["dport"],
+        assert ("reason" in e) is has_reason()
+        seen[(e.get("reason"), e["device"], p["proto"], p["src"], p["sport"], p["dst"], p["dport"],
               p["icmp_type"])] += 1  # fmt: skip
     c, n = "10.201.1.1", "10.201.2.1"
-    assert seen[("NO_SOCKET", topo.s1, "UDP", c, SRC_PORT, "10.201.1.2", 9, None)] == U4
-    assert seen[("NO_SOCKET", topo.s1, "UDP", "fd01:1::1", SRC_PORT, "fd01:1::2", 9, None)] == U6
+    ns = reason_or_none("NO_SOCKET")
+    assert seen[(ns, topo.s1, "UDP", c, SRC_PORT, "10.201.1.2", 9, None)] == U4
+    assert seen[(ns, topo.s1, "UDP", "fd01:1::1", SRC_PORT, "fd01:1::2", 9, None)] == U6
     for i in range(T4):
-        assert seen[("NO_SOCKET", topo.s1, "TCP", c, TCP_SRC_PORT + i, "10.201.1.2", 5, None)] == 1
+        assert seen[(ns, topo.s1, "TCP", c, TCP_SRC_PORT + i, "10.201.1.2", 5, None)] == 1
     for i in range(T6):
-        key = ("NO_SOCKET", topo.s1, "TCP", "fd01:1::1", TCP_SRC_PORT + i, "fd01:1::2", 5, None)
+        key = (ns, topo.s1, "TCP", "fd01:1::1", TCP_SRC_PORT + i, "fd01:1::2", 5, None)
         assert seen[key] == 1
-    nf = "NETFILTER_DROP"
+    nf = reason_or_none("NETFILTER_DROP")
     assert seen[(nf, topo.s2, "UDP", n, SRC_PORT, "10.201.2.2", 7777, None)] == F4_UDP
     assert seen[(nf, topo.s2, "ICMP", n, None, "10.201.2.2", None, 8)] == F4_ICMP
     assert seen[(nf, topo.s2, "UDP", "fd01:2::1", SRC_PORT, "fd01:2::2", 7777, None)] == F6
-    rcvbuf = seen[("SOCKET_RCVBUFF", topo.s1, "UDP", c, SRC_PORT, "10.201.1.2", 8888, None)]
+    rcvbuf = seen[
+        (reason_or_none("SOCKET_RCVBUFF"), topo.s1, "UDP", c, SRC_PORT, "10.201.1.2", 8888, None)
+    ]
     assert rcvbuf == BURST - r.server["rcv4"]
 
 
 @pytest.mark.kernel
 @pytest.mark.slow
 def test_drops_events_text(topo: Topo) -> None:
-    r = cause_drops(
-        topo, "--events", "--protocol", "IPv4", "--reason", "NO_SOCKET", stop=signal.SIGTERM
-    )
+    """Event lines; before 5.17 without a reason word (and without --reason)."""
+    reason = ["--reason", "NO_SOCKET"] if has_reason() else []
+    r = cause_drops(topo, "--events", "--protocol", "IPv4", *reason, stop=signal.SIGTERM)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[-1].startswith(f"# {U4 + T4} events shown, 0 lost"), lines[-1]
+    shown = U4 + T4 if has_reason() else len(lines) - 1
+    assert lines[-1].startswith(f"# {shown} events shown, 0 lost"), lines[-1]
     udp = [x for x in lines if f"UDP 10.201.1.1:{SRC_PORT} -> 10.201.1.2:9 " in x]
     assert len(udp) == U4 and all(f" {topo.s1} __udp4_lib_rcv+0x" in x for x in udp), lines
+    word = " NO_SOCKET IPv4 UDP " if has_reason() else ") IPv4 UDP "
+    assert all(word in x for x in udp), udp
 
 
 @pytest.mark.kernel
@@ -592,16 +643,28 @@ def test_drops_user_errors() -> None:
     if os.geteuid() != 0:
         kernel_skip("needs root")
     for args, words in (
-        (["--reason", "NO_SUCH_REASON"], "unknown drop reason"),
+        (
+            ["--reason", "NO_SUCH_REASON"],
+            "unknown drop reason" if has_reason() else NO_REASON_FILTER,
+        ),
         (["--protocol", "bogus"], "unknown protocol"),
         (["--device", "x" * 20], "1 to 15 bytes"),
         (["--by", "location,colour"], "--by"),
         (["--netns", "/nonexistent/ns"], "--netns"),
     ):
-        proc = cli(*args, "--duration", "1")
-        _out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 2, (args, err)
-        assert err.count("\n") == 1 and err.startswith("nettracer: ") and words in err, err
+        check_user_error(args, words)
+
+
+#: the error of --reason where kfree_skb has no reason
+NO_REASON_FILTER = "filtering by drop reason not supported by this kernel (needs Linux 5.17)"
+
+
+def check_user_error(args: list[str], words: str) -> None:
+    """``nettracer drops ARGS`` fails with one line on stderr saying ``words``, exit 2."""
+    proc = cli(*args, "--duration", "1")
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, (args, err)
+    assert err.count("\n") == 1 and err.startswith("nettracer: ") and words in err, err
 
 
 def _monitor(topo: Topo, **kw: int):  # -> DropMonitor

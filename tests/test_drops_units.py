@@ -295,6 +295,28 @@ def test_interval_text_and_json() -> None:
     assert empty.splitlines()[-1].strip() == "total 0 drops in 0 groups, 0 lost"
 
 
+def test_without_reasons_no_column_no_key_one_notice() -> None:
+    """Before 5.17 (kfree_skb without a reason): no REASON column, no ``reason`` key in
+    rows and events, ``"reasons": false`` once per object, the notice names the kernel."""
+    by = tuple(k for k in drops.DEFAULT_BY if k != "reason")
+    groups = drops.group_counts(counts(), by, drops.Names(None, lambda a, b: None, FakeKallsyms()))
+    iv = out.DropInterval(time.time(), 5.0, groups, 16, 0, reasons=False)
+    text = out.interval_text(iv, by).splitlines()
+    assert text[1].split() == ["COUNT", "LOCATION", "DEVICE", "MODULE", "PROTOCOL"]
+    obj = json.loads(json.dumps(out.interval_json(iv)))
+    assert obj["reasons"] is False and all("reason" not in d for d in obj["drops"])
+    assert "reasons" not in out.interval_json(out.DropInterval(time.time(), 1.0, [], 0, 0))
+    ev = DropEvent()
+    ev.location, ev.ifindex, ev.protocol = 0x1010, 2, int.from_bytes(b"\x08\x00", "little")
+    ev.devname = b"eth0"
+    v = out.view_event(ev, drops.Names(None, lambda a, b: None, FakeKallsyms()), 0)
+    assert "reason" not in out.event_json(v) and "reason=" not in out.drop_comment(v)
+    assert ") IPv4 " in out.event_text(v)
+    assert drops.no_reason_notice("5.10.0-32-amd64") == (
+        "this kernel (5.10) does not report drop reasons (kfree_skb has no reason before 5.17)"
+    )
+
+
 def test_table_render() -> None:
     lines = render(
         [Column("N", right=True), Column("NAME"), Column("X")], [[1, "a", None], [100, "bbb", "z"]]

@@ -233,6 +233,8 @@ class _Session:
                 f"nettracer: attached to {TRACEPOINT} (offsets: {monitor.source}); "
                 f"printing {what}, Ctrl-C to stop\n"
             )
+            for notice in monitor.notices:  # no drop reasons before 5.17
+                sys.stderr.write(f"nettracer: notice: {notice}\n")
             sys.stderr.flush()
             self.stop = StopRequest().install()
             start = time.monotonic()
@@ -286,7 +288,10 @@ class _Session:
         groups = group_counts(
             sample.counts, self.by, self.names, stacks, container=self.args.container
         )
-        iv = out.DropInterval(time.time(), now - self.last, groups, sample.total, sample.lost)
+        iv = out.DropInterval(
+            time.time(), now - self.last, groups, sample.total, sample.lost,
+            reasons=self.monitor.has_reason,
+        )  # fmt: skip
         if self.json:
             write(out.interval_json(iv), self.out)
         else:
@@ -326,9 +331,12 @@ class _Session:
             return
         self._lost_shown = lost
         if self.json:
-            write(
-                {"time": iso_time(time.time()), "events": self.events_seen, "lost": lost}, self.out
-            )
+            summary: dict[str, object] = {
+                "time": iso_time(time.time()), "events": self.events_seen, "lost": lost
+            }  # fmt: skip
+            if not self.monitor.has_reason:
+                summary["reasons"] = False
+            write(summary, self.out)
         else:
             self.out.write(out.lost_text(lost, self.events_seen) + "\n")
             self.out.flush()

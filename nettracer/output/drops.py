@@ -8,6 +8,10 @@ The JSON object per interval has the shape the command promises::
                 "container", "cgroup"}],   (+ "stack" with --stack)
      "total": int, "lost": int}
 
+On a kernel whose ``kfree_skb`` has no reason (before 5.17) the rows and events have no
+``reason`` key, and each interval object (with ``--events`` each summary object) says
+``"reasons": false`` instead.
+
 ``container``/``cgroup`` (:mod:`nettracer.output.containers`) are those of the group's
 network namespace when the grouping determines it (device, netns or container), else
 null.
@@ -38,16 +42,28 @@ class DropInterval:
     groups: list[DropGroup]
     total: int
     lost: int
+    #: whether the kernel reports drop reasons (kfree_skb's reason: Linux 5.17)
+    reasons: bool = True
 
 
 def interval_json(iv: DropInterval) -> dict[str, object]:
-    return {
+    out: dict[str, object] = {
         "time": iso_time(iv.end),
         "interval_s": round(iv.seconds, 3),
-        "drops": [g.to_json() for g in iv.groups],
+        "drops": [_without_reason(g.to_json(), iv.reasons) for g in iv.groups],
         "total": iv.total,
         "lost": iv.lost,
     }
+    if not iv.reasons:
+        out["reasons"] = False
+    return out
+
+
+def _without_reason(row: dict[str, object], reasons: bool) -> dict[str, object]:
+    """``row`` without its ``reason`` key where the kernel has no reasons (before 5.17)."""
+    if not reasons:
+        del row["reason"]
+    return row
 
 
 #: the column of each grouping key: (header, right-aligned, DropGroup attribute)
@@ -135,6 +151,8 @@ class EventView:
     length: int
     packet: Packet
     stack: tuple[str, ...] | None = None
+    #: whether the kernel reports drop reasons (kfree_skb's reason: Linux 5.17)
+    reasons: bool = True
 
 
 def view_event(
@@ -163,6 +181,7 @@ def view_event(
         length=ev.len,
         packet=decode(ethertype, header),
         stack=tuple(names.frames(stack)) if stack is not None else None,
+        reasons=names.has_reasons,
     )
 
 
@@ -186,16 +205,17 @@ def event_json(e: EventView) -> dict[str, object]:
     }
     if e.stack is not None:
         out["stack"] = list(e.stack)
-    return out
+    return _without_reason(out, e.reasons)
 
 
 def event_text(e: EventView) -> str:
     """``01:30:11.123456 cpu1 4242/python3 netns 4026531833 veth0 __udp4_lib_rcv+0x4bc
     (kernel) NO_SOCKET IPv4 UDP 10.0.0.1:5000 -> 10.0.0.2:9 len 29``"""
+    reason = f"{e.reason or '-'} " if e.reasons else ""
     text = (
         f"{clock_time(e.time, micro=True)} cpu{e.cpu} {e.pid}/{e.comm} "
         f"netns {e.netns or '-'} {e.device or '-'} {e.location} ({e.module or '?'}) "
-        f"{e.reason or '-'} {e.protocol or '-'} {e.packet.describe()} len {e.length}"
+        f"{reason}{e.protocol or '-'} {e.packet.describe()} len {e.length}"
     )
     if e.stack is not None:
         text += "".join(f"\n        {f}" for f in e.stack)
@@ -215,7 +235,9 @@ def drop_comment(e: EventView) -> str:
     """The pcapng packet comment naming a drop, ``key=value`` words that Wireshark's
     ``frame.comment contains "reason=NO_SOCKET"`` finds."""
     return (
-        f"nettracer drop: reason={e.reason or '-'} location={e.location} "
+        "nettracer drop: "
+        + (f"reason={e.reason or '-'} " if e.reasons else "")
+        + f"location={e.location} "
         f"module={e.module or '-'} device={e.device or '-'} netns={e.netns or '-'} "
         f"pid={e.pid} comm={e.comm}"
     )

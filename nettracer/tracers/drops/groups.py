@@ -93,6 +93,11 @@ class Names:
         self.device_name = device_name
         self._kallsyms = kallsyms
 
+    @property
+    def has_reasons(self) -> bool:
+        """Whether the kernel gives drop reasons (``kfree_skb``'s reason: 5.17)."""
+        return self._reasons is not None
+
     @functools.cached_property
     def containers(self) -> ContainerResolver:
         """Which container a network namespace belongs to (``--by container``)."""

@@ -121,6 +121,18 @@ def kfree_skb_args(btf: object | None = None) -> KfreeSkbArgs:
     return KfreeSkbArgs(KFREE_SKB_PROTO[:n])
 
 
+def no_reason_notice(release: str | None = None) -> str:
+    """What a kernel whose ``kfree_skb`` has no ``enum skb_drop_reason`` argument (before
+    5.17) means for the user, said once: ``this kernel (5.10) does not report ...``."""
+    import os
+
+    version = ".".join((release or os.uname().release).split("-")[0].split(".")[:2])
+    return (
+        f"this kernel ({version}) does not report drop reasons "
+        "(kfree_skb has no reason before 5.17)"
+    )
+
+
 def _tracefs_format() -> TracepointFormat:
     from nettracer.kernel.tracefs import tracefs_mounted
 
@@ -247,8 +259,9 @@ class DropMonitor:
 
     #: where the offsets came from (``btf``, ``guess``, ``profile``); from_config sets it
     source = ""
-    #: what the user should know about how this kernel is traced (none for drops)
-    notices: list[str] = []  # noqa: RUF012  # never appended to
+    #: what the user should know about how this kernel is traced: before 5.17 that it
+    #: reports no drop reasons (:func:`no_reason_notice`); from_config sets it
+    notices: tuple[str, ...] = ()
     #: reason names, or their loader (read when first printed), or None (before 5.17)
     reasons: Reasons = None
     #: what a report's groups are keyed by (``drops.group_by``)
@@ -316,7 +329,15 @@ class DropMonitor:
         monitor.source = offsets.source
         monitor.reasons = reasons
         monitor.group_by = group_by
+        if not kfree_skb.has_reason:  # nothing to group by: no column, no key
+            monitor.group_by = tuple(k for k in group_by if k != "reason")
+            monitor.notices = (no_reason_notice(),)
         return monitor
+
+    @property
+    def has_reason(self) -> bool:
+        """Whether ``kfree_skb`` gives a drop reason here (Linux 5.17 and later)."""
+        return self.spec.args.has("reason")
 
     def __init__(
         self,
