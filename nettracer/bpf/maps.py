@@ -157,13 +157,21 @@ class Map(FdObject):
         return True
 
     def lookup_and_delete(self, key: Any, default: Any = None) -> Any:
-        """Atomically read and remove ``key`` (hash maps: Linux 5.14)."""
+        """Atomically read and remove ``key`` (hash maps: Linux 5.14; before, queue and
+        stack maps only: :class:`~nettracer.errors.NotSupported`)."""
         kbuf, vbuf = self._key(key), self._value_buf()
         try:
             syscall.map_elem(Cmd.MAP_LOOKUP_AND_DELETE_ELEM, self.fd, kbuf, vbuf)
         except BpfSyscallError as exc:
             if exc.errno == errno.ENOENT:
                 return default
+            if exc.errno in _NO_BATCH:  # ENOTSUPP (524) from map_lookup_and_delete_elem()
+                from nettracer.errors import NotSupported
+
+                raise NotSupported(
+                    f"reading and deleting a {self.map_type.name.lower()} map element at once",
+                    "5.14",
+                ) from None
             raise
         return self._decode_value(vbuf)
 
@@ -202,16 +210,24 @@ class Map(FdObject):
 
     def pop_items(self) -> list[tuple[Any, Any]]:
         """Read and delete every element, each atomically (LOOKUP_AND_DELETE_BATCH, 5.6,
-        where :func:`use_batch_ops` says so; else one key at a time)."""
+        where :func:`use_batch_ops` says so; else one key at a time, LOOKUP_AND_DELETE_ELEM,
+        5.14 for hash maps; before that a lookup then a delete: what a program adds to
+        an element in between is lost)."""
         if use_batch_ops():
             try:
                 return self._batch(Cmd.MAP_LOOKUP_AND_DELETE_BATCH)
             except BpfSyscallError as exc:
                 if exc.errno not in _NO_BATCH:
                     raise
+        from nettracer.errors import NotSupported
+
         out = []
         for k in list(self.keys()):
-            v = self.lookup_and_delete(k, _MISSING)
+            try:
+                v = self.lookup_and_delete(k, _MISSING)
+            except NotSupported:  # before 5.14 (and 5.6): read, then delete
+                v = self.lookup(k, _MISSING)
+                self.delete(k)
             if v is not _MISSING:
                 out.append((k, v))
         return out
