@@ -16,6 +16,12 @@ import pytest
 REQUIRE = os.environ.get("NETTRACER_REQUIRE_KERNEL_TESTS") == "1"
 
 
+def kernel_before(major: int, minor: int) -> bool:
+    """Whether the running kernel is older than ``major.minor`` (``uname -r``)."""
+    release = os.uname().release.split("-")[0].split(".")
+    return (int(release[0]), int(release[1])) < (major, minor)
+
+
 def kernel_skip(reason: str) -> None:
     """Skip a kernel test with ``reason``, or fail when kernel tests are required."""
     if REQUIRE:

@@ -4,12 +4,12 @@ attachment to kfree_skb, the ring buffer, the verifier summary, statistics."""
 from __future__ import annotations
 
 import ctypes
-import os
 import socket
 import threading
 import time
 
 import pytest
+from conftest import kernel_before
 
 from nettracer.bpf import maps, prog
 from nettracer.bpf.channel import event_channel
@@ -86,11 +86,6 @@ def test_program_writes_known_values_into_each_map_type(map_type: MapType) -> No
             assert got == {1: 0xDEADBEEF12, 3: 42, 5: 2**63 + 1}
 
 
-def _kernel_before(major: int, minor: int) -> bool:
-    release = os.uname().release.split("-")[0].split(".")
-    return (int(release[0]), int(release[1])) < (major, minor)
-
-
 def test_hash_map_operations_from_user_space() -> None:
     class Key(ctypes.Structure):
         _fields_ = [("a", ctypes.c_uint32), ("b", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
@@ -104,7 +99,7 @@ def test_hash_map_operations_from_user_space() -> None:
         assert len(list(m.keys())) == 299
         items = {(k.a, k.b): v for k, v in m.items()}
         assert len(items) == 299 and items[(7, 0)] == 70
-        if _kernel_before(5, 14):  # hash maps have no LOOKUP_AND_DELETE_ELEM: said so
+        if kernel_before(5, 14):  # hash maps have no LOOKUP_AND_DELETE_ELEM: said so
             with pytest.raises(NotSupported, match=r"hash map element .* \(needs Linux 5.14\)"):
                 m.lookup_and_delete(Key(7, 0))
             assert m.delete(Key(7, 0))

@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import collect_until, kernel_skip, poll_until, settings
+from conftest import collect_until, kernel_before, kernel_skip, poll_until, settings
 
 PID = os.getpid()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -307,7 +307,7 @@ def cause_drops(t: Topo, *args: str, stop: int = signal.SIGINT) -> Run:
         assert server.stdout.readline().strip() == "ready"
         proc = cli("--netns", str(t.inode), *args)
         try:
-            _wait_attached(proc)
+            seen = _wait_attached(proc)
         except AssertionError as exc:
             if "--offsets" in args and "guess" in args and guess_unavailable(str(exc)):
                 kernel_skip(f"guessed offsets are not available yet: {exc}")
@@ -338,7 +338,7 @@ def cause_drops(t: Topo, *args: str, stop: int = signal.SIGINT) -> Run:
                 kernel_locations.add((loc, reason))
         proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
-        return Run(out, err, proc.returncode, counts, kernel_locations)
+        return Run(out, seen + err, proc.returncode, counts, kernel_locations)
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -415,7 +415,8 @@ def check_rows(t: Topo, run_: Run, rows: Counter[Row]) -> None:
             assert sym is not None and r.module == sym.module
     # the nftables rule is on s2 only: the same traffic over s1 is not a netfilter drop
     assert not [r for r in rows if r.reason == "NETFILTER_DROP" and r.device == t.s1]
-    assert not [r for r in rows if r.location.startswith("nft_do_chain+") and r.device == t.s1]
+    nft = ("nft_do_chain", "nf_hook_slow")
+    assert not [r for r in rows if r.location.split("+")[0] in nft and r.device == t.s1]
 
 
 def parse_json(t: Topo, run_: Run) -> Counter[Row]:
@@ -508,7 +509,10 @@ def test_drops_filters_in_kernel(topo: Topo) -> None:
         x.device == topo.s2 and x.reason == reason_or_none("NETFILTER_DROP")
         and x.protocol == "IPv6" for x in rows
     ), rows  # fmt: skip
-    nft = {x: n for x, n in rows.items() if has_reason() or x.location.startswith("nft_do_chain+")}
+    nft_locations = ("nft_do_chain", "nf_hook_slow")
+    nft = {
+        x: n for x, n in rows.items() if has_reason() or x.location.split("+")[0] in nft_locations
+    }
     assert sum(nft.values()) == F6, rows
 
 
@@ -707,8 +711,10 @@ def test_idle_keys_are_evicted_without_losing_counts(topo: Topo) -> None:
                 poll_until(lambda: _in_kernel(mon), lambda n: n >= IPV4_DROPS)
             sample = mon.collect()
             totals.append((sample.total, sample.lost, len(list(mon.counts.keys()))))
-    # 3 keys > max_keys / 2: once idle for an interval they are removed, and come back
-    assert totals == [(IPV4_DROPS, 0, 3), (0, 0, 0), (IPV4_DROPS, 0, 3), (0, 0, 0)]
+    # 3 keys > max_keys / 2: once idle for an interval they are removed, and come back;
+    # before 5.14 (no atomic read-and-delete of a hash element) they stay, counts exact
+    idle = 0 if not kernel_before(5, 14) else 3
+    assert totals == [(IPV4_DROPS, 0, 3), (0, 0, idle), (IPV4_DROPS, 0, 3), (0, 0, idle)]
 
 
 # one CPU sends N datagrams to a closed port behind s1

@@ -175,6 +175,18 @@ class Map(FdObject):
             raise
         return self._decode_value(vbuf)
 
+    def pop(self, key: Any, default: Any = None) -> Any:
+        """Read and remove ``key``: atomically where the kernel can
+        (:meth:`lookup_and_delete`), before 5.14 a lookup then a delete (what a program
+        adds in between is lost; ``default`` when another deleter won)."""
+        from nettracer.errors import NotSupported
+
+        try:
+            return self.lookup_and_delete(key, default)
+        except NotSupported:
+            v = self.lookup(key, _MISSING)
+            return v if v is not _MISSING and self.delete(key) else default
+
     def keys(self) -> Iterator[Any]:
         """Iterate keys with MAP_GET_NEXT_KEY (a key deleted meanwhile restarts the walk)."""
         cur: ctypes.Array | None = None
@@ -210,24 +222,16 @@ class Map(FdObject):
 
     def pop_items(self) -> list[tuple[Any, Any]]:
         """Read and delete every element, each atomically (LOOKUP_AND_DELETE_BATCH, 5.6,
-        where :func:`use_batch_ops` says so; else one key at a time, LOOKUP_AND_DELETE_ELEM,
-        5.14 for hash maps; before that a lookup then a delete: what a program adds to
-        an element in between is lost)."""
+        where :func:`use_batch_ops` says so; else one key at a time with :meth:`pop`)."""
         if use_batch_ops():
             try:
                 return self._batch(Cmd.MAP_LOOKUP_AND_DELETE_BATCH)
             except BpfSyscallError as exc:
                 if exc.errno not in _NO_BATCH:
                     raise
-        from nettracer.errors import NotSupported
-
         out = []
         for k in list(self.keys()):
-            try:
-                v = self.lookup_and_delete(k, _MISSING)
-            except NotSupported:  # before 5.14 (and 5.6): read, then delete
-                v = self.lookup(k, _MISSING)
-                self.delete(k)
+            v = self.pop(k, _MISSING)
             if v is not _MISSING:
                 out.append((k, v))
         return out

@@ -229,12 +229,12 @@ class _Session:
         with self.monitor as monitor:
             self.names = monitor.names()
             what = "events" if args.events else f"every {self.interval:g} s"
+            for notice in monitor.notices:  # no drop reasons before 5.17
+                sys.stderr.write(f"nettracer: notice: {notice}\n")
             sys.stderr.write(
                 f"nettracer: attached to {TRACEPOINT} (offsets: {monitor.source}); "
                 f"printing {what}, Ctrl-C to stop\n"
             )
-            for notice in monitor.notices:  # no drop reasons before 5.17
-                sys.stderr.write(f"nettracer: notice: {notice}\n")
             sys.stderr.flush()
             self.stop = StopRequest().install()
             start = time.monotonic()

@@ -361,7 +361,7 @@ class ConnTracer:
         pending list; returns how many."""
         n = 0
         for key in list(self.ended.keys()):
-            v = self.ended.lookup_and_delete(key)
+            v = self.ended.pop(key)
             if v is not None:
                 self._pending.append(RECORD.unpack(bytes(v)))
                 n += 1
@@ -402,14 +402,7 @@ class ConnTracer:
         end = IDX["end_ns"]
         why = IDX["end_reason"]
         for sk, end_ns in ends.items():
-            try:
-                v = self.conns.lookup_and_delete(sk)
-            except BpfSyscallError as exc:  # hash maps have it since Linux 5.14
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
-                    raise
-                v = self.conns.lookup(sk)
-                if v is not None and not self.conns.delete(sk):
-                    v = None
+            v = self.conns.pop(sk)  # a lookup, then a delete before 5.14
             if v is None:
                 continue  # gone meanwhile: its record is in the ring buffer
             rec = list(RECORD.unpack(bytes(v)))

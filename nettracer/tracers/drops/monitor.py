@@ -46,7 +46,7 @@ from nettracer.bpf import maps as bpf_maps
 from nettracer.bpf.fd import FdObject
 from nettracer.bpf.link import Link
 from nettracer.bpf.prog import Prog, load
-from nettracer.bpf.syscall import BpfSyscallError, MapType
+from nettracer.bpf.syscall import MapType
 from nettracer.errors import NotSupported, UsageError
 from nettracer.kernel import BTF_VMLINUX
 from nettracer.kernel.features import current as current_features
@@ -261,7 +261,7 @@ class DropMonitor:
     source = ""
     #: what the user should know about how this kernel is traced: before 5.17 that it
     #: reports no drop reasons (:func:`no_reason_notice`); from_config sets it
-    notices: tuple[str, ...] = ()
+    notices: list[str] = []  # noqa: RUF012  # replaced, never appended to
     #: reason names, or their loader (read when first printed), or None (before 5.17)
     reasons: Reasons = None
     #: what a report's groups are keyed by (``drops.group_by``)
@@ -331,7 +331,7 @@ class DropMonitor:
         monitor.group_by = group_by
         if not kfree_skb.has_reason:  # nothing to group by: no column, no key
             monitor.group_by = tuple(k for k in group_by if k != "reason")
-            monitor.notices = (no_reason_notice(),)
+            monitor.notices = [no_reason_notice()]
         return monitor
 
     @property
@@ -489,7 +489,7 @@ class DropMonitor:
                 continue
             try:
                 per_cpu = self.counts.lookup_and_delete(DropKey(*kt))
-            except BpfSyscallError:  # before 5.14: no atomic read-and-delete for hashes
+            except NotSupported:  # before 5.14: no atomic read-and-delete for hashes
                 self._can_evict = False
                 return
             if per_cpu is not None:
