@@ -229,10 +229,10 @@ class _Session:
         with self.monitor as monitor:
             self.names = monitor.names()
             what = "events" if args.events else f"every {self.interval:g} s"
-            for notice in monitor.notices:  # no drop reasons before 5.17
-                sys.stderr.write(f"nettracer: notice: {notice}\n")
+            # said in the attached line itself: no drop reasons before 5.17
+            notices = "".join(f"; notice: {n}" for n in monitor.notices)
             sys.stderr.write(
-                f"nettracer: attached to {TRACEPOINT} (offsets: {monitor.source}); "
+                f"nettracer: attached to {TRACEPOINT} (offsets: {monitor.source}{notices}); "
                 f"printing {what}, Ctrl-C to stop\n"
             )
             sys.stderr.flush()
