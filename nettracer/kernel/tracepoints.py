@@ -135,10 +135,11 @@ class TracepointArgs(Value):
         one with ``PERF_EVENT_IOC_SET_BPF``, as the kernels without raw tracepoints
         (before 4.17) must, even where a perf-event BPF link (5.15) exists."""
         from nettracer.bpf.link import attach_raw_tracepoint, attach_tracepoint
+
+        if self.raw:  # no tracefs import on this path (start-up: tracefs costs ~30 ms)
+            return attach_raw_tracepoint(prog, self.name)
         from nettracer.kernel.tracefs import open_tracefs
 
-        if self.raw:
-            return attach_raw_tracepoint(prog, self.name)
         tp_id = open_tracefs().tracepoint_id(self.category, self.name)
         return attach_tracepoint(prog, tp_id, f"{self.category}/{self.name}", bpf_link=False)
 
