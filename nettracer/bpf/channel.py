@@ -142,7 +142,7 @@ class EventChannel:
         self, p: Program, *, ctx: Reg, buf_off: int, size: int, done: str, scratch_off: int
     ) -> None:
         """Copy the ``size`` bytes at ``fp + buf_off`` into a new record
-        (``bpf_ringbuf_output``); when there is no room, ``lost[0] += 1``. Jumps to
+        (:meth:`try_output`); when there is no room, ``lost[0] += 1``. Jumps to
         ``done`` either way."""
         self.try_output(p, ctx=ctx, src=FP, src_off=buf_off, size=size, ok=done)
         lost_inc(p, self.lost, scratch_off)
@@ -214,21 +214,8 @@ class PerfEventChannel(EventChannel):
         del wakeup
         sent = p.new_label("sent")
         self.try_output(p, ctx=ctx, src=rec, size=size, ok=sent)
-        self._failed(p, scratch_off, sent)
+        lost_inc(p, self.lost, scratch_off)  # a full buffer too: see the class docstring
         p.label(sent)
-
-    def output(
-        self, p: Program, *, ctx: Reg, buf_off: int, size: int, done: str, scratch_off: int
-    ) -> None:
-        """Send the ``size`` bytes at ``fp + buf_off``; jumps to ``done`` either way."""
-        self.try_output(p, ctx=ctx, src=FP, src_off=buf_off, size=size, ok=done)
-        self._failed(p, scratch_off, done)
-        p += ja(done)
-
-    def _failed(self, p: Program, scratch_off: int, done: str) -> None:
-        """After a failed output (a full buffer included): ``lost[0] += 1``."""
-        del done
-        lost_inc(p, self.lost, scratch_off)
 
     def try_output(
         self,
