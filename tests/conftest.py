@@ -106,6 +106,21 @@ def kernel_without() -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def tracefs_as_found():
+    """Tests mount tracefs where they need it (``open_tracefs``); the session leaves the
+    machine's mounts as it found them: a tracefs it mounted is unmounted at the end."""
+    from nettracer.kernel.tracefs import find_tracefs
+
+    before = find_tracefs()
+    yield
+    now = find_tracefs()
+    if before is None and now is not None and os.geteuid() == 0:
+        from nettracer.bpf import syscall
+
+        syscall.umount2(now, syscall.MNT_DETACH)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_leaks_at_session_end():
     """The session ends with the fds it started with: no program, map or link of ours is
     left (we never pin, so an object outlives the session only through an open fd)."""
