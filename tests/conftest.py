@@ -22,6 +22,27 @@ def kernel_before(major: int, minor: int) -> bool:
     return (int(release[0]), int(release[1])) < (major, minor)
 
 
+#: whether the kernel has BTF (CI's guests also run with it hidden: ``tests/vm/run --no-btf``)
+HAS_BTF = os.path.exists("/sys/kernel/btf/vmlinux")
+#: the offsets a test uses when it is not about where they come from: BTF, else a guess
+ANY_OFFSETS = "btf" if HAS_BTF else "guess"
+
+
+def check_no_btf_refused(command: str) -> None:
+    """Without BTF, ``nettracer COMMAND --offsets btf`` exits 2 at once with one line
+    that says BTF is missing and what to use instead."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "nettracer", command, "--offsets", "btf", "--duration", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "kernel has no BTF" in r.stderr and "--offsets guess" in r.stderr, r.stderr
+
+
 def kernel_skip(reason: str) -> None:
     """Skip a kernel test with ``reason``, or fail when kernel tests are required."""
     if REQUIRE:

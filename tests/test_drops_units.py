@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import collect_until, kernel_skip, settings
+from conftest import ANY_OFFSETS, collect_until, kernel_skip, settings
 from golden import check_golden
 
 from nettracer.access.plan import plan_fields
@@ -430,7 +430,7 @@ def kernel_spec_parts() -> tuple[DropLayout, KfreeSkbArgs, dict[int, str] | None
 
     btf = Btf.vmlinux()
     args = drops.kfree_skb_args(btf)
-    mon = drops.DropMonitor.from_config(settings(offsets__source="btf"), events=True)
+    mon = drops.DropMonitor.from_config(settings(offsets__source=ANY_OFFSETS), events=True)
     return mon.spec.layout, args, drops.reason_names(btf) if args.has_reason else None
 
 
@@ -462,7 +462,7 @@ def test_every_variant_passes_the_verifier(
         if reasons:
             filters["reason"] = "NO_SOCKET"
     mon = drops.DropMonitor.from_config(
-        settings(offsets__source="btf"),
+        settings(offsets__source=ANY_OFFSETS),
         events=events,
         stack=stack,
         reads=KernelReads(legacy=legacy),
@@ -495,7 +495,7 @@ def test_device_filter_matches_after_a_rename() -> None:
             subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
             subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
         inode = os.stat(f"/run/netns/{b}").st_ino
-        cfg = settings(offsets__source="btf")
+        cfg = settings(offsets__source=ANY_OFFSETS)
         with drops.DropMonitor.from_config(cfg, device=short, netns=inode) as mon:
             assert mon.spec.filters == Filters(device=short.encode(), netns=inode)
             names = mon.names()

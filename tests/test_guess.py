@@ -24,6 +24,10 @@ from nettracer.layout.catalogue import BY_KEY, CATALOGUE
 from nettracer.layout.guess.matchers import Exact, Shifted, u16, u32
 from nettracer.layout.guess.verdicts import Observation, decide, resolve
 
+#: how long a test lets one guess take before it gives up: a deadline against a hang,
+#: not a timing goal (one guess takes ~1 s here, 4-20 s in a QEMU TCG guest)
+DEADLINE_MS = 60_000
+
 pytestmark = []
 
 
@@ -179,7 +183,7 @@ def test_guess_equals_btf_twenty_times() -> None:
     btf = _btf()
     failures = []
     for i in range(20):
-        r = guess(timeout_ms=5000)
+        r = guess(timeout_ms=DEADLINE_MS)
         failures += [f"run {i}: {p}" for p in _check(r, btf)]
         _assert_cleaned_up(r)
     assert not failures, failures
@@ -230,7 +234,7 @@ def test_guess_equals_btf_under_background_load() -> None:
     failures = []
     try:
         for i in range(8):
-            r = guess(timeout_ms=10000)
+            r = guess(timeout_ms=DEADLINE_MS)
             failures += [f"run {i}: {p}" for p in _check(r, btf)]
     finally:
         stop.set()
@@ -249,7 +253,7 @@ def test_pre_6_3_tracepoints_give_the_same_offsets() -> None:
     btf = _btf()
     failures = []
     for i in range(3):
-        r = guess(timeout_ms=10000, force_fallback=True)
+        r = guess(timeout_ms=DEADLINE_MS, force_fallback=True)
         assert r.fallback
         failures += [f"run {i}: {p}" for p in _check(r, btf)]
         _assert_cleaned_up(r)
@@ -278,7 +282,7 @@ def test_without_veth_name_and_ifindex_are_unresolved_not_wrong(
     btf = _btf()
     monkeypatch.setattr(rtnl.Rtnl, "add_veth", no_veth)
     for _ in range(3):
-        r = guess.guess(timeout_ms=10000)
+        r = guess.guess(timeout_ms=DEADLINE_MS)
         _never_wrong(r, btf)
         assert set(r.offsets.unresolved) == {"net_device.name", "net_device.ifindex"}
         assert "no veth pair" in r.offsets.unresolved["net_device.ifindex"]
@@ -299,7 +303,7 @@ def test_without_ipv6_nothing_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
     btf = _btf()
     monkeypatch.setattr(traffic.Traffic, "udp", v4_only)
     for _ in range(3):
-        r = guess.guess(timeout_ms=10000)
+        r = guess.guess(timeout_ms=DEADLINE_MS)
         _never_wrong(r, btf)
         v6 = {"sock_common.skc_v6_daddr", "sock_common.skc_v6_rcv_saddr"}
         # IPv4 and ARP tell sk_buff.protocol, UDP and TCP headroom network_header,

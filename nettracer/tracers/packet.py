@@ -23,8 +23,8 @@ pseudo protocols, not ethertypes.
 
 from __future__ import annotations
 
-import socket
 import struct
+import sys
 from dataclasses import dataclass
 
 #: ETH_P_* (include/uapi/linux/if_ether.h) -> the name nettracer prints
@@ -108,7 +108,7 @@ def parse_ethertype(name: str) -> int:
 
 def ethertype_from_skb(raw: int) -> int:
     """``skb->protocol`` (``__be16``) as read into a little-endian u16 -> host order."""
-    return socket.ntohs(raw & 0xFFFF)
+    return int.from_bytes((raw & 0xFFFF).to_bytes(2, sys.byteorder), "big")  # ntohs
 
 
 @dataclass(frozen=True)

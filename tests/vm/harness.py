@@ -173,6 +173,14 @@ def build_initramfs(kernel: Kernel, busybox: Path, out: Path) -> None:
 # --- QEMU -----------------------------------------------------------------------------------
 
 
+#: QEMU's TCG threading: ``single`` runs every vCPU on one host thread. With ``multi`` (one
+#: thread per vCPU) a 6.12 guest died of "Oops: int3" in netif_rx_internal while a test
+#: enabled the netif_rx tracepoint and another vCPU sent on loopback: the other vCPU ran a
+#: stale translation of the int3 the kernel's text_poke_bp() had already removed (QEMU
+#: 7.2's cross-modifying code under MTTCG). One host thread makes code patching coherent.
+TCG_THREAD = os.environ.get("NETTRACER_VM_TCG_THREAD", "single")
+
+
 def qemu_command(
     qemu: str, kernel: Kernel, initrd: Path, rundir: Path, memory: int, smp: int, quiet: bool
 ) -> list[str]:
@@ -190,7 +198,7 @@ def qemu_command(
         return ["-fsdev", fsdev, "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
 
     return [
-        qemu, "-accel", "tcg", "-cpu", os.environ.get("NETTRACER_VM_CPU", "max"), "-m", str(memory), "-smp", str(smp),
+        qemu, "-accel", f"tcg,thread={TCG_THREAD}", "-cpu", os.environ.get("NETTRACER_VM_CPU", "max"), "-m", str(memory), "-smp", str(smp),
         "-nographic", "-no-reboot", "-nic", "none",
         "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd), "-append", append,
         *share("hostroot", Path("/"), True),

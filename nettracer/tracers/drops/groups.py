@@ -14,11 +14,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 from nettracer.tracers.packet import ethertype_name
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
+
 if TYPE_CHECKING:
+    from typing import Protocol
+
+    class SymbolSource(Protocol):
+        """What :class:`Names` needs of a symbol table (``SymbolCache``, ``Kallsyms``)."""
+
+        def lookup(self, addr: int) -> Symbol | None: ...
+
     from nettracer.kernel.cgroup import Cgroup, ContainerResolver
     from nettracer.kernel.kallsyms import Symbol
 
@@ -65,12 +73,6 @@ class Location:
     def described(self) -> str:
         """``sym+0x1a``, with `` [module]`` for a module's address (stacks, ``read``)."""
         return self.text + (f" [{self.module}]" if self.module not in (None, "kernel") else "")
-
-
-class SymbolSource(Protocol):
-    """What :class:`Names` needs of a symbol table (``SymbolCache``, ``Kallsyms``)."""
-
-    def lookup(self, addr: int) -> Symbol | None: ...
 
 
 class Names:

@@ -71,9 +71,7 @@ if TYPE_CHECKING:
     _Obj = TypeVar("_Obj", bound=FdObject)
 
 #: what :mod:`nettracer.tracers.drops.groups` holds, still reachable as ``drops.<name>``
-_GROUPS = frozenset(
-    ("DropCount", "DropGroup", "Location", "Names", "Sample", "SymbolSource", "group_counts")
-)
+_GROUPS = frozenset(("DropCount", "DropGroup", "Location", "Names", "Sample", "group_counts"))
 
 
 def __getattr__(name: str) -> Any:
