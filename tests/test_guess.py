@@ -93,6 +93,18 @@ def test_probe_program_listings(spec) -> None:  # type: ignore[no-untyped-def]
     )
 
 
+@pytest.mark.parametrize("spec", _probe_specs(), ids=lambda s: s.tracepoint)
+def test_probe_program_listings_perf_event_array(spec) -> None:  # type: ignore[no-untyped-def]
+    """Without a ring buffer (before 5.8) the same program builds its record in the perf
+    event array's per-CPU slot, which every record fits (a perf sample is at most 64 KiB)."""
+    from nettracer.layout.guess import probes
+
+    check_golden(
+        f"guess_{spec.tracepoint}_perf", probes.program(spec, None, "perf_event_array").listing()
+    )
+    assert spec.record_size <= probes.RECORD_MAX < 65_500
+
+
 def test_probe_programs_follow_the_read_helper_choice() -> None:
     from nettracer.bpf.memory import KernelReads
     from nettracer.layout.guess import probes
@@ -257,6 +269,46 @@ def test_pre_6_3_tracepoints_give_the_same_offsets() -> None:
         assert r.fallback
         failures += [f"run {i}: {p}" for p in _check(r, btf)]
         _assert_cleaned_up(r)
+    assert not failures, failures
+
+
+@contextlib.contextmanager
+def _kernel_without(*names: str):  # type: ignore[no-untyped-def]
+    """``kernel.without`` as the CLI sets it, for the duration of the block."""
+    from nettracer.kernel import features
+
+    before = features.current().without
+    features.configure({*before, *names})
+    try:
+        yield
+    finally:
+        features.configure(before)
+
+
+NO_RINGBUF = ("ringbuf", "probe_read_kernel", "atomic_fetch", "batch_ops")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("fallback", [False, True], ids=["modern", "pre-6.3"])
+@pytest.mark.parametrize(
+    "without",
+    [("ringbuf",), NO_RINGBUF],
+    ids=["ringbuf", "ringbuf+reads"],
+)
+def test_guess_without_kernel_features_equals_btf(without: tuple, fallback: bool) -> None:
+    """Every fallback forced (``kernel.without``): records through the perf event array
+    (before 5.8), the programs on classic tracepoints (before 4.17), ``bpf_probe_read``
+    (before 5.5); the guess equals BTF field by field."""
+    from nettracer.layout.guess import guess
+
+    btf = _btf()
+    failures = []
+    with _kernel_without(*without):
+        for i in range(3):
+            r = guess(timeout_ms=10000, force_fallback=fallback)
+            assert r.fallback == fallback
+            failures += [f"run {i}: {p}" for p in _check(r, btf)]
+            _assert_cleaned_up(r)
     assert not failures, failures
 
 

@@ -172,8 +172,8 @@ class EventChannel:
 class PerfEventChannel(EventChannel):
     """A perf event array named ``map`` (Linux 4.4; :mod:`nettracer.bpf.perfbuf`), the
     channel of kernels without a ring buffer (before 5.8). A record is built in the
-    current CPU's slot of a per-CPU array ``<map>_rec`` (one value of
-    :data:`RECORD_MAX` bytes: programs cannot nest on a CPU through this path, the
+    current CPU's slot of a per-CPU array ``<map>_rec`` (one value of ``record_max``
+    bytes, at most 32 KiB: programs cannot nest on a CPU through this path, the
     tracepoint runs them with preemption off and each program at most once per CPU at
     a time) and sent with ``bpf_perf_event_output(ctx, &map, BPF_F_CURRENT_CPU, rec,
     size)``. Every failed output counts in ``lost`` at once, a full perf buffer
@@ -184,8 +184,19 @@ class PerfEventChannel(EventChannel):
     lost is the larger of the two."""
 
     kind = "perf_event_array"
-    #: largest record built in place (the per-CPU array value)
+    #: largest record built in place (the per-CPU array value), unless told otherwise
     RECORD_MAX = 4096
+    #: largest per-CPU array value: ``PCPU_MIN_UNIT_SIZE`` (kernel/bpf/arraymap.c)
+    PERCPU_VALUE_MAX = 32 << 10
+
+    def __init__(self, map: str = "events", lost: str = "lost", record_max: int = 0) -> None:
+        super().__init__(map, lost)
+        self.record_max = record_max or self.RECORD_MAX
+        if self.record_max > self.PERCPU_VALUE_MAX:
+            raise ValueError(
+                f"a {self.record_max}-byte record slot exceeds the "
+                f"{self.PERCPU_VALUE_MAX}-byte per-CPU array value"
+            )
 
     @property
     def scratch(self) -> str:
@@ -193,8 +204,8 @@ class PerfEventChannel(EventChannel):
 
     def reserve(self, p: Program, dst: Reg, size: int, on_fail: str, scratch_off: int) -> None:
         """``dst`` = this CPU's record slot (``size`` bytes of it are the record)."""
-        if size > self.RECORD_MAX:
-            raise ValueError(f"a {size}-byte record does not fit the {self.RECORD_MAX}-byte slot")
+        if size > self.record_max:
+            raise ValueError(f"a {size}-byte record does not fit the {self.record_max}-byte slot")
         p += st(4, FP, scratch_off, 0)
         lookup(p, self.scratch, scratch_off)
         self._reserved(p, dst, on_fail, scratch_off)
@@ -250,7 +261,7 @@ class PerfEventChannel(EventChannel):
         owned: list[Map] = []
         try:
             owned.append(PerfEventArray(prefix + self.map))
-            owned.append(percpu_array(ctypes.c_uint8 * self.RECORD_MAX, 1, prefix + self.scratch))
+            owned.append(percpu_array(ctypes.c_uint8 * self.record_max, 1, prefix + self.scratch))
             reader = PerfBufReader(owned[0], size)  # type: ignore[arg-type]
         except BaseException:
             for m in owned:
@@ -266,11 +277,17 @@ KINDS: dict[str, type[EventChannel]] = {
 }
 
 
-def event_channel(map: str = "events", lost: str = "lost", kind: str = "ringbuf") -> EventChannel:
+def event_channel(
+    map: str = "events", lost: str = "lost", kind: str = "ringbuf", record_max: int = 0
+) -> EventChannel:
     """The channel of ``kind`` (``"ringbuf"``, or ``"perf_event_array"`` for kernels
-    before 5.8) for programs naming ``map`` and ``lost``."""
+    before 5.8) for programs naming ``map`` and ``lost``; ``record_max`` sizes the perf
+    event array's record slot (default :attr:`PerfEventChannel.RECORD_MAX`; a ring
+    buffer takes any record that fits it)."""
     if kind not in KINDS:
         raise ValueError(f"unknown event channel kind {kind!r}")
+    if kind == PerfEventChannel.kind:
+        return PerfEventChannel(map, lost, record_max)
     return KINDS[kind](map, lost)
 
 

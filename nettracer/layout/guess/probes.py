@@ -1,5 +1,5 @@
 """The guesser's eBPF side: raw-tracepoint programs that copy whole chunks of kernel
-structs into a ring buffer for user space to search.
+structs into an event channel for user space to search.
 
 Every program is generated here (no compiler) from a :class:`ProbeSpec`:
 
@@ -7,7 +7,8 @@ Every program is generated here (no compiler) from a :class:`ProbeSpec`:
   must equal ``ctl[0].tid`` (so the host's traffic, other tracers and other
   tests never reach user space), and copies ``ctl[0].step`` into the record so
   user space knows which of its actions caused the event;
-* it reserves one fixed-size record in the event channel: a :class:`RecordHeader`,
+* it reserves one fixed-size record in the event channel (the ring buffer, or a perf
+  event array where there is none: :func:`channel`): a :class:`RecordHeader`,
   then one *snapshot* per struct pointer argument (:func:`nettracer.bpf.memory.read`
   in 512-byte chunks, so a fault near the end of an object zeroes only that chunk), then
   optionally the *dereferenced* blocks: for each 8-byte slot of a snapshot that
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nettracer.bpf import link, maps, prog
-from nettracer.bpf.channel import ChannelReader, event_channel
+from nettracer.bpf.channel import ChannelReader, EventChannel, channel_kind, event_channel
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
     FP,
@@ -63,7 +64,8 @@ from nettracer.bpf.memory import KernelReads, read
 from nettracer.bpf.syscall import BpfSyscallError
 from nettracer.errors import NotSupported
 from nettracer.errors import require_root as _require_root
-from nettracer.kernel.features import kernel_reads
+from nettracer.kernel import features as kernel_features
+from nettracer.kernel.features import KernelFeatures, kernel_reads
 
 #: lowest value treated as a kernel address worth following (x86-64 and arm64 kernel
 #: halves, 4- and 5-level paging); the read helper rejects the rest itself
@@ -182,20 +184,36 @@ class ProbeSpec:
         return (self.deref_offset + extra + 7) & ~7
 
 
-#: the channel every probe program writes to (maps ``events`` and ``lost``)
-CHANNEL = event_channel("events", "lost")
+#: the largest record a probe may write: the perf event array builds records in a
+#: per-CPU array value (at most 32 KiB, ``PCPU_MIN_UNIT_SIZE``), and a perf sample's
+#: ``u16`` size would stop a record at 64 KiB anyway
+RECORD_MAX = 32 << 10
 
 
 @functools.cache
-def build(spec: ProbeSpec, reads: KernelReads | None = None) -> tuple[Insn, ...]:
+def channel(kind: str = "ringbuf") -> EventChannel:
+    """The channel the probe programs write to (maps ``events`` and ``lost``, and the
+    record slot of a perf event array): ``kind`` as :func:`channel_kind` says."""
+    return event_channel("events", "lost", kind, record_max=RECORD_MAX)
+
+
+@functools.cache
+def build(
+    spec: ProbeSpec, reads: KernelReads | None = None, kind: str = "ringbuf"
+) -> tuple[Insn, ...]:
     """The instructions of ``spec``'s program (maps ``ctl``, ``events``, ``lost``)."""
-    return tuple(program(spec, reads).insns)
+    return tuple(program(spec, reads, kind).insns)
 
 
-def program(spec: ProbeSpec, reads: KernelReads | None = None) -> Program:
+def program(spec: ProbeSpec, reads: KernelReads | None = None, kind: str = "ringbuf") -> Program:
     """``spec``'s program: R6 the context, R7 the tid then the struct pointer, R8 the
     record, R9 the ``followed`` bits; ``reads`` chooses the read helper
-    (:mod:`nettracer.bpf.memory`)."""
+    (:mod:`nettracer.bpf.memory`), ``kind`` the event channel (:func:`channel`)."""
+    if spec.record_size > RECORD_MAX:
+        raise ValueError(
+            f"{spec.tracepoint}: a {spec.record_size}-byte record exceeds {RECORD_MAX}"
+        )
+    ch = channel(kind)
     p = Program(reads=reads)
     p += [
         mov64(R6, R1),
@@ -212,7 +230,7 @@ def program(spec: ProbeSpec, reads: KernelReads | None = None) -> Program:
         ldx(4, R1, R0, Ctl.step.offset),
         stx(4, FP, -8, R1),
     ]
-    CHANNEL.reserve(p, R8, spec.record_size, on_fail="out", scratch_off=-12)
+    ch.reserve(p, R8, spec.record_size, on_fail="out", scratch_off=-12)
     p += [
         st(4, R8, RecordHeader.kind.offset, spec.kind),
         ldx(4, R1, FP, -8),
@@ -236,7 +254,7 @@ def program(spec: ProbeSpec, reads: KernelReads | None = None) -> Program:
     if spec.deref is not None:
         _follow(p, spec, spec.deref)
     p += stx(8, R8, RecordHeader.followed.offset, R9)
-    CHANNEL.submit(p, R8, ctx=R6, size=spec.record_size, scratch_off=-12)
+    ch.submit(p, R8, ctx=R6, size=spec.record_size, scratch_off=-12)
     p.label("out")
     p += [mov64(R0, 0), exit_()]
     return p
@@ -299,8 +317,16 @@ class ProbeSet:
     ``close()`` detaches everything. ``missing`` names optional tracepoints this kernel
     lacks."""
 
-    def __init__(self, ringbuf_size: int = 4 << 20, reads: KernelReads | None = None) -> None:
-        self.reads = reads
+    def __init__(
+        self,
+        ringbuf_size: int = 4 << 20,
+        reads: KernelReads | None = None,
+        features: KernelFeatures | None = None,
+    ) -> None:
+        kf = features if features is not None else kernel_features.current()
+        self.reads = reads if reads is not None else kernel_reads(kf)
+        #: the event channel's kind: the one place it is chosen (ring buffer, 5.8)
+        self.kind = channel_kind(kf.use("ringbuf"))
         self._objs: list = []
         self.by_kind: dict[int, ProbeSpec] = {}
         self.missing: list[str] = []
@@ -308,7 +334,7 @@ class ProbeSet:
         try:
             self.ctl = maps.array(Ctl, 1, "ntg_ctl")
             self._objs.append(self.ctl)
-            self.reader = CHANNEL.open(ringbuf_size, prefix="ntg_")
+            self.reader = channel(self.kind).open(ringbuf_size, prefix="ntg_")
         except BaseException:
             self.close()
             raise
@@ -317,8 +343,8 @@ class ProbeSet:
     def add(self, spec: ProbeSpec) -> bool:
         """Load ``spec``'s program and attach it; False when its tracepoint does not exist
         and it is optional (:class:`NotSupported` when it is required)."""
-        reads = self.reads if self.reads is not None else kernel_reads()
-        p = prog.load(build(spec, reads), maps=self._maps, name=f"ntg_{spec.tracepoint}"[:15])
+        insns = build(spec, self.reads, self.kind)
+        p = prog.load(insns, maps=self._maps, name=f"ntg_{spec.tracepoint}"[:15])
         self._objs.append(p)
         try:
             self._objs.append(link.attach_raw_tracepoint(p, spec.tracepoint))
@@ -348,8 +374,9 @@ class ProbeSet:
     def lost(self) -> int:
         return self.reader.lost if self.reader is not None else 0
 
-    def drain(self, sink: Callable[[Record], None]) -> int:
-        """Decode every record now in the ring buffer into ``sink``."""
+    def drain(self, sink: Callable[[Record], None], wait_s: float = 0.0) -> int:
+        """Decode every record now in the event channel into ``sink``, first waiting up
+        to ``wait_s`` for one when there is none."""
 
         def one(view: memoryview) -> None:
             hdr = RecordHeader.from_buffer_copy(view[:HDR])
@@ -358,7 +385,7 @@ class ProbeSet:
                 sink(Record(spec, hdr, bytes(view)))
 
         assert self.reader is not None
-        return self.reader.consume(one)
+        return self.reader.poll(wait_s, one) if wait_s > 0 else self.reader.consume(one)
 
     def close(self) -> None:
         if self.reader is not None:

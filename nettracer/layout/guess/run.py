@@ -169,8 +169,9 @@ def _run_rounds(
     rs = _Rounds()
     while True:
         rs.count += 1
+        records: list[Record] = []
         try:
-            rs.log = worker.result(remaining())
+            rs.log = _await_round(ps, worker, remaining, records)
         except TimeoutError:
             raise _timeout(timeout_ms, f"round {rs.count} of traffic") from None
         except RoundFailed as exc:
@@ -180,16 +181,30 @@ def _run_rounds(
             ps.drain(lambda r: None)
             resubmit()
             continue
-        records: list[Record] = []
         ps.drain(records.append)
         got, round_notes = analyse(rs.log, records)
         rs.notes += [f"round {rs.count}: {n}" for n in round_notes]
         if ps.lost:
-            rs.notes.append(f"round {rs.count}: {ps.lost} records did not fit the ring buffer")
+            rs.notes.append(f"round {rs.count}: {ps.lost} records did not fit the event channel")
         rs.merge(got)
         if rs.done() or remaining() < 0.25 * timeout_ms / 1000:
             return rs
         resubmit()
+
+
+def _await_round(
+    ps: ProbeSet, worker: TrafficThread, remaining: Callable[[], float], records: list[Record]
+) -> RoundLog:
+    """The log of the round under way, its records taken out of the event channel while
+    it runs: a round writes megabytes, more than a perf event array's per-CPU buffer
+    (kernels before 5.8) holds. TimeoutError when the time is up first."""
+    while True:
+        try:
+            return worker.result(0.0)  # type: ignore[return-value]
+        except TimeoutError:
+            if remaining() <= 0:
+                raise
+        ps.drain(records.append, wait_s=min(0.005, remaining()))
 
 
 def _offsets(verdicts: dict[str, Verdict]) -> Offsets:
