@@ -137,6 +137,8 @@ TRAFFIC = textwrap.dedent(r"""
             time.sleep(0.01)
         raise SystemExit("sockets did not go away")
 
+    if "cpu" in args:  # run on one CPU (and so do the tracer's programs it triggers)
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     me = {"pid": os.getpid(), "comm": open("/proc/self/comm").read().strip(),
           "netns": os.stat("/proc/self/ns/net").st_ino}
     mode = args["mode"]
@@ -643,10 +645,16 @@ def test_tcp_retransmits(ns: Netns) -> None:
     assert f["retransmits"] >= info["total_retrans"]
 
 
-def test_short_lived_reported_once(ns: Netns) -> None:
+@pytest.mark.parametrize("perf", [False, True], ids=["default", "perf_event_array"])
+def test_short_lived_reported_once(ns: Netns, perf: bool) -> None:
     """Connections that open and close within one interval: each in "closed" exactly once,
-    never in "conns", with exact bytes."""
-    tracer = start_tracer("--interval", "3", "--netns", str(ns.inode))
+    never in "conns", with exact bytes.  Also with ``kernel.without: [ringbuf]`` (as
+    before Linux 5.8), where the tracer says it sends through the perf event array."""
+    env = None
+    if perf:
+        forced = os.environ.get("NETTRACER_KERNEL__WITHOUT", "").split(",")
+        env = {"NETTRACER_KERNEL__WITHOUT": ",".join({*filter(None, forced), "ringbuf"})}
+    tracer = start_tracer("--interval", "3", "--netns", str(ns.inode), "--stats", env=env)
     script = Script(ns, mode="short", family=4, host="127.0.0.1", n=8)
     try:
         truth = script.read()
@@ -654,6 +662,8 @@ def test_short_lived_reported_once(ns: Netns) -> None:
     finally:
         script.close()
         tracer.close()
+    if perf:
+        assert {r["stats"]["channel"] for r in reports} == {"perf_event_array"}
     closed = all_closed(reports)
     opened = [c for r in reports for c in r["conns"]]
     for conn in truth["conns"]:
@@ -1010,36 +1020,80 @@ def test_usage_errors(argv: list[str], env: dict[str, str], message: str) -> Non
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
 
 
-def test_full_ring_buffer_loses_nothing(ns: Netns) -> None:
-    """A one-page ring buffer (22 records) and 40 connections closed between two reads:
-    what the ring refused comes through the overflow hash, nothing is lost or evicted."""
+@contextlib.contextmanager
+def channel_forced(kind: str) -> Iterator[None]:
+    """Tracers started inside use the event channel ``kind``: ``kernel.without`` gains
+    ``ringbuf`` for the perf event array, or loses it for the ring buffer."""
+    from nettracer.kernel import features
+
+    before = features.current().without
+    if kind == "ringbuf":
+        if not features.probe("ringbuf"):
+            kernel_skip("this kernel has no BPF ring buffer (Linux 5.8)")
+        features.configure([f for f in before if f != "ringbuf"])
+    else:
+        features.configure({*before, "ringbuf"})
+    try:
+        yield
+    finally:
+        features.configure(before)
+
+
+def closed_exactly(truth: dict[str, Any], closed: list[Any]) -> None:
+    """Each end of the "short" script's connections closed once, with its bytes."""
+    for conn in truth["conns"]:
+        for side, sent, got in (
+            ("client", conn["send"], conn["reply"]),
+            ("server", conn["reply"], conn["send"]),
+        ):
+            [c] = [
+                c
+                for c in closed
+                if (c.saddr, c.sport, c.daddr, c.dport)
+                == tuple(conn[side][k] for k in ("saddr", "sport", "daddr", "dport"))
+            ]
+            assert (c.bytes_sent, c.bytes_received, c.pid) == (sent, got, truth["pid"])
+
+
+@pytest.mark.parametrize("channel", ["ringbuf", "perf_event_array"])
+def test_full_ring_buffer_loses_nothing(ns: Netns, channel: str) -> None:
+    """A one-page ring buffer (22 records), or one-page perf buffers (21 records each),
+    and 40 connections (80 records) closed on one CPU between two reads: what the
+    channel refused comes through the overflow hash, nothing is lost or evicted.  Then
+    one more connection: the perf buffer has room again and the kernel reports every
+    refused output lost (``PERF_RECORD_LOST``), which still loses nothing."""
+    from nettracer.bpf.counters import counted
     from nettracer.tracers.conns.monitor import ConnMonitor
 
     cfg = settings(offsets__source=ANY_OFFSETS)
     monitor = ConnMonitor.from_config(cfg, netns=ns.inode, gateway=False, ring_bytes=4096)
     tracer = monitor.tracer
-    script = None
+    scripts = []
     try:
-        monitor.start()
-        script = Script(ns, mode="short", family=4, host="127.0.0.1", n=40)
-        truth = script.read()
+        with channel_forced(channel):
+            monitor.start()
+        assert tracer.opts.channel == channel
+        scripts.append(Script(ns, mode="short", family=4, host="127.0.0.1", n=40, cpu=0))
+        truth = scripts[-1].read()
         iv = monitor.interval()
         overflowed = tracer.overflowed
+        scripts.append(Script(ns, mode="short", family=4, host="127.0.0.1", n=1, cpu=0))
+        more = scripts[-1].read()
+        after = monitor.interval()
+        reported = getattr(tracer._reader, "channel", None)
+        if reported is not None:
+            refused = counted(reported.lost_map)
+            reported = reported.kernel_lost
     finally:
-        if script is not None:
+        for script in scripts:
             script.close()
         monitor.close()
     assert overflowed > 0
-    assert (iv.lost, iv.evicted) == (0, 0)
-    for conn in truth["conns"]:
-        for side, sent in (("client", conn["send"]), ("server", conn["reply"])):
-            [c] = [
-                c
-                for c in iv.closed
-                if (c.saddr, c.sport, c.daddr, c.dport)
-                == tuple(conn[side][k] for k in ("saddr", "sport", "daddr", "dport"))
-            ]
-            assert c.bytes_sent == sent
+    assert (iv.lost, iv.evicted, after.lost, after.evicted) == (0, 0, 0, 0)
+    closed_exactly(truth, iv.closed)
+    closed_exactly(more, after.closed)
+    if channel == "perf_event_array":
+        assert 0 < reported <= refused  # type: ignore[operator]
 
 
 def test_pid_filter(ns: Netns) -> None:

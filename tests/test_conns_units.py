@@ -77,6 +77,7 @@ MAPS = {
     cp.MAP_ENDED: 7,
     peers.MAP_PEERS: 8,
     peers.MAP_SLOT: 9,
+    cp.MAP_REFUSED: 10,
 }
 
 #: offsets shaped like Linux 6.18's (written out here, so no kernel is asked): the
@@ -124,6 +125,27 @@ def test_program_listing_spread_offsets(prog: str) -> None:
     """The same programs where the fields lie as on a real kernel (one read per
     ``tcp_sock`` field group, the tuple and ``sk_protocol`` in separate reads)."""
     _check_listing(f"{prog}-spread", PROGRAMS[prog](SPREAD_OFFSETS, cp.ConnSpec()))
+
+
+@pytest.mark.parametrize("prog", ["state", "send", "recv", "destroy"])
+def test_program_listing_perf_event_array(prog: str) -> None:
+    """Without a ring buffer (before 5.8) closed connections go to the perf event
+    array: ``ctx`` kept at FP-32 and reloaded for each ``bpf_perf_event_output``, each
+    refusal counted in ``refused``."""
+    built = PROGRAMS[prog](fake_offsets(), cp.ConnSpec(channel="perf_event_array"))
+    _check_listing(f"{prog}-perf", built)
+    listing = built.listing()
+    assert "ringbuf" not in listing and "perf_event_output" in listing
+    assert f"map[{cp.MAP_REFUSED}]" in listing
+
+
+@pytest.mark.parametrize(
+    ("prog", "spec"), [("refresh", {}), ("owner", {}), ("send", {"collect_udp": False})]
+)
+def test_programs_that_send_nothing_keep_no_ctx(prog: str, spec: dict[str, bool]) -> None:
+    """A program that never sends a record is the same whatever the channel."""
+    perf = PROGRAMS[prog](fake_offsets(), cp.ConnSpec(channel="perf_event_array", **spec))
+    assert perf.listing() == PROGRAMS[prog](fake_offsets(), cp.ConnSpec(**spec)).listing()
 
 
 @pytest.mark.parametrize("prog", ["tx", "rx", "ready"])

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from nettracer.bpf.counters import lookup, lost_counter, lost_inc
+from nettracer.bpf.counters import counted, lookup, lost_counter, lost_inc
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
     FP,
@@ -240,7 +240,8 @@ class PerfEventChannel(EventChannel):
         wakeup: bool = True,
     ) -> None:
         """``bpf_perf_event_output(ctx, &map, BPF_F_CURRENT_CPU, src + src_off, size)``
-        and jump to ``ok``; fall through when the buffer was full. ``ctx`` is required."""
+        and jump to ``ok``; fall through when the buffer was full. ``ctx`` is required
+        (R1 when a program reloads it from the stack just before)."""
         from nettracer.bpf.perfbuf import BPF_F_CURRENT_CPU
 
         del wakeup
@@ -249,7 +250,9 @@ class PerfEventChannel(EventChannel):
         p += [mov64(R4, src)]
         if src_off:
             p += add64(R4, src_off)
-        p += [mov64(R1, ctx), ld_map_fd(R2, self.map), ld_imm64(R3, BPF_F_CURRENT_CPU)]
+        if ctx != R1:
+            p += mov64(R1, ctx)
+        p += [ld_map_fd(R2, self.map), ld_imm64(R3, BPF_F_CURRENT_CPU)]
         p += [mov64(R5, size), call(Helper.perf_event_output), jeq(R0, 0, ok)]
 
     def _create(self, size: int, prefix: str) -> tuple[dict[str, Map], _Reader]:
@@ -324,9 +327,14 @@ class ChannelReader:
         """Records that did not fit since the start: the sum over CPUs of ``lost[0]``, or
         what the perf buffers reported lost where that is more (kernels before 5.4,
         whose ``bpf_perf_event_output`` did not say the buffer was full)."""
-        v = self.lost_map.lookup(0, 0)
-        counted = sum(v) if isinstance(v, list) else int(v)
-        return max(counted, int(getattr(self._reader, "lost_records", 0)))
+        return max(counted(self.lost_map), self.kernel_lost)
+
+    @property
+    def kernel_lost(self) -> int:
+        """Records the kernel itself reported lost since the start: the perf buffers'
+        ``PERF_RECORD_LOST`` (written once a later record fits on that CPU); 0 for a
+        ring buffer."""
+        return int(getattr(self._reader, "lost_records", 0))
 
     @property
     def records(self) -> int:

@@ -49,6 +49,12 @@ def lost_counter(name: str = "lost") -> Map:
     return percpu_array(ctypes.c_uint64, 1, name)
 
 
+def counted(lost: Map) -> int:
+    """What ``lost[0]`` (a :func:`lost_counter`) holds: the sum over CPUs."""
+    v = lost.lookup(0, 0)
+    return sum(v) if isinstance(v, list) else int(v)
+
+
 def lookup(p: Program, map_name: str, key_off: int) -> None:
     """``R0 = bpf_map_lookup_elem(&map_name, fp + key_off)``; clobbers R0-R5."""
     p += [ld_map_fd(R1, map_name), mov64(R2, FP), add64(R2, key_off)]

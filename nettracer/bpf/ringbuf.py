@@ -18,7 +18,7 @@ import select
 import struct
 from collections.abc import Callable
 
-from nettracer.bpf.counters import lost_counter
+from nettracer.bpf.counters import counted, lost_counter
 from nettracer.bpf.maps import Map
 from nettracer.bpf.syscall import MapType
 
@@ -68,10 +68,7 @@ class RingBufReader:
 
     @property
     def lost(self) -> int:
-        if self.lost_map is None:
-            return 0
-        v = self.lost_map.lookup(0, 0)
-        return sum(v) if isinstance(v, list) else int(v)
+        return 0 if self.lost_map is None else counted(self.lost_map)
 
     def consume(self, callback: Callable[[memoryview], None]) -> int:
         """Hand every committed record to ``callback`` (a memoryview valid only during the

@@ -22,12 +22,16 @@ How a connection ends (``end`` of a closed one):
   ``network.udp_conn_timeout_s``: ended by user space to bound the table (a later
   datagram starts a new flow).
 
+Closed connections come through the ring buffer (:class:`RecordReader`, one bulk copy),
+or on kernels without one (before 5.8, or ``kernel.without: [ringbuf]``) through a perf
+event array (:class:`PerfRecordReader`).
+
 Typical use (:meth:`ConnMonitor.from_config` is the contract of
 :mod:`nettracer.tracers`)::
 
     with ConnMonitor.from_config(load_config()) as monitor:
         while ...:
-            monitor.poll(0.05)         # drain the ring buffer (never blocks on lookups)
+            monitor.poll(0.05)         # drain the event channel (never blocks on lookups)
             iv = monitor.interval()    # every interval
 """
 
@@ -42,6 +46,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from nettracer.bpf import maps, prog, ringbuf, syscall
+from nettracer.bpf.channel import EventChannel, channel_kind
+from nettracer.bpf.counters import counted, lost_counter
 from nettracer.bpf.link import Link, UnknownTracepoint, attach_raw_tracepoint
 from nettracer.bpf.syscall import BpfSyscallError, Cmd, ProgType
 from nettracer.errors import NotSupported
@@ -58,6 +64,7 @@ from nettracer.tracers.conns.table import ConnTable, IdCounts, Interval
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from nettracer.bpf.channel import ChannelReader
     from nettracer.net.gateway import GatewayResolver
 
 
@@ -80,7 +87,7 @@ _UNKNOWN = object()
 @dataclass
 class Collected:
     """One read of the kernel side: the id counter read first, then the map's entries
-    (the ring buffer is drained last, into :meth:`ConnTracer.take_closed`)."""
+    (the event channel is drained last, into :meth:`ConnTracer.take_closed`)."""
 
     created: IdCounts
     live: list[tuple[Any, ...]]
@@ -138,6 +145,48 @@ class RecordReader(ringbuf.RingBufReader):
         return out
 
 
+class PerfRecordReader:
+    """Records from the perf event array of :func:`~nettracer.tracers.conns.program.
+    channel_for` (kernels without a ring buffer), with :class:`RecordReader`'s calls.
+
+    ``lost`` is ``lost_map`` (records that fit nowhere) plus the records the kernel
+    reported lost (``PERF_RECORD_LOST``) beyond the outputs the programs saw refused
+    (the channel's own counter, ``refused``): every refusal since Linux 5.4 returns
+    -ENOSPC, and the record then went on to the ``ended`` hash, so only before 5.4
+    (where ``bpf_perf_event_output`` returned 0 on a full buffer) does that add any.
+    """
+
+    def __init__(self, channel: ChannelReader, lost_map: maps.Map) -> None:
+        self.channel = channel
+        self.lost_map = lost_map
+
+    @property
+    def records(self) -> int:
+        return self.channel.records
+
+    @property
+    def lost(self) -> int:
+        reported = self.channel.kernel_lost  # first: a refusal is counted before it is
+        unseen = reported - counted(self.channel.lost_map)  # reported, never after
+        return counted(self.lost_map) + max(0, unseen)
+
+    def consume_records(self) -> list[tuple[Any, ...]]:
+        """Every record now in the perf buffers, unpacked (a sample's raw data is the
+        record padded to 8 bytes with its ``u32`` size)."""
+        out: list[tuple[Any, ...]] = []
+        unpack = RECORD.unpack_from
+
+        def take(view: memoryview) -> None:
+            if len(view) >= RECORD_SIZE:
+                out.append(unpack(view))
+
+        self.channel.consume(take)
+        return out
+
+    def close(self) -> None:
+        self.channel.close()
+
+
 class ConnTracer:
     """The kernel side of the connection tracer.
 
@@ -167,10 +216,10 @@ class ConnTracer:
         self.links: list[Link] = []
         self.progs: dict[str, prog.Prog] = {}
         self._pending: list[tuple[Any, ...]] = []
-        self._reader: RecordReader | None = None
+        self._reader: RecordReader | PerfRecordReader | None = None
         self.records = 0
         self.refreshes = 0
-        #: records the ring buffer refused that came through the ``ended`` hash
+        #: records the event channel refused that came through the ``ended`` hash
         self.overflowed = 0
         self._walk_bufs: tuple[Any, ...] | None = None
         #: count per-peer flows of unconnected UDP sockets (with the length tracepoints)
@@ -187,23 +236,10 @@ class ConnTracer:
                 "IPv6 connections are not collected: the IPv6 address fields of struct "
                 "sock_common are not known on this kernel"
             )
-        self.conns = maps.lru_hash(ctypes.c_uint64, cp.ConnValue, self.max_conns, cp.MAP_CONNS)
-        self.events = ringbuf.RingBuf(self.ring_bytes, cp.MAP_EVENTS)
-        self.lost = ringbuf.lost_counter(cp.MAP_LOST)
-        fetch = features.current().use("atomic_fetch")
-        self.opts = opts = replace(opts, atomic_fetch=fetch)
-        if fetch:
-            self.ids = maps.array(ctypes.c_uint64, 1, cp.MAP_IDS)
-        else:  # before 5.12: per-CPU, per-nesting-level counters (cp.StreamIds)
-            self.ids = maps.percpu_array(cp.StreamIds, 1, cp.MAP_IDS)
-        self.ended = maps.hash_map(ctypes.c_uint64, cp.ConnValue, cp.ENDED_ENTRIES, cp.MAP_ENDED)
-        m = {
-            cp.MAP_CONNS: self.conns,
-            cp.MAP_EVENTS: self.events,
-            cp.MAP_LOST: self.lost,
-            cp.MAP_IDS: self.ids,
-            cp.MAP_ENDED: self.ended,
-        }
+        kf = features.current()
+        channel = channel_kind(kf.use("ringbuf"))
+        self.opts = opts = replace(opts, atomic_fetch=kf.use("atomic_fetch"), channel=channel)
+        m = self._create_maps()
         use_length = self.bytes_source in ("auto", "length")
         tps = {
             tp: _tracepoint(tp)
@@ -261,7 +297,36 @@ class ConnTracer:
         for name, (program, args) in peer_progs.items():
             self.progs[name] = prog.load(program.insns, prog_type=args.prog_type, maps=m, name=name)
             self.links.append(args.attach(self.progs[name]))
-        self._reader = RecordReader(self.events, self.lost)
+
+    def _create_maps(self) -> dict[str, Any]:
+        """The maps of the programs built from ``opts``, by the programs' names."""
+        self.conns = maps.lru_hash(ctypes.c_uint64, cp.ConnValue, self.max_conns, cp.MAP_CONNS)
+        self.lost = lost_counter(cp.MAP_LOST)
+        if self.opts.atomic_fetch:
+            self.ids = maps.array(ctypes.c_uint64, 1, cp.MAP_IDS)
+        else:  # before 5.12: per-CPU, per-nesting-level counters (cp.StreamIds)
+            self.ids = maps.percpu_array(cp.StreamIds, 1, cp.MAP_IDS)
+        self.ended = maps.hash_map(ctypes.c_uint64, cp.ConnValue, cp.ENDED_ENTRIES, cp.MAP_ENDED)
+        m = {
+            cp.MAP_CONNS: self.conns,
+            cp.MAP_LOST: self.lost,
+            cp.MAP_IDS: self.ids,
+            cp.MAP_ENDED: self.ended,
+        }
+        self._reader = self._open_channel(m)
+        return m
+
+    def _open_channel(self, m: dict[str, Any]) -> RecordReader | PerfRecordReader:
+        """The reader of closed connections for ``opts.channel``, its maps added to
+        ``m``: the ring buffer read in bulk, or the perf event array's buffers (of
+        ``ring_bytes`` in all)."""
+        if self.opts.channel == EventChannel.kind:
+            self.events = ringbuf.RingBuf(self.ring_bytes, cp.MAP_EVENTS)
+            m[cp.MAP_EVENTS] = self.events
+            return RecordReader(self.events, self.lost)
+        reader = cp.channel_for(self.opts).open(self.ring_bytes)
+        m |= reader.maps
+        return PerfRecordReader(reader, self.lost)
 
     def _peer_programs(self, m: dict[str, Any]) -> dict[str, tuple[Any, TracepointArgs]]:
         """The programs of :mod:`nettracer.tracers.conns.peers` and their tracepoints'
@@ -315,7 +380,8 @@ class ConnTracer:
 
     # -- reading --------------------------------------------------------------------------
     def drain(self) -> int:
-        """Move committed ring buffer records to the pending list; returns how many."""
+        """Move the records waiting in the event channel to the pending list; returns
+        how many."""
         assert self._reader is not None
         got = self._reader.consume_records()
         self._pending.extend(got)
@@ -357,7 +423,7 @@ class ConnTracer:
         return Collected(created, live, self.lost_total())
 
     def take_overflow(self) -> int:
-        """Move the records the ring buffer refused (kept in the ``ended`` hash) to the
+        """Move the records the event channel refused (kept in the ``ended`` hash) to the
         pending list; returns how many."""
         n = 0
         for key in list(self.ended.keys()):
@@ -404,7 +470,7 @@ class ConnTracer:
         for sk, end_ns in ends.items():
             v = self.conns.pop(sk)  # a lookup, then a delete before 5.14
             if v is None:
-                continue  # gone meanwhile: its record is in the ring buffer
+                continue  # gone meanwhile: its record is in the event channel
             rec = list(RECORD.unpack(bytes(v)))
             rec[end] = end_ns
             rec[why] = reason
@@ -555,7 +621,8 @@ class ConnMonitor:
         ``network.*``, ``gateway_lookup.*``) and what only the caller knows: ``offsets``
         already loaded (the agent shares them), the ``netns`` inode to trace (0: all),
         the ``pid`` to report, ``bytes_source`` (:class:`ConnTracer`), ``gateway``
-        lookups (None: ``gateway_lookup.enabled``) and the ring buffer's size."""
+        lookups (None: ``gateway_lookup.enabled``) and the event channel's size (the
+        ring buffer's, or the perf buffers' together)."""
         from nettracer.layout import source
 
         if offsets is None:
@@ -623,7 +690,7 @@ class ConnMonitor:
         return self.tracer.notices
 
     def poll(self, timeout_s: float) -> int:
-        """Drain the ring buffer, then sleep ``timeout_s`` (records are written without
+        """Drain the event channel, then sleep ``timeout_s`` (records are written without
         wake-ups; draining every ~50 ms keeps up with hundreds of thousands a second)."""
         n = self.tracer.drain()
         if n:
@@ -855,6 +922,7 @@ class ConnMonitor:
             "sock_diag_errors": self.diag_errors,
             "collect_ms": round(self.last_collect_ms, 3),
             "bytes_source": "sock_length" if t.use_length else "tcp_sock",
+            "channel": t.opts.channel,
             "peak_rss_kib": _vm_hwm(),
             "offsets": t.offsets.source,
         }

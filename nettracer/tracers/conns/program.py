@@ -15,7 +15,7 @@ The programs share one LRU hash ``conns`` (``struct sock *`` -> :class:`ConnValu
             which ``tcp_recvmsg`` calls in the reader's context, names the owner of an
             accepted connection; bytes then come from ``tcp_sock``.
 ``destroy`` ``tcp:tcp_destroy_sock (struct sock *sk)``: final ``tcp_sock`` stats, the
-            record goes to the ring buffer (or, when the ring refuses it, to the
+            record goes to the event channel (or, when it refuses it, to the
             ``ended`` hash), the entry is deleted.
 ``refresh`` not attached: run with ``BPF_PROG_TEST_RUN`` (args ``[sk]``) once per open
             TCP entry per interval to copy the current ``tcp_sock`` stats (RTT, segments,
@@ -28,6 +28,13 @@ Entry ids come from one counter (``ids[0]``, atomic fetch-and-add) so that user 
 can account for every entry the LRU map evicted (:mod:`nettracer.tracers.conns.table`);
 before Linux 5.12 (no ``BPF_FETCH``; ``ConnSpec.atomic_fetch`` false) from per-CPU
 counters, one per nesting level (:meth:`_Builder.next_id`).
+
+Closed connections go to the event channel of ``ConnSpec.channel``
+(:func:`channel_for`): the ring buffer (Linux 5.8), or before it a perf event array,
+whose ``bpf_perf_event_output`` needs the program's context: the programs that send
+keep it at FP+:data:`CTX` (a spilled ``ctx`` stays the context pointer for the
+verifier; for a classic tracepoint it is the tracepoint's record) and their buffers
+start below it.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import ctypes
 from dataclasses import dataclass, field, replace
 
 from nettracer.access.plan import ReadPlan, emit_plan, plan_reads
-from nettracer.bpf.channel import event_channel
+from nettracer.bpf.channel import EventChannel, PerfEventChannel, event_channel
 from nettracer.bpf.counters import create_entry, lookup, lost_inc, update_elem
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
@@ -102,8 +109,8 @@ MAP_EVENTS = "events"
 MAP_LOST = "lost"
 MAP_IDS = "ids"
 MAP_ENDED = "ended"
-#: where ended connections go: ``events`` (ring buffer), ``lost`` counting what fit nowhere
-EVENTS = event_channel(MAP_EVENTS, MAP_LOST)
+#: the perf event array channel's count of refused outputs (every failed attempt)
+MAP_REFUSED = "refused"
 #: entries of the ``ended`` overflow hash (records the ring buffer refused)
 ENDED_ENTRIES = 4096
 
@@ -168,6 +175,23 @@ class ConnSpec:
     reads: KernelReads | None = None
     #: ids from one fetch-and-add counter (5.12), else from per-CPU, per-level ones
     atomic_fetch: bool = True
+    #: the event channel's kind (:func:`nettracer.bpf.channel.channel_kind`): the ring
+    #: buffer, or a perf event array before Linux 5.8
+    channel: str = "ringbuf"
+
+
+def channel_for(opts: ConnSpec) -> EventChannel:
+    """Where closed connections go: ``events``, of kind ``opts.channel``. ``lost``
+    (:data:`MAP_LOST`) counts the records that fit nowhere (channel and ``ended`` hash
+    full); a perf event array's own lost counter is :data:`MAP_REFUSED`, every output
+    it refused (the ``ended`` hash may still take the record), so that the records its
+    kernel reports lost (``PERF_RECORD_LOST``) beyond those are the ones the program
+    never heard of (before Linux 5.4 ``bpf_perf_event_output`` returned 0 on a full
+    buffer). Records are copied from the map value: the channel's record slot (unused)
+    is kept to one record's size."""
+    if opts.channel == PerfEventChannel.kind:
+        return event_channel(MAP_EVENTS, MAP_REFUSED, opts.channel, record_max=VALUE_SIZE)
+    return event_channel(MAP_EVENTS, MAP_LOST, opts.channel)
 
 
 def jsle32(dst: Reg, imm: int, target: str) -> Insn:
@@ -182,7 +206,9 @@ def jset(dst: Reg, imm: int, target: str) -> Insn:
 KEY = -8  #: u64 key: the struct sock pointer
 TMP = -16  #: u64 scratch (old state)
 TMP2 = -24  #: u32/u64 scratch (array index, netns inode, id)
-#: stack bytes below TMP2 for tcp_sock reads in programs without a tuple buffer
+#: ``ctx`` kept by programs that send through a perf event array (buffers start below)
+CTX = -32
+#: stack bytes below the slots for tcp_sock reads in programs without a tuple buffer
 STATS_BUF = 480
 
 
@@ -218,10 +244,28 @@ class _Builder:
     opts: ConnSpec
     name: str
     args: TracepointArgs
+    #: the program sends closed connections (``refresh`` and ``owner`` do not)
+    sends: bool = True
     p: Program = field(default_factory=Program)
 
     def __post_init__(self) -> None:
         self.p.reads = self.opts.reads
+        self.channel = channel_for(self.opts)
+
+    @property
+    def keeps_ctx(self) -> bool:
+        """Whether the program keeps ``ctx`` at FP+CTX (its channel needs it)."""
+        return self.sends and self.channel.kind == PerfEventChannel.kind
+
+    @property
+    def base(self) -> int:
+        """Where the program's buffers start (they grow down from here)."""
+        return CTX if self.keeps_ctx else TMP2
+
+    def keep_ctx(self) -> None:
+        """At entry (R1 = ctx): ``*(u64 *)(fp + CTX) = ctx`` when it is needed."""
+        if self.keeps_ctx:
+            self.p += stx(8, FP, CTX, R1)
 
     def copy(self, dst: Reg, dst_off: int, src: Reg, src_off: int, n: int) -> None:
         """Copy ``n`` bytes with the widest loads both offsets' alignment allows (via R1)."""
@@ -340,7 +384,7 @@ class _Builder:
 
     def snapshot_tcp(self, value: Reg, sk: Reg, buf_bytes: int = 0) -> None:
         """Copy the ``struct tcp_sock`` stats of ``sk`` into ``value``: through a stack
-        buffer of up to ``buf_bytes`` below TMP2 with few reads when the fields lie close
+        buffer of up to ``buf_bytes`` below :attr:`base` with few reads when the fields lie close
         enough together to fit, else one read per field."""
         plan = plan_reads(self.offsets, TCP_STATS, max_span=384)
         if plan.size > buf_bytes or len(plan.reads) >= len(TCP_STATS):
@@ -348,7 +392,7 @@ class _Builder:
                 f = self.offsets[key]
                 read(self.p, value, off(name), min(f.size, size(name)), sk, f.offset)
             return
-        buf = TMP2 - plan.size
+        buf = self.base - plan.size
         emit_plan(self.p, plan, buf, sk)
         for key, name in TCP_STATS.items():
             n = min(self.offsets[key].size, size(name))
@@ -377,11 +421,22 @@ class _Builder:
         6.15 made the ring's lock a resilient spinlock, now and then under contention
         too.  It is tried ``attempts`` times; then the record goes to the ``ended`` hash
         (keyed by id, drained by user space every interval); only when that is full as
-        well is it counted lost.  The reader polls on a timer: no wakeups.
+        well is it counted lost.  The reader polls on a timer: no wakeups.  Through a
+        perf event array (``bpf_perf_event_output``: -ENOSPC on a full buffer since
+        Linux 5.4, -EBUSY nested too deep) the same, with ``ctx`` reloaded from FP+CTX
+        for each attempt and each refusal counted in :data:`MAP_REFUSED`.
         """
         ok = self.p.new_label("emitted")
+        assert self.sends, f"{self.name} was built as a program that sends nothing"
+        perf = self.keeps_ctx
         for _ in range(attempts):
-            EVENTS.try_output(self.p, ctx=None, src=value, size=VALUE_SIZE, ok=ok, wakeup=False)
+            if perf:
+                self.p += ldx(8, R1, FP, CTX)
+            self.channel.try_output(
+                self.p, ctx=R1 if perf else None, src=value, size=VALUE_SIZE, ok=ok, wakeup=False
+            )
+            if perf:
+                lost_inc(self.p, self.channel.lost, TMP2)
         self.p += [ldx(8, R1, value, off("id")), stx(8, FP, TMP2, R1)]
         update_elem(self.p, MAP_ENDED, TMP2, value)
         self.p += jeq(R0, 0, ok)
@@ -408,9 +463,10 @@ def tuple_plan(offsets: Offsets, opts: ConnSpec) -> ReadPlan:
     return plan_reads(offsets, keys)
 
 
-def _layout(plan: ReadPlan) -> tuple[int, int]:
-    """(buffer offset, value offset) from FP for a program with a tuple buffer."""
-    buf = TMP2 - plan.size
+def _layout(plan: ReadPlan, base: int) -> tuple[int, int]:
+    """(buffer offset, value offset) from FP for a program with a tuple buffer below
+    ``base`` (:attr:`_Builder.base`)."""
+    buf = base - plan.size
     buf -= buf % 8 if buf % 8 else 0
     val = buf - VALUE_SIZE
     if val < -512:
@@ -425,7 +481,8 @@ def build_state(offsets: Offsets, opts: ConnSpec, args: TracepointArgs | None = 
     b = _Builder(offsets, opts, "state", args)
     p = b.p
     plan = tuple_plan(offsets, opts)
-    buf, val = _layout(plan)
+    buf, val = _layout(plan, b.base)
+    b.keep_ctx()
     p += [
         mov64(R6, R1),
         args.load(R9, R6, "newstate"),
@@ -592,10 +649,11 @@ def _build_socket_event(
     count bytes (``ret``) and datagrams; ``owner`` only records the owner.
 
     R6 = sk, R7 = its entry, R8 = bytes (0 for ``owner``), R9 = protocol (on a miss)."""
-    b = _Builder(offsets, opts, kind, args)
+    b = _Builder(offsets, opts, kind, args, sends=opts.collect_udp)  # see _udp_reused
     ev = _Event(kind)
     plan = tuple_plan(offsets, opts)
-    buf, val = _layout(plan)
+    buf, val = _layout(plan, b.base)
+    b.keep_ctx()
     _event_args(b, ev)
     lookup(b.p, MAP_CONNS, KEY)
     b.p += [jeq(R0, 0, "miss"), mov64(R7, R0)]
@@ -758,10 +816,12 @@ def _event_insert(b: _Builder) -> None:
 
 
 def build_destroy(offsets: Offsets, opts: ConnSpec, args: TracepointArgs | None = None) -> Program:
-    """The ``tcp_destroy_sock`` program: final stats to the ring buffer, entry deleted."""
+    """The ``tcp_destroy_sock`` program: final stats to the event channel, entry
+    deleted."""
     args = args or tracepoint_args(TP_DESTROY)
     b = _Builder(offsets, opts, "destroy", args)
     p = b.p
+    b.keep_ctx()
     p += [args.load(R6, R1, "sk"), stx(8, FP, KEY, R6)]
     lookup(b.p, MAP_CONNS, KEY)
     p += [jeq(R0, 0, "out"), mov64(R7, R0)]
@@ -775,7 +835,7 @@ def build_refresh(offsets: Offsets, opts: ConnSpec) -> Program:
     """Run by user space (``BPF_PROG_TEST_RUN``, args ``[sk]``): copy the current
     ``tcp_sock`` stats into the entry; bump ``last_ns`` when segments moved.  Returns 1
     when the entry exists, 0 when it is gone."""
-    b = _Builder(offsets, opts, "refresh", TracepointArgs.raw_args("", ["sk"]))
+    b = _Builder(offsets, opts, "refresh", TracepointArgs.raw_args("", ["sk"]), sends=False)
     p = b.p
     p += [b.args.load(R6, R1, "sk"), stx(8, FP, KEY, R6)]
     lookup(b.p, MAP_CONNS, KEY)
