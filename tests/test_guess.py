@@ -105,6 +105,42 @@ def test_probe_program_listings_perf_event_array(spec) -> None:  # type: ignore[
     assert spec.record_size <= probes.RECORD_MAX < 65_500
 
 
+#: the classic tracepoint records the guesser reads, laid out as Linux 6.18's
+#: events/<category>/<name>/format files say: (argument, offset, size)
+CLASSIC_6_18 = {
+    "sock_recv_length": ("sock", (("sk", 8, 8), ("ret", 20, 4), ("flags", 24, 4))),
+    "tcp_rcv_space_adjust": ("tcp", (("sk", 8, 8),)),
+    "inet_sock_set_state": ("sock", (("sk", 8, 8), ("oldstate", 16, 4), ("newstate", 20, 4))),
+    "net_dev_start_xmit": ("net", (("skb", 16, 8),)),
+    "netif_rx": ("net", (("skb", 8, 8),)),
+}
+
+
+def _classic_specs() -> list:
+    from nettracer.layout.guess import run as guess
+
+    specs = [guess.SOCK_RECV, guess.START_XMIT_CLASSIC, guess.NETIF_RX, *guess.FALLBACK]
+    return [s for s in specs if s.tracepoint in CLASSIC_6_18]
+
+
+@pytest.mark.parametrize("spec", _classic_specs(), ids=lambda s: s.tracepoint)
+def test_probe_program_listings_classic_tracepoints(spec) -> None:  # type: ignore[no-untyped-def]
+    """Without raw tracepoints (before 4.17) each argument comes from the classic
+    record at the offset its format file gives; ``net_dev_start_xmit`` has no ``dev``,
+    read instead through ``ctl.slot`` once a round has found ``sk_buff.dev``."""
+    from nettracer.kernel.tracepoints import TracepointArgs
+    from nettracer.layout.guess import probes
+
+    category, fields = CLASSIC_6_18[spec.tracepoint]
+    args = TracepointArgs(spec.tracepoint, category, False, fields)
+    listing = probes.program(spec, None, "ringbuf", args).listing()
+    check_golden(f"guess_{spec.tracepoint}_classic", listing)
+    assert spec.record_size <= probes.RECORD_MAX
+    if spec.via:  # and both fallbacks at once
+        perf = probes.program(spec, None, "perf_event_array", args).listing()
+        check_golden(f"guess_{spec.tracepoint}_classic_perf", perf)
+
+
 def test_probe_programs_follow_the_read_helper_choice() -> None:
     from nettracer.bpf.memory import KernelReads
     from nettracer.layout.guess import probes
@@ -285,15 +321,15 @@ def _kernel_without(*names: str):  # type: ignore[no-untyped-def]
         features.configure(before)
 
 
-NO_RINGBUF = ("ringbuf", "probe_read_kernel", "atomic_fetch", "batch_ops")
+ALL_FALLBACKS = ("ringbuf", "raw_tracepoint", "probe_read_kernel", "atomic_fetch", "batch_ops")
 
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("fallback", [False, True], ids=["modern", "pre-6.3"])
 @pytest.mark.parametrize(
     "without",
-    [("ringbuf",), NO_RINGBUF],
-    ids=["ringbuf", "ringbuf+reads"],
+    [("ringbuf",), ("raw_tracepoint",), ("ringbuf", "raw_tracepoint"), ALL_FALLBACKS],
+    ids=["ringbuf", "raw_tracepoint", "ringbuf+raw_tracepoint", "all"],
 )
 def test_guess_without_kernel_features_equals_btf(without: tuple, fallback: bool) -> None:
     """Every fallback forced (``kernel.without``): records through the perf event array
@@ -305,11 +341,54 @@ def test_guess_without_kernel_features_equals_btf(without: tuple, fallback: bool
     failures = []
     with _kernel_without(*without):
         for i in range(3):
-            r = guess(timeout_ms=10000, force_fallback=fallback)
+            r = guess(timeout_ms=DEADLINE_MS, force_fallback=fallback)
             assert r.fallback == fallback
+            # before 6.3 without raw tracepoints: two probes' records hold no socket
+            lacking = fallback and "raw_tracepoint" in without
+            assert any("udp_fail_queue_rcv_skb (no sk)" in n for n in r.notes) == lacking
             failures += [f"run {i}: {p}" for p in _check(r, btf)]
             _assert_cleaned_up(r)
     assert not failures, failures
+
+
+@pytest.mark.kernel
+def test_classic_start_xmit_copies_dev_and_sk_through_their_slots() -> None:
+    """Once user space gives the slots (here BTF's sk_buff.dev and sk_buff.sk), the
+    classic net_dev_start_xmit program copies the net_device and the sending socket:
+    a datagram of ours on lo shows lo's name and ifindex and our port and protocol."""
+    from nettracer.layout.guess import probes
+    from nettracer.layout.guess import run as guess
+
+    btf = _btf()
+    off = {k: v["offset"] for k, v in btf.items()}
+    spec = guess.START_XMIT_CLASSIC
+    records: list = []
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with _kernel_without("raw_tracepoint"), probes.ProbeSet(1 << 20) as ps, rx, tx:
+        assert ps.add(spec) and not ps.raw
+        ps.point(guess.VIA_DEV.slot, off["sk_buff.dev"])
+        ps.point(guess.VIA_SK.slot, off["sk_buff.sk"])
+        rx.bind(("127.0.0.1", 0))
+        tx.bind(("127.0.0.1", 0))
+        ps.arm(threading.get_native_id(), 1)
+        tx.sendto(b"slots", rx.getsockname())
+        ps.disarm()
+        port = tx.getsockname()[1]
+        ps.drain(records.append)
+    ours = [r for r in records if r.step == 1]
+    assert ours, "no record of our datagram"
+    lo = socket.if_nametoindex("lo")
+    for r in ours:
+        assert r.arg("dev") and r.arg("sk")
+        dev = r.snapshot(spec.snapshot_index("dev"))
+        sk = r.snapshot(spec.snapshot_index("sk"))
+        name = off["net_device.name"]
+        assert dev[name : name + 16] == b"lo".ljust(16, b"\0")
+        assert int.from_bytes(dev[off["net_device.ifindex"] :][:4], "little") == lo
+        assert int.from_bytes(sk[off["sock_common.skc_num"] :][:2], "little") == port
+        proto = off["sock.sk_protocol"]
+        assert int.from_bytes(sk[proto : proto + 2], "little") == socket.IPPROTO_UDP
 
 
 def _never_wrong(r, btf: dict) -> None:  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from nettracer.layout.catalogue import CATALOGUE
-from nettracer.layout.guess.matchers import Exact, u32, u64
+from nettracer.layout.guess.matchers import Exact, Matcher, u32, u64
 from nettracer.layout.guess.netns import VETH_A, VETH_NOBODY
 from nettracer.layout.guess.probes import Record
 from nettracer.layout.guess.traffic import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MarkerSend, RoundLog
@@ -143,31 +143,54 @@ def _inet(addr: str) -> bytes:
     return socket.inet_aton(addr)
 
 
-def _sock_pointer_fields(ev: RoundEvidence, inode: dict[str, int]) -> dict[str, Verdict]:
-    """``skc_net`` and ``net.ns.inum``: (slot, offset) pairs such that the struct the slot
-    points to holds the socket's namespace inode at that offset, in every snapshot."""
-    pairs: list[set[tuple[int, int]]] = []
-    values: set[object] = set()
-    for s in ev.socks:
-        want = u32(inode[s.ns])
-        cand = set()
-        for slot, block in s.record.derefs().items():
-            for off in want.offsets(block):
-                cand.add((slot, off))
-        pairs.append(cand)
-        values.add(inode[s.ns])
-    if not pairs:
-        why = "no struct sock snapshot of ours"
-        return {k: Verdict(None, why, 0) for k in POINTER_FIELDS}
+def _pointee(
+    keys: tuple[str, str], seen: list[tuple[dict[int, bytes], Matcher, object]], what: str
+) -> dict[str, Verdict]:
+    """A pointer field and a field of what it points to, together (``keys``): the
+    (slot, offset) pairs such that, in every observation ``(followed blocks by slot,
+    expected value, its key)`` of ``seen``, the block behind the slot holds the value at
+    that offset."""
+    if not seen:
+        why = f"no snapshot of {what}"
+        return {k: Verdict(None, why, 0) for k in keys}
+    pairs = [
+        {(slot, off) for slot, block in blocks.items() for off in want.offsets(block)}
+        for blocks, want, _ in seen
+    ]
     common = set.intersection(*pairs)
-    n = len(pairs)
+    n, values = len(pairs), {v for _, _, v in seen}
     if not common:
-        why = f"no (pointer, offset) pair leads to our namespace inode in all {n} snapshots"
-        return {k: Verdict(None, why, n) for k in POINTER_FIELDS}
+        why = f"no (pointer, offset) pair leads to the expected value in all {n} snapshots"
+        return {k: Verdict(None, why, n) for k in keys}
     return {
-        "sock_common.skc_net": decide("sock_common.skc_net", [{a for a, _ in common}] * n, values),
-        "net.ns.inum": decide("net.ns.inum", [{b for _, b in common}] * n, values),
+        keys[0]: decide(keys[0], [{a for a, _ in common}] * n, values),
+        keys[1]: decide(keys[1], [{b for _, b in common}] * n, values),
     }
+
+
+def _sock_pointer_fields(ev: RoundEvidence, inode: dict[str, int]) -> dict[str, Verdict]:
+    """``skc_net`` and ``net.ns.inum``: the struct the slot points to holds the socket's
+    namespace inode at that offset, in every snapshot."""
+    seen = [(s.record.derefs(), u32(inode[s.ns]), inode[s.ns]) for s in ev.socks]
+    return _pointee(("sock_common.skc_net", "net.ns.inum"), seen, "a struct sock of ours")
+
+
+def _dev_pointer_fields(ev: RoundEvidence) -> dict[str, Verdict]:
+    """(classic tracepoints, which give no ``struct net_device *``) ``sk_buff.dev`` and
+    ``net_device.name``: the slot of each marked packet's ``sk_buff`` whose pointee holds
+    the name of the device the packet went out on."""
+    seen: list[tuple[dict[int, bytes], Matcher, object]] = [
+        (r.derefs(), _name(m.device.name), m.device.key)
+        for r, m in ev.tx
+        if m is not None and _packet_hits(r, m)
+    ]
+    found = _pointee(("sk_buff.dev", "net_device.name"), seen, "a device of ours")
+    return {"sk_buff.dev": found["sk_buff.dev"]}  # the name: with the other device fields
+
+
+def _name(name: str) -> Exact:
+    """``char name[IFNAMSIZ]``: the name and NUL padding."""
+    return Exact(name.encode().ljust(16, b"\0"))
 
 
 @dataclass(frozen=True)
@@ -295,16 +318,17 @@ def _eth_framed(r: Record, hits: list[Hit], family: int) -> bool:
     return any(h.nh >= ETH_HLEN and blocks[h.slot][h.nh - 2 : h.nh] == ethertype for h in hits)
 
 
-def _skb_verdicts(ev: RoundEvidence) -> tuple[dict[str, Verdict], dict[int, set[str]]]:
-    """``struct sk_buff`` fields from every transmitted and received packet, and the
-    identity (device key) of each ``struct net_device *`` our marked packets went out on."""
+def _skb_verdicts(ev: RoundEvidence) -> dict[str, Verdict]:
+    """``struct sk_buff`` fields from every transmitted and received packet."""
     skb_obs: list[Observation] = []
-    dev_identity: dict[int, set[str]] = defaultdict(set)
+    given_dev = False
     for r, m in ev.tx:
-        expect = {"sk_buff.dev": u64(r.arg("dev"))}
+        expect: dict[str, Matcher] = {}
+        if not r.spec.derived("dev"):
+            expect["sk_buff.dev"] = u64(r.arg("dev"))
+            given_dev = True
         hits = _packet_hits(r, m) if m is not None else []
         if m is not None and hits:
-            dev_identity[r.arg("dev")].add(m.device.key)
             eth = ETH_P_IP if m.family == socket.AF_INET else ETH_P_IPV6
             expect["sk_buff.protocol"] = Exact(struct.pack(">H", eth), 2)
             if _eth_framed(r, hits, m.family) and len({h.ip_len for h in hits}) == 1:
@@ -328,7 +352,9 @@ def _skb_verdicts(ev: RoundEvidence) -> tuple[dict[str, Verdict], dict[int, set[
     }
     for name, v in _skb_pointer_fields(ev).items():
         verdicts[f"sk_buff.{name}"] = v
-    return verdicts, dev_identity
+    if not given_dev:
+        verdicts.update(_dev_pointer_fields(ev))
+    return verdicts
 
 
 def _sock_verdicts(ev: RoundEvidence, log: RoundLog, sk_v: Verdict) -> dict[str, Verdict]:
@@ -339,13 +365,18 @@ def _sock_verdicts(ev: RoundEvidence, log: RoundLog, sk_v: Verdict) -> dict[str,
     member of struct sock, is 136 on Linux 6.18; they are what tells
     skc_v6_rcv_saddr from ipv6_pinfo.saddr before 6.3."""
     sock_obs = [s.obs for s in ev.socks]
-    if sk_v.ok:
-        for r, m in ev.tx:
-            if m is None or not m.expect or not _packet_hits(r, m):
-                continue
+    for r, m in ev.tx:
+        if m is None or not m.expect or not _packet_hits(r, m):
+            continue
+        if r.spec.derived("sk") and r.arg("sk"):  # the whole struct sock (classic)
+            block, expect = r.snapshot(r.spec.snapshot_index("sk")), m.expect
+        elif sk_v.ok:
             block = r.derefs().get(sk_v.offset)  # type: ignore[arg-type]
-            if block is not None:
-                sock_obs.append(Observation(block, m.expect, f"{m.sender.name} skb->sk"))
+            expect = {k: v for k, v in m.expect.items() if k.startswith("sock_common.")}
+        else:
+            continue
+        if block is not None:
+            sock_obs.append(Observation(block, expect, f"{m.sender.name} skb->sk"))
     verdicts = {key: resolve(key, sock_obs) for key in SOCK_FIELDS if key not in POINTER_FIELDS}
     verdicts.update(_sock_pointer_fields(ev, log.netns_inode))
     return verdicts
@@ -361,34 +392,51 @@ def _net_pointers(ev: RoundEvidence, net_v: Verdict) -> dict[str, int]:
     return {ns: next(iter(v)) for ns, v in seen.items() if len(v) == 1}
 
 
+def _dev_of(r: Record, dev_v: Verdict) -> tuple[int, bytes] | None:
+    """The ``struct net_device *`` a transmission went out on and the bytes copied from
+    it: the tracepoint's argument (or, classic, what the ``dev`` slot read) and its
+    snapshot, else the pointer at ``sk_buff.dev`` (``dev_v``) and its followed block."""
+    if r.arg("dev"):
+        return r.arg("dev"), r.snapshot(r.spec.snapshot_index("dev"))
+    if not dev_v.ok:
+        return None
+    off: int = dev_v.offset  # type: ignore[assignment]
+    block = r.derefs().get(off)
+    return None if block is None else (struct.unpack_from("<Q", r.snapshot(0), off)[0], block)
+
+
 def _dev_verdicts(
-    ev: RoundEvidence,
-    log: RoundLog,
-    dev_identity: dict[int, set[str]],
-    net_v: Verdict,
+    ev: RoundEvidence, log: RoundLog, dev_v: Verdict, net_v: Verdict
 ) -> dict[str, Verdict]:
-    """``struct net_device`` fields from the device argument of each transmission
-    whose device is known (one device key per pointer)."""
+    """``struct net_device`` fields from the device of each transmission whose device
+    is known (one device key per pointer: the one our marked packets went out on)."""
     net_ptr = _net_pointers(ev, net_v)
+    devs = [(r, m, _dev_of(r, dev_v)) for r, m in ev.tx]
+    identity: dict[int, set[str]] = defaultdict(set)
+    for r, m, dev in devs:
+        if dev is not None and m is not None and _packet_hits(r, m):
+            identity[dev[0]].add(m.device.key)
     dev_obs: list[Observation] = []
-    for r, _ in ev.tx:
-        keys = dev_identity.get(r.arg("dev"))
+    for _, _, dev in devs:
+        keys = identity.get(dev[0]) if dev is not None else None
         if not keys or len(keys) != 1:
             continue
         d = log.devices[next(iter(keys))]
-        expect = {
-            "net_device.name": Exact(d.name.encode().ljust(16, b"\0")),
+        expect: dict[str, Matcher] = {
+            "net_device.name": _name(d.name),
             "net_device.ifindex": u32(d.ifindex),
         }
         if d.ns in net_ptr:
             expect["net_device.nd_net"] = u64(net_ptr[d.ns])
-        dev_obs.append(Observation(r.snapshot(1), expect, d.key))
+        dev_obs.append(Observation(dev[1], expect, d.key))  # type: ignore[index]
     verdicts = {
         key: resolve(key, dev_obs)
         for key in ("net_device.name", "net_device.ifindex", "net_device.nd_net")
     }
     if not net_v.ok:
         verdicts["net_device.nd_net"] = Verdict(None, f"needs sock_common.skc_net ({net_v.why})", 0)
+    if not dev_obs and not dev_v.ok:
+        verdicts = {k: Verdict(None, f"needs sk_buff.dev ({dev_v.why})", 0) for k in verdicts}
     return verdicts
 
 
@@ -408,9 +456,9 @@ def analyse(log: RoundLog, records: list[Record]) -> tuple[dict[str, Verdict], l
     ``struct sk_buff`` comes first: ``skb->sk`` then shows the start of each sender's
     ``struct sock``, whose ``skc_net`` in turn gives ``net_device.nd_net``."""
     ev = collect(log, records)
-    verdicts, dev_identity = _skb_verdicts(ev)
+    verdicts = _skb_verdicts(ev)
     verdicts.update(_sock_verdicts(ev, log, verdicts["sk_buff.sk"]))
     net_v = verdicts["sock_common.skc_net"]
-    verdicts.update(_dev_verdicts(ev, log, dev_identity, net_v))
+    verdicts.update(_dev_verdicts(ev, log, verdicts["sk_buff.dev"], net_v))
     _explain_missing(verdicts, ev.notes)
     return verdicts, ev.notes

@@ -1,4 +1,4 @@
-"""The guesser's eBPF side: raw-tracepoint programs that copy whole chunks of kernel
+"""The guesser's eBPF side: tracepoint programs that copy whole chunks of kernel
 structs into an event channel for user space to search.
 
 Every program is generated here (no compiler) from a :class:`ProbeSpec`:
@@ -14,11 +14,16 @@ Every program is generated here (no compiler) from a :class:`ProbeSpec`:
   optionally the *dereferenced* blocks: for each 8-byte slot of a snapshot that
   holds a kernel address (>= ``KERNEL_MIN``) the bytes it points to, with a bit
   per followed slot in ``RecordHeader.followed`` (a block whose bit is clear holds
-  stale ring-buffer bytes and must be ignored).
+  stale bytes and must be ignored).
 
 A raw tracepoint's context is the array of its ``TP_PROTO`` arguments as u64; the
 number of arguments each tracepoint has is part of the kernel's ABI and listed in
-:data:`TRACEPOINTS` with the kernel that introduced it.
+:data:`TRACEPOINTS` with the kernel that introduced it. Without raw tracepoints
+(before 4.17, or ``kernel.without: [raw_tracepoint]``) the programs attach to the
+classic tracepoints and read each argument from the record at the offset its
+``format`` file gives (:class:`nettracer.kernel.tracepoints.TracepointArgs`); a pointer
+the record lacks is read through a :class:`Via` slot, or the probe is left out
+(:attr:`ProbeSet.lacking`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from nettracer.bpf.insn import (
     call,
     exit_,
     jeq,
+    jge,
     jlt,
     jne,
     ld_imm64,
@@ -66,6 +72,7 @@ from nettracer.errors import NotSupported
 from nettracer.errors import require_root as _require_root
 from nettracer.kernel import features as kernel_features
 from nettracer.kernel.features import KernelFeatures, kernel_reads
+from nettracer.kernel.tracepoints import TracepointArgs
 
 #: lowest value treated as a kernel address worth following (x86-64 and arm64 kernel
 #: halves, 4- and 5-level paging); the read helper rejects the rest itself
@@ -128,10 +135,19 @@ class RecordHeader(ctypes.Structure):
 HDR = ctypes.sizeof(RecordHeader)
 
 
-class Ctl(ctypes.Structure):
-    """``ctl[0]``: which thread to record and the action it is doing now."""
+#: ``Ctl.slot`` entries: offsets user space has found, for :class:`Via` arguments
+SLOTS = 2
 
-    _fields_ = (("tid", ctypes.c_uint32), ("step", ctypes.c_uint32))
+
+class Ctl(ctypes.Structure):
+    """``ctl[0]``: which thread to record and the action it is doing now; ``slot[i]``
+    the offset of :class:`Via` slot ``i`` once user space knows it (0: not yet)."""
+
+    _fields_ = (
+        ("tid", ctypes.c_uint32),
+        ("step", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32 * SLOTS),
+    )
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,19 @@ class Deref:
 
 
 @dataclass(frozen=True)
+class Via:
+    """A pointer argument the classic tracepoint's record lacks (``net_dev_start_xmit``
+    has ``skbaddr`` but no ``dev``), read instead from the struct argument ``of``
+    points to, at the offset user space puts in ``ctl[0].slot[slot]`` once a round has
+    found it (``sk_buff.dev``); until then the argument is 0 and the snapshots of it
+    are not taken. A kernel address or 0, like every argument in the header."""
+
+    name: str
+    of: str
+    slot: int
+
+
+@dataclass(frozen=True)
 class ProbeSpec:
     """One program: attach to ``tracepoint``, write records of kind ``kind``."""
 
@@ -162,14 +191,25 @@ class ProbeSpec:
     snapshots: tuple[Snapshot, ...]
     deref: Deref | None = None
     required: bool = True
+    via: tuple[Via, ...] = ()
 
     @property
     def tp(self) -> Tracepoint:
         return TRACEPOINTS[self.tracepoint]
 
     @property
-    def nargs(self) -> int:
-        return min(MAX_ARGS, len(self.tp.args))
+    def arg_names(self) -> tuple[str, ...]:
+        """The arguments in the record header: the tracepoint's, then the :class:`Via`
+        ones it does not have."""
+        names = self.tp.args
+        return (names + tuple(v.name for v in self.via if v.name not in names))[:MAX_ARGS]
+
+    def derived(self, arg: str) -> bool:
+        """Whether ``arg`` is read through a :class:`Via` slot, not given."""
+        return any(v.name == arg for v in self.via)
+
+    def snapshot_index(self, arg: str) -> int:
+        return next(i for i, snap in enumerate(self.snapshots) if snap.arg == arg)
 
     def snapshot_offset(self, i: int) -> int:
         return HDR + sum(s.size for s in self.snapshots[:i])
@@ -199,21 +239,37 @@ def channel(kind: str = "ringbuf") -> EventChannel:
 
 @functools.cache
 def build(
-    spec: ProbeSpec, reads: KernelReads | None = None, kind: str = "ringbuf"
+    spec: ProbeSpec,
+    reads: KernelReads | None = None,
+    kind: str = "ringbuf",
+    args: TracepointArgs | None = None,
 ) -> tuple[Insn, ...]:
     """The instructions of ``spec``'s program (maps ``ctl``, ``events``, ``lost``)."""
-    return tuple(program(spec, reads, kind).insns)
+    return tuple(program(spec, reads, kind, args).insns)
 
 
-def program(spec: ProbeSpec, reads: KernelReads | None = None, kind: str = "ringbuf") -> Program:
+def raw_args(spec: ProbeSpec) -> TracepointArgs:
+    """The raw tracepoint context of ``spec``'s tracepoint (``TP_PROTO``, Linux 4.17)."""
+    return TracepointArgs.raw_args(spec.tracepoint, spec.tp.args)
+
+
+def program(
+    spec: ProbeSpec,
+    reads: KernelReads | None = None,
+    kind: str = "ringbuf",
+    args: TracepointArgs | None = None,
+) -> Program:
     """``spec``'s program: R6 the context, R7 the tid then the struct pointer, R8 the
     record, R9 the ``followed`` bits; ``reads`` chooses the read helper
-    (:mod:`nettracer.bpf.memory`), ``kind`` the event channel (:func:`channel`)."""
+    (:mod:`nettracer.bpf.memory`), ``kind`` the event channel (:func:`channel`),
+    ``args`` the context's layout (default :func:`raw_args`; a classic tracepoint's
+    record from its format file: :meth:`TracepointArgs.for_kernel`)."""
     if spec.record_size > RECORD_MAX:
         raise ValueError(
             f"{spec.tracepoint}: a {spec.record_size}-byte record exceeds {RECORD_MAX}"
         )
     ch = channel(kind)
+    args = args if args is not None else raw_args(spec)
     p = Program(reads=reads)
     p += [
         mov64(R6, R1),
@@ -230,6 +286,8 @@ def program(spec: ProbeSpec, reads: KernelReads | None = None, kind: str = "ring
         ldx(4, R1, R0, Ctl.step.offset),
         stx(4, FP, -8, R1),
     ]
+    for v in spec.via:
+        p += [ldx(4, R1, R0, Ctl.slot.offset + 4 * v.slot), stx(4, FP, _slot_fp(v), R1)]
     ch.reserve(p, R8, spec.record_size, on_fail="out", scratch_off=-12)
     p += [
         st(4, R8, RecordHeader.kind.offset, spec.kind),
@@ -239,17 +297,27 @@ def program(spec: ProbeSpec, reads: KernelReads | None = None, kind: str = "ring
         call(Helper.get_smp_processor_id),
         stx(4, R8, RecordHeader.cpu.offset, R0),
     ]
+    names = spec.arg_names
     for i in range(MAX_ARGS):
-        off = RecordHeader.args.offset + 8 * i
-        if i < spec.nargs:
-            p += [ldx(8, R1, R6, 8 * i), stx(8, R8, off, R1)]
+        off = _arg_off(i)
+        if i < len(names) and not spec.derived(names[i]) and args.has(names[i]):
+            p += [args.load(R1, R6, names[i]), stx(8, R8, off, R1)]
         else:
             p += st(8, R8, off, 0)
+    for v in spec.via:
+        _via(p, spec, args, v)
     for i, snap in enumerate(spec.snapshots):
         base = spec.snapshot_offset(i)
-        p += ldx(8, R7, R6, 8 * spec.tp.index(snap.arg))
+        skip = None
+        if spec.derived(snap.arg):
+            skip = p.new_label("no_" + snap.arg)
+            p += [ldx(8, R7, R8, _arg_off(names.index(snap.arg))), jeq(R7, 0, skip)]
+        else:
+            p += args.load(R7, R6, snap.arg)
         for chunk in range(0, snap.size, CHUNK):
             read(p, R8, base + chunk, min(CHUNK, snap.size - chunk), R7, chunk)
+        if skip is not None:
+            p.label(skip)
     p += mov64(R9, 0)
     if spec.deref is not None:
         _follow(p, spec, spec.deref)
@@ -258,6 +326,29 @@ def program(spec: ProbeSpec, reads: KernelReads | None = None, kind: str = "ring
     p.label("out")
     p += [mov64(R0, 0), exit_()]
     return p
+
+
+def _arg_off(i: int) -> int:
+    return RecordHeader.args.offset + 8 * i
+
+
+def _slot_fp(v: Via) -> int:
+    """The stack slot (below the ctl key, step and channel scratch) of ``ctl.slot``."""
+    return -16 - 4 * v.slot
+
+
+def _via(p: Program, spec: ProbeSpec, args: TracepointArgs, v: Via) -> None:
+    """Header argument ``v.name`` = the pointer at ``ctl.slot[v.slot]`` bytes into the
+    struct ``v.of`` points to, when that slot is known and the value is a kernel
+    address; else it stays 0."""
+    off = _arg_off(spec.arg_names.index(v.name))
+    done = p.new_label("via")
+    p += [ldx(4, R3, FP, _slot_fp(v)), jeq(R3, 0, done)]
+    p += [args.load(R1, R6, v.of), add64(R3, R1)]
+    read(p, R8, off, 8, R3)
+    p += [ldx(8, R1, R8, off), ld_imm64(R2, KERNEL_MIN), jge(R1, R2, done)]
+    p += st(8, R8, off, 0)
+    p.label(done)
 
 
 def _follow(p: Program, spec: ProbeSpec, d: Deref) -> None:
@@ -287,7 +378,7 @@ class Record:
         return self.header.step
 
     def arg(self, name: str) -> int:
-        return self.header.args[self.spec.tp.index(name)]
+        return self.header.args[self.spec.arg_names.index(name)]
 
     def snapshot(self, i: int = 0) -> bytes:
         off = self.spec.snapshot_offset(i)
@@ -315,7 +406,12 @@ class Record:
 class ProbeSet:
     """Programs sharing ``ctl``/``events``/``lost``, added one by one with :meth:`add`;
     ``close()`` detaches everything. ``missing`` names optional tracepoints this kernel
-    lacks."""
+    lacks, ``lacking`` the classic tracepoints whose record lacks a pointer a probe
+    needs.
+
+    ``features`` (default :func:`nettracer.kernel.features.current`) chooses, here and
+    nowhere else, the event channel (ring buffer, Linux 5.8, else a perf event array)
+    and the attachment (raw tracepoints, 4.17, else classic ones)."""
 
     def __init__(
         self,
@@ -323,14 +419,16 @@ class ProbeSet:
         reads: KernelReads | None = None,
         features: KernelFeatures | None = None,
     ) -> None:
-        kf = features if features is not None else kernel_features.current()
+        kf = self.features = features if features is not None else kernel_features.current()
         self.reads = reads if reads is not None else kernel_reads(kf)
-        #: the event channel's kind: the one place it is chosen (ring buffer, 5.8)
         self.kind = channel_kind(kf.use("ringbuf"))
+        self.raw = kf.use("raw_tracepoint")
         self._objs: list = []
         self.by_kind: dict[int, ProbeSpec] = {}
         self.missing: list[str] = []
+        self.lacking: list[str] = []
         self.reader: ChannelReader | None = None
+        self._ctl = Ctl()
         try:
             self.ctl = maps.array(Ctl, 1, "ntg_ctl")
             self._objs.append(self.ctl)
@@ -342,20 +440,26 @@ class ProbeSet:
 
     def add(self, spec: ProbeSpec) -> bool:
         """Load ``spec``'s program and attach it; False when its tracepoint does not exist
-        and it is optional (:class:`NotSupported` when it is required)."""
-        insns = build(spec, self.reads, self.kind)
-        p = prog.load(insns, maps=self._maps, name=f"ntg_{spec.tracepoint}"[:15])
+        and it is optional (:class:`NotSupported` when it is required), or when the
+        classic tracepoint's record lacks a pointer ``spec`` takes a snapshot of."""
+        try:
+            args = raw_args(spec).for_kernel(self.features)
+        except link.UnknownTracepoint:
+            return self._missing(spec)
+        absent = [s.arg for s in spec.snapshots if not (spec.derived(s.arg) or args.has(s.arg))]
+        if absent:
+            self.lacking.append(f"{spec.tracepoint} (no {', '.join(absent)})")
+            return False
+        insns = build(spec, self.reads, self.kind, args)
+        p = prog.load(
+            insns, prog_type=args.prog_type, maps=self._maps, name=f"ntg_{spec.tracepoint}"[:15]
+        )
         self._objs.append(p)
         try:
-            self._objs.append(link.attach_raw_tracepoint(p, spec.tracepoint))
+            self._objs.append(args.attach(p))
         except link.UnknownTracepoint:
-            if spec.required:
-                raise NotSupported(
-                    f"raw tracepoint {spec.tracepoint}", since=spec.tp.since
-                ) from None
-            self.missing.append(spec.tracepoint)
             p.close()
-            return False
+            return self._missing(spec)
         except BpfSyscallError as exc:
             if exc.errno == errno.EINVAL and exc.cmd == "RAW_TRACEPOINT_OPEN":
                 raise NotSupported("raw tracepoints", since="4.17") from None
@@ -363,12 +467,24 @@ class ProbeSet:
         self.by_kind[spec.kind] = spec
         return True
 
+    def _missing(self, spec: ProbeSpec) -> bool:
+        if spec.required:
+            raise NotSupported(f"tracepoint {spec.tracepoint}", since=spec.tp.since) from None
+        self.missing.append(spec.tracepoint)
+        return False
+
+    def point(self, slot: int, offset: int) -> None:
+        """Tell the programs the offset of :class:`Via` slot ``slot`` (from now on)."""
+        self._ctl.slot[slot] = offset
+        self.ctl.update(0, self._ctl)
+
     def arm(self, tid: int, step: int) -> None:
         """Record events of thread ``tid`` from now on, tagged ``step``."""
-        self.ctl.update(0, Ctl(tid, step))
+        self._ctl.tid, self._ctl.step = tid, step
+        self.ctl.update(0, self._ctl)
 
     def disarm(self) -> None:
-        self.ctl.update(0, Ctl(0, 0))
+        self.arm(0, 0)
 
     @property
     def lost(self) -> int:
@@ -408,6 +524,6 @@ def require_root() -> None:
     """:class:`PermissionError_` unless we can load programs and create namespaces."""
     _require_root(
         "guessing offsets",
-        "eBPF programs, raw tracepoints and a private network namespace",
+        "eBPF programs, tracepoints and a private network namespace",
         instead="offsets.source btf",
     )

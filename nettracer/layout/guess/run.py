@@ -31,7 +31,15 @@ from nettracer.errors import NettracerError
 from nettracer.layout.catalogue import CATALOGUE
 from nettracer.layout.guess.analysis import analyse
 from nettracer.layout.guess.netns import PrivateNet
-from nettracer.layout.guess.probes import Deref, ProbeSet, ProbeSpec, Record, Snapshot, require_root
+from nettracer.layout.guess.probes import (
+    Deref,
+    ProbeSet,
+    ProbeSpec,
+    Record,
+    Snapshot,
+    Via,
+    require_root,
+)
 from nettracer.layout.guess.traffic import RoundLog, Traffic, TrafficThread
 from nettracer.layout.guess.verdicts import Verdict
 from nettracer.layout.offsets import Field, Offsets
@@ -50,6 +58,21 @@ START_XMIT = ProbeSpec(
 )
 #: the same sk_buff after eth_type_trans() pulled the Ethernet header: len == IP length
 NETIF_RX = ProbeSpec(7, "netif_rx", (Snapshot("skb", 512),))
+#: the classic tracepoint's record (before 4.17, or kernel.without raw_tracepoint) has
+#: ``skbaddr`` but no ``dev``: 384 bytes behind each slot of the sk_buff show which one
+#: points to a device of ours by its name (``net_device.name`` is at 280 on 6.18, at 0
+#: before 6.8); once a round has found sk_buff.dev and sk_buff.sk, later rounds copy the
+#: net_device and the sender's struct sock from behind them
+VIA_DEV, VIA_SK = Via("dev", "skb", 0), Via("sk", "skb", 1)
+START_XMIT_CLASSIC = ProbeSpec(
+    2,
+    "net_dev_start_xmit",
+    (Snapshot("skb", 512), Snapshot("dev", 4096), Snapshot("sk", 4096)),
+    Deref(0, 48, 384),
+    via=(VIA_DEV, VIA_SK),
+)
+#: the catalogue field whose offset each :class:`Via` slot takes
+VIA_FIELDS = {VIA_DEV.slot: "sk_buff.dev", VIA_SK.slot: "sk_buff.sk"}
 #: before Linux 6.3: TCP sockets show up in tcp_rcv_space_adjust (MSG_PEEK with data
 #: waiting) and inet_sock_set_state, datagram sockets when their receive queue overflows
 FALLBACK: tuple[ProbeSpec, ...] = (
@@ -101,7 +124,7 @@ def _attach(ps: ProbeSet, sync: _Sync, force_fallback: bool) -> None:
     modern = not force_fallback and ps.add(SOCK_RECV)
     sync.fallback = not modern
     sync.mode.set()
-    ps.add(START_XMIT)
+    ps.add(START_XMIT if ps.raw else START_XMIT_CLASSIC)
     ps.add(NETIF_RX)
     if not modern:
         for spec in FALLBACK:
@@ -189,7 +212,16 @@ def _run_rounds(
         rs.merge(got)
         if rs.done() or remaining() < 0.25 * timeout_ms / 1000:
             return rs
+        _point(ps, rs.verdicts)
         resubmit()
+
+
+def _point(ps: ProbeSet, verdicts: dict[str, Verdict]) -> None:
+    """Tell the programs each :class:`Via` slot's offset that a round has found."""
+    for slot, key in VIA_FIELDS.items():
+        v = verdicts.get(key)
+        if v is not None and v.ok and v.offset is not None:
+            ps.point(slot, v.offset)
 
 
 def _await_round(
@@ -223,7 +255,7 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
     """Guess every catalogue field on the running kernel (see the module docstring).
 
     Raises :class:`nettracer.errors.PermissionError_` when not root,
-    :class:`nettracer.errors.NotSupported` without raw tracepoints,
+    :class:`nettracer.errors.NotSupported` without a tracepoint it needs,
     :class:`nettracer.layout.guess.netns.NamespaceError` when the private namespaces
     cannot be made and :class:`GuessTimeout` after ``timeout_ms``; in every case nothing
     stays attached and the namespaces are gone. ``force_fallback`` uses the pre-6.3
@@ -258,6 +290,12 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
         if remaining() <= 0:  # attaching can wait for RCU grace periods
             raise _timeout(timeout_ms, "loading and attaching the programs")
         rs = _run_rounds(ps, worker, resubmit, timeout_ms, remaining)
+        if ps.lacking:
+            rs.notes.insert(
+                0,
+                f"classic tracepoints without the socket pointer: {', '.join(ps.lacking)}; "
+                f"datagram sockets are seen behind skb->sk instead",
+            )
         out = _offsets(rs.verdicts)
         out.elapsed_ms = (time.perf_counter() - start) * 1e3
         return GuessResult(

@@ -39,6 +39,7 @@ from nettracer.layout.guess.netns import (
 RAW_PROTO = 253  # IANA "use for experimentation and testing"
 SO_NO_CHECK, SO_ATTACH_FILTER, SO_DETACH_FILTER = 11, 26, 27
 TCP_DEFER_ACCEPT = 9
+IP_PKTINFO = 8  # include/uapi/linux/in.h
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 ETH_HLEN = 14
 SOCKET_TIMEOUT_S = 1.0
@@ -82,8 +83,8 @@ class MarkerSend:
     dport: int
     #: IPPROTO_UDP (found by ``marker``) or IPPROTO_TCP (by addresses and ports)
     proto: int = socket.IPPROTO_UDP
-    #: the sender's struct sock_common as the sender sees it (for the snapshot that
-    #: the kernel copies from behind skb->sk)
+    #: the sender's struct sock as the sender sees it (sock_common and sock fields, for
+    #: the copies the kernel makes from behind skb->sk)
     expect: dict[str, Matcher] = field(default_factory=dict)
 
 
@@ -182,7 +183,7 @@ class Traffic:
         self.u3 = self.udp("udp-bcast", v4, ("127.255.255.255", 0))
         # unconnected, but a corked send (MSG_MORE) left its destination in
         # inet->cork.fl: that copy of an address is not skc_daddr
-        corked = self.udp("udp-corked", v4, ("127.0.0.12", 0))
+        corked = self.corked = self.udp("udp-corked", v4, ("127.0.0.12", 0))
         corked.sendto(b"cork", socket.MSG_MORE, self.u2.getsockname())
         corked.sendto(b"ed", self.u2.getsockname())
         if self.ub1 is not None:
@@ -222,8 +223,10 @@ class Traffic:
             self.add("unix-a", a)
             self.add("unix-b", b)
 
-    def _listener(self, name: str, fam: int, addr: tuple, defer: bool = False) -> Sock:
-        s = self.add(name, socket.socket(fam, socket.SOCK_STREAM))
+    def _listener(
+        self, name: str, fam: int, addr: tuple, defer: bool = False, ns: str = "A"
+    ) -> Sock:
+        s = self.add(name, socket.socket(fam, socket.SOCK_STREAM), ns)
         sk = self.socks[-1]
         s.bind(addr)
         if defer:
@@ -249,9 +252,10 @@ class Traffic:
         bind: tuple,
         defer: bool = False,
         cc: str | None = None,
+        ns: str = "A",
     ) -> tuple[socket.socket, socket.socket]:
         c = socket.socket(fam, socket.SOCK_STREAM)
-        self.add(f"{name}-client", c)
+        self.add(f"{name}-client", c, ns)
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if cc is not None:  # a different congestion control: different icsk_ca_priv
             with contextlib.suppress(OSError):
@@ -265,7 +269,7 @@ class Traffic:
         if step:
             self.arm(0)
         s, _ = listener.sock.accept()
-        self.add(f"{name}-server", s)
+        self.add(f"{name}-server", s, ns)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if defer:
             s.recv(1)
@@ -348,7 +352,14 @@ class Traffic:
             l7 = self._listener("tcp6-mapped-listen", v6, ("::ffff:127.0.0.7", 0))
             conns.append((self._connect("tcp6", l6, v6, ("::1", 0)), 0))
             conns.append((self._connect("tcp6-mapped", l7, v6, ("::ffff:127.0.0.6", 0)), 1))
-        if not self.fallback:
+        if self.fallback:
+            # a connection in B: without raw tracepoints TCP sockets are the only ones
+            # seen whole, and skc_net (net.ns.inum) needs two namespaces' values
+            with self.net.inside("B"):
+                lb = self._listener("tcp-b-listen", v4, ("127.0.0.2", 0), ns="B")
+                self.tcp_b = self._connect("tcp-b", lb, v4, ("127.0.0.1", 0), ns="B")
+            conns.append((self.tcp_b, 0))
+        else:
             self.add("tcp-closed", socket.socket(v4, socket.SOCK_STREAM))
         for i, ((c, s), episodes) in enumerate(conns):
             self._exchange(c, s, 100 + 37 * i + self.rnd.randrange(30), 50 + 91 * i)
@@ -382,9 +393,17 @@ class Traffic:
             step = self.next_step()
             self.u5.sendto(b"arp", (VETH_NOBODY, 9))
             self.log.arp_steps.append(step)
+        if self.fallback:
+            # seen only behind skb->sk without raw tracepoints: the two sockets whose
+            # addresses differ from their copies (inet->cork.fl, inet_saddr)
+            u2 = self.u2.getsockname()
+            sends.append((self.corked, "udp-corked", "lo/A", u2))
+            sends.append((self.u3, "udp-bcast", "lo/A", u2))
         for i, (sock, name, dev, to) in enumerate(sends):
             self._udp_marker(i, sock, name, dev, to)
-        self._tcp_marker()
+        self._tcp_marker(self.tcp1, "tcp1-client", "lo/A")
+        if self.fallback:  # a second sk_buff.sk value for kernels without raw tracepoints
+            self._tcp_marker(self.tcp_b, "tcp-b-client", "lo/B")
         self.arm(0)
 
     def _udp_marker(
@@ -394,6 +413,10 @@ class Traffic:
         marker = os.urandom(16)
         payload = marker + b"\xa5" * (5 + 11 * i + self.rnd.randrange(7))
         local, peer = sock.getsockname(), to or sock.getpeername()
+        cmsg = []
+        if local[0].endswith(".255"):  # bound to a broadcast address: say where from
+            local = ("127.0.0.1", local[1])
+            cmsg = [(socket.IPPROTO_IP, IP_PKTINFO, _in_pktinfo(local[0]))]
         src4, dst4 = v4_of(local[0]), v4_of(peer[0])
         if src4 is not None and dst4 is not None:
             fam, src, dst, iphl = socket.AF_INET, src4, dst4, 20
@@ -402,13 +425,11 @@ class Traffic:
             dst = socket.inet_pton(fam, peer[0])
             src = dst if to else socket.inet_pton(fam, local[0])  # lo: from ::1 to ::1
         sender = self._sock(name)
-        expect = {
-            k: m
-            for k, m in sock_expectations(sock, sender.peer).items()
-            if k.startswith("sock_common.")
-        }
+        expect = sock_expectations(sock, sender.peer)
         step = self.next_step()
-        if to:
+        if cmsg:
+            sock.sendmsg([payload], cmsg, 0, to)
+        elif to:
             sock.sendto(payload, to)
         else:
             sock.send(payload)
@@ -428,19 +449,20 @@ class Traffic:
             )
         )
 
-    def _tcp_marker(self) -> None:
-        """A TCP segment: MAX_TCP_HEADER of headroom, so network_header and
-        transport_header take values no UDP datagram gives them (IPv4 only included)."""
-        c, _ = self.tcp1
+    def _tcp_marker(self, conn: tuple[socket.socket, socket.socket], name: str, dev: str) -> None:
+        """A TCP segment from ``conn``'s client ``name`` through ``dev``: MAX_TCP_HEADER of
+        headroom, so network_header and transport_header take values no UDP datagram
+        gives them (IPv4 only included)."""
+        c, _ = conn
         local, peer = c.getsockname(), c.getpeername()
-        expect = {k: m for k, m in sock_expectations(c).items() if k.startswith("sock_common.")}
+        expect = sock_expectations(c)
         step = self.next_step()
         c.send(b"m")
         self.log.markers.append(
             MarkerSend(
                 step,
-                self._sock("tcp1-client"),
-                self.net.devices["lo/A"],
+                self._sock(name),
+                self.net.devices[dev],
                 b"",
                 0,
                 socket.AF_INET,
@@ -526,6 +548,12 @@ class Traffic:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+
+def _in_pktinfo(spec_dst: str) -> bytes:
+    """``struct in_pktinfo`` (include/uapi/linux/in.h) for ``IP_PKTINFO`` on sendmsg():
+    ``ipi_spec_dst`` becomes the datagram's source address."""
+    return struct.pack("@i4s4s", 0, socket.inet_aton(spec_dst), bytes(4))
 
 
 def _recv_exactly(s: socket.socket, n: int) -> None:
