@@ -28,14 +28,14 @@ HAS_BTF = os.path.exists("/sys/kernel/btf/vmlinux")
 ANY_OFFSETS = "btf" if HAS_BTF else "guess"
 
 
-def check_no_btf_refused(command: str) -> None:
-    """Without BTF, ``nettracer COMMAND --offsets btf`` exits 2 at once with one line
+def check_no_btf_refused(*argv: str) -> None:
+    """Without BTF, ``nettracer ARGV... --offsets btf`` exits 2 at once with one line
     that says BTF is missing and what to use instead."""
     import subprocess
     import sys
 
     r = subprocess.run(
-        [sys.executable, "-m", "nettracer", command, "--offsets", "btf", "--duration", "1"],
+        [sys.executable, "-m", "nettracer", *argv, "--offsets", "btf", "--duration", "1"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 2, (r.returncode, r.stderr)

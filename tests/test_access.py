@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import kernel_skip
+from conftest import HAS_BTF, check_no_btf_refused, kernel_skip
 from golden import check_golden
 
 from nettracer.access.compile import FAULT, NULL, OK, RecordLayout, compile_reads
@@ -471,6 +471,8 @@ def _send_and_collect(t: Topo, n: int, payload: int, *args: str) -> tuple[str, s
 @pytest.mark.kernel
 @pytest.mark.parametrize("offsets", ["btf", "guess"])
 def test_read_count_json(topo: Topo, offsets: str) -> None:
+    if offsets == "btf" and not HAS_BTF:
+        return check_no_btf_refused("read", "kfree_skb", "skb->len")
     n, payload = 7, 33
     exprs = ("skb->dev->name", "skb->len", "skb->sk->__sk_common.skc_dport")
     out, _err = _send_and_collect(
