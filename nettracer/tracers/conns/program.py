@@ -43,6 +43,7 @@ import ctypes
 from dataclasses import dataclass, field, replace
 
 from nettracer.access.plan import ReadPlan, emit_plan, plan_reads
+from nettracer.bpf import memory
 from nettracer.bpf.channel import EventChannel, PerfEventChannel, event_channel
 from nettracer.bpf.counters import create_entry, lookup, lost_inc, update_elem
 from nettracer.bpf.helpers import Helper
@@ -268,14 +269,8 @@ class _Builder:
             self.p += stx(8, FP, CTX, R1)
 
     def copy(self, dst: Reg, dst_off: int, src: Reg, src_off: int, n: int) -> None:
-        """Copy ``n`` bytes with the widest loads both offsets' alignment allows (via R1)."""
-        pos = 0
-        while pos < n:
-            for w in (8, 4, 2, 1):
-                if n - pos >= w and (dst_off + pos) % w == 0 and (src_off + pos) % w == 0:
-                    break
-            self.p += [ldx(w, R1, src, src_off + pos), stx(w, dst, dst_off + pos, R1)]
-            pos += w
+        """:func:`nettracer.bpf.memory.copy` into this program (via R1)."""
+        memory.copy(self.p, dst, dst_off, src, src_off, n)
 
     def now(self, value: Reg, field_name: str) -> None:
         self.p += [call(Helper.ktime_get_ns), stx(8, value, off(field_name), R0)]
