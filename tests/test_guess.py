@@ -335,6 +335,7 @@ def test_guess_without_kernel_features_equals_btf(without: tuple, fallback: bool
     """Every fallback forced (``kernel.without``): records through the perf event array
     (before 5.8), the programs on classic tracepoints (before 4.17), ``bpf_probe_read``
     (before 5.5); the guess equals BTF field by field."""
+    from nettracer.kernel import features
     from nettracer.layout.guess import guess
 
     btf = _btf()
@@ -344,7 +345,7 @@ def test_guess_without_kernel_features_equals_btf(without: tuple, fallback: bool
             r = guess(timeout_ms=DEADLINE_MS, force_fallback=fallback)
             assert r.fallback == fallback
             # before 6.3 without raw tracepoints: two probes' records hold no socket
-            lacking = fallback and "raw_tracepoint" in without
+            lacking = fallback and not features.current().use("raw_tracepoint")
             assert any("udp_fail_queue_rcv_skb (no sk)" in n for n in r.notes) == lacking
             failures += [f"run {i}: {p}" for p in _check(r, btf)]
             _assert_cleaned_up(r)
@@ -389,6 +390,38 @@ def test_classic_start_xmit_copies_dev_and_sk_through_their_slots() -> None:
         assert int.from_bytes(sk[off["sock_common.skc_num"] :][:2], "little") == port
         proto = off["sock.sk_protocol"]
         assert int.from_bytes(sk[proto : proto + 2], "little") == socket.IPPROTO_UDP
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("without", [(), ("raw_tracepoint",)], ids=["raw", "classic"])
+def test_without_tcp_rcv_space_adjust_tcp_sock_fields_are_said_not_guessed(
+    monkeypatch: pytest.MonkeyPatch, without: tuple
+) -> None:
+    """Before 4.20 (every kernel without raw tracepoints among them) there is no
+    tcp_rcv_space_adjust: tcp_sock fields are left out with one notice, every other
+    field equals BTF (sk_buff.sk then from the senders' ports behind the sk_buff)."""
+    from nettracer.bpf import link
+    from nettracer.layout.guess import probes
+    from nettracer.layout.guess import run as guess
+
+    real = probes.raw_args
+
+    def before_4_20(spec):  # type: ignore[no-untyped-def]
+        if spec.tracepoint == "tcp_rcv_space_adjust":
+            raise link.UnknownTracepoint("unknown tracepoint 'tcp_rcv_space_adjust'")
+        return real(spec)
+
+    btf = _btf()
+    monkeypatch.setattr(probes, "raw_args", before_4_20)
+    tcp = {f.key for f in CATALOGUE if f.struct == "tcp_sock"}
+    with _kernel_without(*without):
+        for _ in range(2):
+            r = guess.guess(timeout_ms=DEADLINE_MS, force_fallback=True)
+            _never_wrong(r, btf)
+            assert set(r.offsets.unresolved) == tcp
+            why = set(r.offsets.unresolved.values())
+            assert len(why) == 1 and "no tracepoint tcp_rcv_space_adjust (Linux 4.20)" in why.pop()
+            assert sum(n.startswith("not guessed: tcp_sock.") for n in r.notes) == 1
 
 
 def _never_wrong(r, btf: dict) -> None:  # type: ignore[no-untyped-def]

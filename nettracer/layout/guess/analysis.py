@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from nettracer.layout.catalogue import CATALOGUE
-from nettracer.layout.guess.matchers import Exact, Matcher, u32, u64
+from nettracer.layout.guess.matchers import Exact, Matcher, u16, u32, u64
 from nettracer.layout.guess.netns import VETH_A, VETH_NOBODY
 from nettracer.layout.guess.probes import Record
 from nettracer.layout.guess.traffic import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MarkerSend, RoundLog
@@ -186,6 +186,19 @@ def _dev_pointer_fields(ev: RoundEvidence) -> dict[str, Verdict]:
     ]
     found = _pointee(("sk_buff.dev", "net_device.name"), seen, "a device of ours")
     return {"sk_buff.dev": found["sk_buff.dev"]}  # the name: with the other device fields
+
+
+def _sk_pointer_field(ev: RoundEvidence, by_value: Verdict) -> Verdict:
+    """``sk_buff.sk`` where too few senders' ``struct sock *`` are known (no probe
+    showed them: classic tracepoints before 4.20): the slot of each marked packet's
+    ``sk_buff`` whose pointee holds the sender's port (``skc_num``, host order)."""
+    seen: list[tuple[dict[int, bytes], Matcher, object]] = [
+        (r.derefs(), u16(m.sport), m.sport)
+        for r, m in ev.tx
+        if m is not None and _packet_hits(r, m)
+    ]
+    found = _pointee(("sk_buff.sk", "sock_common.skc_num"), seen, "a sender of ours")
+    return found["sk_buff.sk"] if found["sk_buff.sk"].ok else by_value
 
 
 def _name(name: str) -> Exact:
@@ -354,6 +367,8 @@ def _skb_verdicts(ev: RoundEvidence) -> dict[str, Verdict]:
         verdicts[f"sk_buff.{name}"] = v
     if not given_dev:
         verdicts.update(_dev_pointer_fields(ev))
+    if not verdicts["sk_buff.sk"].ok:
+        verdicts["sk_buff.sk"] = _sk_pointer_field(ev, verdicts["sk_buff.sk"])
     return verdicts
 
 

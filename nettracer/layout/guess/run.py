@@ -32,6 +32,7 @@ from nettracer.layout.catalogue import CATALOGUE
 from nettracer.layout.guess.analysis import analyse
 from nettracer.layout.guess.netns import PrivateNet
 from nettracer.layout.guess.probes import (
+    TRACEPOINTS,
     Deref,
     ProbeSet,
     ProbeSpec,
@@ -76,7 +77,7 @@ VIA_FIELDS = {VIA_DEV.slot: "sk_buff.dev", VIA_SK.slot: "sk_buff.sk"}
 #: before Linux 6.3: TCP sockets show up in tcp_rcv_space_adjust (MSG_PEEK with data
 #: waiting) and inet_sock_set_state, datagram sockets when their receive queue overflows
 FALLBACK: tuple[ProbeSpec, ...] = (
-    ProbeSpec(3, "tcp_rcv_space_adjust", SOCK, SOCK_DEREF),
+    ProbeSpec(3, "tcp_rcv_space_adjust", SOCK, SOCK_DEREF, required=False),
     ProbeSpec(4, "udp_fail_queue_rcv_skb", SOCK, SOCK_DEREF),
     ProbeSpec(5, "sock_rcvqueue_full", SOCK, SOCK_DEREF),
     ProbeSpec(6, "inet_sock_set_state", SOCK, SOCK_DEREF, required=False),
@@ -176,8 +177,11 @@ class _Rounds:
                 if not v.ok:
                     self.notes.append(f"round {self.count}: {key} unresolved: {v.why}")
 
-    def done(self) -> bool:
-        return all(v.ok for v in self.verdicts.values()) or self.count >= MAX_ROUNDS
+    def done(self, hidden: frozenset[str] = frozenset()) -> bool:
+        """Every field resolved but the ``hidden`` ones (no probe shows them), or the
+        last round made."""
+        pending = [v for k, v in self.verdicts.items() if k not in hidden and not v.ok]
+        return not pending or self.count >= MAX_ROUNDS
 
 
 def _run_rounds(
@@ -190,6 +194,7 @@ def _run_rounds(
     """Collect the rounds the traffic thread makes (the first one already submitted)
     until every field is resolved, :data:`MAX_ROUNDS` or a quarter of the time is left."""
     rs = _Rounds()
+    hidden = frozenset(k for tp in ps.missing for k in ONLY_FROM.get(tp, ((), ""))[0])
     while True:
         rs.count += 1
         records: list[Record] = []
@@ -210,7 +215,7 @@ def _run_rounds(
         if ps.lost:
             rs.notes.append(f"round {rs.count}: {ps.lost} records did not fit the event channel")
         rs.merge(got)
-        if rs.done() or remaining() < 0.25 * timeout_ms / 1000:
+        if rs.done(hidden) or remaining() < 0.25 * timeout_ms / 1000:
             return rs
         _point(ps, rs.verdicts)
         resubmit()
@@ -237,6 +242,30 @@ def _await_round(
             if remaining() <= 0:
                 raise
         ps.drain(records.append, wait_s=min(0.005, remaining()))
+
+
+#: fields only an optional tracepoint shows, and how: said instead of "not observed"
+#: where the kernel lacks it (tcp_rcv_space_adjust came in 4.20, after raw tracepoints)
+ONLY_FROM = {
+    "tcp_rcv_space_adjust": (
+        tuple(f.key for f in CATALOGUE if f.struct == "tcp_sock"),
+        "the snapshot of a TCP socket whose TCP_INFO is known comes from recv() hitting it",
+    ),
+}
+
+
+def _explain_absent(verdicts: dict[str, Verdict], missing: list[str], notes: list[str]) -> None:
+    """One note, and the reason of each field, for what a missing tracepoint hides."""
+    for tracepoint in missing:
+        keys, how = ONLY_FROM.get(tracepoint, ((), ""))
+        lost = [k for k in keys if not verdicts.get(k, Verdict(None, "", 0)).ok]
+        if not lost:
+            continue
+        since = TRACEPOINTS[tracepoint].since
+        why = f"this kernel has no tracepoint {tracepoint} (Linux {since}): {how}"
+        notes.insert(0, f"not guessed: {', '.join(lost)}: {why}")
+        for key in lost:
+            verdicts[key] = Verdict(None, why, 0)
 
 
 def _offsets(verdicts: dict[str, Verdict]) -> Offsets:
@@ -290,6 +319,7 @@ def guess(timeout_ms: int = DEFAULT_TIMEOUT_MS, force_fallback: bool = False) ->
         if remaining() <= 0:  # attaching can wait for RCU grace periods
             raise _timeout(timeout_ms, "loading and attaching the programs")
         rs = _run_rounds(ps, worker, resubmit, timeout_ms, remaining)
+        _explain_absent(rs.verdicts, ps.missing, rs.notes)
         if ps.lacking:
             rs.notes.insert(
                 0,
