@@ -22,6 +22,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nettracer.layout.catalogue import CATALOGUE
@@ -179,11 +180,7 @@ def _dev_pointer_fields(ev: RoundEvidence) -> dict[str, Verdict]:
     """(classic tracepoints, which give no ``struct net_device *``) ``sk_buff.dev`` and
     ``net_device.name``: the slot of each marked packet's ``sk_buff`` whose pointee holds
     the name of the device the packet went out on."""
-    seen: list[tuple[dict[int, bytes], Matcher, object]] = [
-        (r.derefs(), _name(m.device.name), m.device.key)
-        for r, m in ev.tx
-        if m is not None and _packet_hits(r, m)
-    ]
+    seen = _marked(ev, lambda m: (_name(m.device.name), m.device.key))
     found = _pointee(("sk_buff.dev", "net_device.name"), seen, "a device of ours")
     return {"sk_buff.dev": found["sk_buff.dev"]}  # the name: with the other device fields
 
@@ -192,13 +189,17 @@ def _sk_pointer_field(ev: RoundEvidence, by_value: Verdict) -> Verdict:
     """``sk_buff.sk`` where too few senders' ``struct sock *`` are known (no probe
     showed them: classic tracepoints before 4.20): the slot of each marked packet's
     ``sk_buff`` whose pointee holds the sender's port (``skc_num``, host order)."""
-    seen: list[tuple[dict[int, bytes], Matcher, object]] = [
-        (r.derefs(), u16(m.sport), m.sport)
-        for r, m in ev.tx
-        if m is not None and _packet_hits(r, m)
-    ]
+    seen = _marked(ev, lambda m: (u16(m.sport), m.sport))
     found = _pointee(("sk_buff.sk", "sock_common.skc_num"), seen, "a sender of ours")
     return found["sk_buff.sk"] if found["sk_buff.sk"].ok else by_value
+
+
+def _marked(
+    ev: RoundEvidence, want: Callable[[MarkerSend], tuple[Matcher, object]]
+) -> list[tuple[dict[int, bytes], Matcher, object]]:
+    """For :func:`_pointee`: the followed blocks of each ``sk_buff`` our marked packets
+    were seen in, with what ``want`` expects behind one of them (and its key)."""
+    return [(r.derefs(), *want(m)) for r, m in ev.tx if m is not None and _packet_hits(r, m)]
 
 
 def _name(name: str) -> Exact:
@@ -376,9 +377,11 @@ def _sock_verdicts(ev: RoundEvidence, log: RoundLog, sk_v: Verdict) -> dict[str,
     """``struct sock`` fields: the recv() snapshots, and the first bytes of each marked
     datagram's sender as the kernel copied them from behind ``skb->sk`` (``sk_v``).
 
-    Those copies hold sock_common only: 256 bytes, and struct sock_common, the first
-    member of struct sock, is 136 on Linux 6.18; they are what tells
-    skc_v6_rcv_saddr from ipv6_pinfo.saddr before 6.3."""
+    Those copies hold sock_common only: 256 bytes (384 on classic tracepoints), and
+    struct sock_common, the first member of struct sock, is 136 on Linux 6.18; they are
+    what tells skc_v6_rcv_saddr from ipv6_pinfo.saddr before 6.3. On classic
+    tracepoints a later round copies the whole struct sock through the ``sk`` slot:
+    the only view of datagram sockets there (their sk_type and sk_protocol)."""
     sock_obs = [s.obs for s in ev.socks]
     for r, m in ev.tx:
         if m is None or not m.expect or not _packet_hits(r, m):
