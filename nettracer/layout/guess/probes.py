@@ -35,7 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nettracer.bpf import link, maps, prog
-from nettracer.bpf.channel import ChannelReader, EventChannel, channel_kind, event_channel
+from nettracer.bpf.channel import (
+    ChannelReader,
+    EventChannel,
+    PerfEventChannel,
+    channel_kind,
+    event_channel,
+)
+from nettracer.bpf.counters import lost_inc
 from nettracer.bpf.helpers import Helper
 from nettracer.bpf.insn import (
     FP,
@@ -52,6 +59,7 @@ from nettracer.bpf.insn import (
     add64,
     call,
     exit_,
+    ja,
     jeq,
     jge,
     jlt,
@@ -288,7 +296,7 @@ def program(
     ]
     for v in spec.via:
         p += [ldx(4, R1, R0, Ctl.slot.offset + 4 * v.slot), stx(4, FP, _slot_fp(v), R1)]
-    ch.reserve(p, R8, spec.record_size, on_fail="out", scratch_off=-12)
+    _reserve(p, spec, ch)
     p += [
         st(4, R8, RecordHeader.kind.offset, spec.kind),
         ldx(4, R1, FP, -8),
@@ -323,9 +331,26 @@ def program(
         _follow(p, spec, spec.deref)
     p += stx(8, R8, RecordHeader.followed.offset, R9)
     ch.submit(p, R8, ctx=R6, size=spec.record_size, scratch_off=-12)
+    if isinstance(ch, PerfEventChannel):
+        p += st(4, R8, RecordHeader.kind.offset, 0)  # the slot is free again
     p.label("out")
     p += [mov64(R0, 0), exit_()]
     return p
+
+
+def _reserve(p: Program, spec: ProbeSpec, ch: EventChannel) -> None:
+    """R8 = the record. A perf event array's record is this CPU's one slot: a program
+    that interrupted another one's record there (a softirq sending one of our packets
+    while our thread is in a probe; raw tracepoints do not stop different programs
+    nesting, Linux 5.4 not even one) finds its ``kind`` set and counts its own record
+    lost; the slot's ``kind`` is 0 again after each submit."""
+    ch.reserve(p, R8, spec.record_size, on_fail="out", scratch_off=-12)
+    if isinstance(ch, PerfEventChannel):
+        free = p.new_label("free")
+        p += [ldx(4, R1, R8, RecordHeader.kind.offset), jeq(R1, 0, free)]
+        lost_inc(p, ch.lost, -12)
+        p += ja("out")
+        p.label(free)
 
 
 def _arg_off(i: int) -> int:
