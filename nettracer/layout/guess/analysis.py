@@ -112,18 +112,22 @@ def collect(log: RoundLog, records: list[Record]) -> RoundEvidence:
     markers = {m.step: m for m in log.markers}
     for step, recs in by_step.items():
         m = markers.get(step)
-        ours: dict[int, int] = {}  # sk_buff * -> IP length, of our packets
+        # sk_buff * -> the IP length of each packet sent from it (None: not ours). An
+        # address freed and reused within the step (a TCP pair's data, then its ACK)
+        # maps to several: its receptions cannot be told apart and are left out.
+        sent: dict[int, set[int | None]] = defaultdict(set)
         for r in recs:
             if r.spec.tracepoint == "net_dev_start_xmit":
                 ev.tx.append((r, m))
                 hits = _packet_hits(r, m) if m is not None else []
-                if len({h.ip_len for h in hits}) == 1:
-                    ours[r.arg("skb")] = hits[0].ip_len
+                lens = {h.ip_len for h in hits}
+                sent[r.arg("skb")].add(lens.pop() if len(lens) == 1 else None)
         if m is None:
             continue
         for r in recs:  # the same sk_buff on the receiving side (lo and veth keep it)
-            if r.spec.tracepoint == "netif_rx" and r.arg("skb") in ours:
-                ev.rx.append((r, m, ours[r.arg("skb")]))
+            lens = sent.get(r.arg("skb")) if r.spec.tracepoint == "netif_rx" else None
+            if lens is not None and len(lens) == 1 and None not in lens:
+                ev.rx.append((r, m, next(iter(lens))))
     return ev
 
 
