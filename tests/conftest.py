@@ -53,11 +53,13 @@ def kernel_skip(reason: str) -> None:
 def settings(**values: object):  # -> nettracer.config.Config
     """The configuration a tracer's ``from_config`` takes: defaults plus ``values``
     (``offsets__source="btf"`` sets ``offsets.source``), isolated from the environment
-    and from /etc/nettracer."""
+    and from /etc/nettracer but for ``NETTRACER_OFFSETS__GUESS_TIMEOUT_MS`` (the QEMU
+    guests' guess-time allowance: tests/vm/guest-init)."""
     from nettracer.config import load_config
 
     overrides = {k.replace("__", "."): (v, "test") for k, v in values.items()}
-    return load_config(None, overrides, environ={}, default_path="/nonexistent/nettracer.yaml")
+    environ = {k: v for k, v in os.environ.items() if k == "NETTRACER_OFFSETS__GUESS_TIMEOUT_MS"}
+    return load_config(None, overrides, environ=environ, default_path="/nonexistent/nettracer.yaml")
 
 
 def poll_until(read, done, timeout_s: float = 10.0, step_s: float = 0.05):  # type: ignore[no-untyped-def]
