@@ -729,23 +729,30 @@ def main() -> None:
         rev = sh("git", "-C", args.other_repo, "rev-parse", "--short", "HEAD").strip()
         own = sh("git", "-C", REPO, "rev-parse", "--short", "HEAD").strip()
         print(f"# this checkout {REPO} at {own}; other checkout {args.other_repo} at {rev}")
-    inode = setup()
-    rss = float("nan")
-    try:
-        if "startup" in args.parts:
-            startup = bench_startup(args.startups, args.installed, args.other_repo, args.without)
-        if args.only_startup:
-            rss = bench_rss(args.seconds)
-        if "shared" in args.parts:
-            cost = bench_cost_and_counts(args.drops, inode)
-        if "solo" in args.parts:
-            arms = solo_arms(args.guess, args.other_repo, args.without, args.events)
-            solo = bench_solo(args.drops, args.solo, arms, inode)
-        if "workload" in args.parts:
-            load = os.getloadavg()[0]
-            rates, rss = bench_workload(args.rounds, args.seconds, args.without)
-    finally:
-        teardown()
+    from nettracer.kernel.tracefs import tracefs_mounted
+
+    # bpftrace finds tracepoints in tracefs: mounted for the run if it is not (and then
+    # unmounted), as nettracer's own tracing commands do
+    with tracefs_mounted():
+        inode = setup()
+        rss = float("nan")
+        try:
+            if "startup" in args.parts:
+                startup = bench_startup(
+                    args.startups, args.installed, args.other_repo, args.without
+                )
+            if args.only_startup:
+                rss = bench_rss(args.seconds)
+            if "shared" in args.parts:
+                cost = bench_cost_and_counts(args.drops, inode)
+            if "solo" in args.parts:
+                arms = solo_arms(args.guess, args.other_repo, args.without, args.events)
+                solo = bench_solo(args.drops, args.solo, arms, inode)
+            if "workload" in args.parts:
+                load = os.getloadavg()[0]
+                rates, rss = bench_workload(args.rounds, args.seconds, args.without)
+        finally:
+            teardown()
     print()
     if "shared" in args.parts:
         report_cost(cost)

@@ -36,9 +36,9 @@ import os
 import re
 from array import array
 from bisect import bisect_right
-from dataclasses import dataclass
 
 from nettracer.errors import NettracerError
+from nettracer.value import Value
 
 KALLSYMS_PATH = "/proc/kallsyms"
 KPTR_RESTRICT_PATH = "/proc/sys/kernel/kptr_restrict"
@@ -51,8 +51,7 @@ _LINE = re.compile(r"^([0-9a-fA-F]+) (\S) (\S+)(?:\t\[([^\]\n]*)\])?", re.M)
 _BOUNDS = frozenset({"_stext", "_etext", "_sinittext", "_einittext", "_end"})
 
 
-@dataclass(frozen=True)
-class Symbol:
+class Symbol(Value):
     """A resolved address: ``address`` is the symbol's start, ``offset`` the distance into it.
 
     ``size`` is the kernel's idea of the symbol size (distance to the next
@@ -61,12 +60,17 @@ class Symbol:
     ``type`` is the ``nm`` letter (``T``, ``t``, ``W``, ...).
     """
 
-    name: str
-    address: int
-    offset: int
-    size: int | None
-    module: str
-    type: str
+    __slots__ = ("name", "address", "offset", "size", "module", "type")  # noqa: RUF023 - field order
+
+    def __init__(
+        self, name: str, address: int, offset: int, size: int | None, module: str, type: str
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.offset = offset
+        self.size = size
+        self.module = module
+        self.type = type
 
     @property
     def is_module(self) -> bool:

@@ -20,30 +20,40 @@ null.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from nettracer.output.jsonlines import clock_time, iso_time
 from nettracer.output.table import Column, plural, render
 from nettracer.tracers.drops.monitor import DropGroup, Names
 from nettracer.tracers.drops.records import DropEvent
 from nettracer.tracers.packet import Packet, decode, ethertype_from_skb, original_length
+from nettracer.value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 if TYPE_CHECKING:
     from nettracer.output.pcapng import PcapngWriter
 
 
-@dataclass(frozen=True)
-class DropInterval:
+class DropInterval(Value):
     """One reporting interval: when it ended, how long it was, its groups and totals."""
 
-    end: float  # epoch seconds
-    seconds: float
-    groups: list[DropGroup]
-    total: int
-    lost: int
-    #: whether the kernel reports drop reasons (kfree_skb's reason: Linux 5.17)
-    reasons: bool = True
+    __slots__ = ("end", "seconds", "groups", "total", "lost", "reasons")  # noqa: RUF023 - field order
+
+    def __init__(
+        self,
+        end: float,
+        seconds: float,
+        groups: list[DropGroup],
+        total: int,
+        lost: int,
+        reasons: bool = True,
+    ) -> None:
+        self.end = end  # epoch seconds
+        self.seconds = seconds
+        self.groups = groups
+        self.total = total
+        self.lost = lost
+        #: whether the kernel reports drop reasons (kfree_skb's reason: Linux 5.17)
+        self.reasons = reasons
 
 
 def interval_json(iv: DropInterval) -> dict[str, object]:
@@ -131,28 +141,67 @@ def interval_text(iv: DropInterval, by: Sequence[str]) -> str:
 # -- events ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EventView:
+class EventView(Value):
     """A decoded :class:`DropEvent` with names."""
 
-    time: float  # epoch seconds
-    cpu: int
-    pid: int
-    comm: str
-    netns: int | None
-    device: str | None
-    ifindex: int | None
-    location: str
-    symbol: str | None
-    offset: int | None
-    module: str | None
-    reason: str | None
-    protocol: str | None
-    length: int
-    packet: Packet
-    stack: tuple[str, ...] | None = None
-    #: whether the kernel reports drop reasons (kfree_skb's reason: Linux 5.17)
-    reasons: bool = True
+    __slots__ = (  # noqa: RUF023 - field order
+        "time",
+        "cpu",
+        "pid",
+        "comm",
+        "netns",
+        "device",
+        "ifindex",
+        "location",
+        "symbol",
+        "offset",
+        "module",
+        "reason",
+        "protocol",
+        "length",
+        "packet",
+        "stack",
+        "reasons",
+    )
+
+    def __init__(
+        self,
+        time: float,
+        cpu: int,
+        pid: int,
+        comm: str,
+        netns: int | None,
+        device: str | None,
+        ifindex: int | None,
+        location: str,
+        symbol: str | None,
+        offset: int | None,
+        module: str | None,
+        reason: str | None,
+        protocol: str | None,
+        length: int,
+        packet: Packet,
+        stack: tuple[str, ...] | None = None,
+        reasons: bool = True,
+    ) -> None:
+        self.time = time  # epoch seconds
+        self.cpu = cpu
+        self.pid = pid
+        self.comm = comm
+        self.netns = netns
+        self.device = device
+        self.ifindex = ifindex
+        self.location = location
+        self.symbol = symbol
+        self.offset = offset
+        self.module = module
+        self.reason = reason
+        self.protocol = protocol
+        self.length = length
+        self.packet = packet
+        self.stack = stack
+        #: whether the kernel reports drop reasons (kfree_skb's reason: Linux 5.17)
+        self.reasons = reasons
 
 
 def view_event(

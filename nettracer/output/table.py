@@ -7,15 +7,18 @@ dependency, so printing costs no import time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from nettracer.value import Value
 
 
-@dataclass(frozen=True)
-class Column:
+class Column(Value):
     """A column: ``header`` text and whether cells are right-aligned (numbers)."""
 
-    header: str
-    right: bool = False
+    __slots__ = ("header", "right")
+
+    def __init__(self, header: str, right: bool = False) -> None:
+        self.header = header
+        self.right = right
 
 
 def render(

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import struct
 import sys
-from dataclasses import dataclass
+
+from nettracer.value import Value
 
 #: ETH_P_* (include/uapi/linux/if_ether.h) -> the name nettracer prints
 ETHERTYPES: dict[int, str] = {
@@ -111,18 +112,30 @@ def ethertype_from_skb(raw: int) -> int:
     return int.from_bytes((raw & 0xFFFF).to_bytes(2, sys.byteorder), "big")  # ntohs
 
 
-@dataclass(frozen=True)
-class Packet:
+class Packet(Value):
     """What the header bytes say. Fields are None when the headers did not tell."""
 
-    family: str | None = None  # "IPv4", "IPv6", "ARP"
-    src: str | None = None
-    dst: str | None = None
-    proto: str | None = None  # "TCP", "UDP", "ICMP", ...
-    sport: int | None = None
-    dport: int | None = None
-    icmp_type: int | None = None
-    icmp_code: int | None = None
+    __slots__ = ("family", "src", "dst", "proto", "sport", "dport", "icmp_type", "icmp_code")  # noqa: RUF023 - field order
+
+    def __init__(
+        self,
+        family: str | None = None,
+        src: str | None = None,
+        dst: str | None = None,
+        proto: str | None = None,
+        sport: int | None = None,
+        dport: int | None = None,
+        icmp_type: int | None = None,
+        icmp_code: int | None = None,
+    ) -> None:
+        self.family = family  # "IPv4", "IPv6", "ARP"
+        self.src = src
+        self.dst = dst
+        self.proto = proto  # "TCP", "UDP", "ICMP", ...
+        self.sport = sport
+        self.dport = dport
+        self.icmp_type = icmp_type
+        self.icmp_code = icmp_code
 
     def endpoints(self) -> str:
         """``10.0.0.1:5000 -> 10.0.0.2:53`` (IPv6 addresses in brackets when a port follows)."""

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from nettracer.tracers.packet import ethertype_name
+from nettracer.value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
 
@@ -31,43 +31,60 @@ if TYPE_CHECKING:
     from nettracer.kernel.kallsyms import Symbol
 
 
-@dataclass(frozen=True)
-class DropCount:
+class DropCount(Value):
     """Drops of one kernel key during one interval. ``protocol`` is the ETH_P_* value
     in host order; ``stack_id`` is :data:`STACK_NONE` without ``--stack``."""
 
-    location: int
-    reason: int
-    ifindex: int
-    netns: int
-    protocol: int
-    stack_id: int
-    count: int
+    __slots__ = ("location", "reason", "ifindex", "netns", "protocol", "stack_id", "count")  # noqa: RUF023 - field order
+
+    def __init__(
+        self,
+        location: int,
+        reason: int,
+        ifindex: int,
+        netns: int,
+        protocol: int,
+        stack_id: int,
+        count: int,
+    ) -> None:
+        self.location = location
+        self.reason = reason
+        self.ifindex = ifindex
+        self.netns = netns
+        self.protocol = protocol
+        self.stack_id = stack_id
+        self.count = count
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(Value):
     """What :meth:`DropMonitor.collect` returns: the counts since the last call and the
     drops that could not be counted (map full, recursion, ring buffer full)."""
 
-    counts: list[DropCount]
-    lost: int
+    __slots__ = ("counts", "lost")
+
+    def __init__(self, counts: list[DropCount], lost: int) -> None:
+        self.counts = counts
+        self.lost = lost
 
     @property
     def total(self) -> int:
         return sum(c.count for c in self.counts)
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(Value):
     """A drop location as ``%pS`` names it. ``symbol``/``offset``/``module`` are None when
     no symbol covers the address (``text`` is then ``0x...``)."""
 
-    address: int
-    text: str
-    symbol: str | None
-    offset: int | None
-    module: str | None
+    __slots__ = ("address", "text", "symbol", "offset", "module")  # noqa: RUF023 - field order
+
+    def __init__(
+        self, address: int, text: str, symbol: str | None, offset: int | None, module: str | None
+    ) -> None:
+        self.address = address
+        self.text = text
+        self.symbol = symbol
+        self.offset = offset
+        self.module = module
 
     @property
     def described(self) -> str:
@@ -170,23 +187,48 @@ def _is_tracing_frame(loc: Location) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class DropGroup:
+class DropGroup(Value):
     """One output line: the drops of a group, with every key the grouping determines
     (the others None)."""
 
-    count: int
-    location: Location | None
-    module: str | None
-    device: str | None
-    ifindex: int | None
-    netns: int | None
-    reason: str | None
-    protocol: str | None
-    stack: tuple[str, ...] | None = None
-    #: of the group's network namespace, when the grouping determines one (device,
-    #: netns) or the container itself (container)
-    cgroup: Cgroup | None = None
+    __slots__ = (  # noqa: RUF023 - field order
+        "count",
+        "location",
+        "module",
+        "device",
+        "ifindex",
+        "netns",
+        "reason",
+        "protocol",
+        "stack",
+        "cgroup",
+    )
+
+    def __init__(
+        self,
+        count: int,
+        location: Location | None,
+        module: str | None,
+        device: str | None,
+        ifindex: int | None,
+        netns: int | None,
+        reason: str | None,
+        protocol: str | None,
+        stack: tuple[str, ...] | None = None,
+        cgroup: Cgroup | None = None,
+    ) -> None:
+        self.count = count
+        self.location = location
+        self.module = module
+        self.device = device
+        self.ifindex = ifindex
+        self.netns = netns
+        self.reason = reason
+        self.protocol = protocol
+        self.stack = stack
+        #: of the group's network namespace, when the grouping determines one (device,
+        #: netns) or the container itself (container)
+        self.cgroup = cgroup
 
     def to_json(self) -> dict[str, object]:
         from nettracer.output.containers import container_json
