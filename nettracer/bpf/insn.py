@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from enum import IntEnum
 
-from nettracer.bpf.helpers import Helper
+from nettracer.bpf.helpers import Helper, helper_name
 from nettracer.value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -468,10 +468,8 @@ def format_insn(insn: Insn) -> str:
     if cls in (JMP, JMP32):
         code = op & 0xF0
         if code == JmpOp.CALL:
-            try:
-                return f"call {Helper(insn.imm).name}#{insn.imm}"
-            except ValueError:
-                return f"call #{insn.imm}"
+            name = helper_name(insn.imm)
+            return f"call {name}#{insn.imm}" if name else f"call #{insn.imm}"
         if code == JmpOp.EXIT:
             return "exit"
         tgt = insn.target if insn.target is not None else f"{insn.off:+d}"

@@ -25,7 +25,7 @@ class KernelReads(Value):
     def __init__(self, legacy: bool = False) -> None:
         self.legacy = legacy
 
-    def helper(self, string: bool = False) -> Helper:
+    def helper(self, string: bool = False) -> int:
         """The helper for a plain read, or for a NUL-terminated string with ``string``."""
         if self.legacy:
             return Helper.probe_read_str if string else Helper.probe_read
