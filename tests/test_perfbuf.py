@@ -5,6 +5,7 @@ number of times with ``BPF_PROG_TEST_RUN``."""
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -41,21 +42,28 @@ def _run(ch: PerfEventChannel, size: int, runs: list[int]) -> tuple[list[int], i
     from nettracer.bpf import prog
 
     got: list[int] = []
+    # one CPU: each CPU has its own buffer, and records of two are not ordered between
+    # them (a test process moved to the other CPU mid-run read 1..k after k+1..100)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
 
     def take(view: memoryview) -> None:
         words = struct.unpack_from(f"<{SIZE // 8}Q", view)
         assert all(words[k] == words[0] * (k + 1) for k in range(len(words))), words[:4]
         got.append(words[0])
 
-    with ch.open(size) as reader:
-        p = prog.load(_program(ch).insns, maps=reader.maps, name="t_perf")
-        with p:
-            for v in runs:
-                p.test_run((v,))
-            reader.consume(take)
-            p.test_run((0,))
-            reader.poll(1.0, take)
-        return got, reader.lost
+    try:
+        with ch.open(size) as reader:
+            p = prog.load(_program(ch).insns, maps=reader.maps, name="t_perf")
+            with p:
+                for v in runs:
+                    p.test_run((v,))
+                reader.consume(take)
+                p.test_run((0,))
+                reader.poll(1.0, take)
+            return got, reader.lost
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def test_records_arrive_whole_and_in_order() -> None:
