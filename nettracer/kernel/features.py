@@ -62,7 +62,9 @@ def _load_probe(
         raise
 
 
-def _loads(prog_type: ProgType, body: list[Insn], refusals: tuple[str, ...]) -> bool:
+def _loads(
+    prog_type: ProgType, body: list[Insn] | None = None, refusals: tuple[str, ...] = ()
+) -> bool:
     prog = _load_probe(prog_type, body, refusals)
     if prog is None:
         return False
@@ -79,22 +81,14 @@ def has_raw_tracepoint() -> bool:
     after would wait for it (5-15 ms of start-up on 6.18)."""
     from nettracer.bpf.syscall import ProgType
 
-    prog = _load_probe(ProgType.RAW_TRACEPOINT)
-    if prog is None:
-        return False
-    prog.close()
-    return True
+    return _loads(ProgType.RAW_TRACEPOINT)
 
 
 def has_tracepoint_programs() -> bool:
     """Classic (perf) tracepoint programs load (Linux 4.7)."""
     from nettracer.bpf.syscall import ProgType
 
-    prog = _load_probe(ProgType.TRACEPOINT)
-    if prog is None:
-        return False
-    prog.close()
-    return True
+    return _loads(ProgType.TRACEPOINT)
 
 
 def has_ringbuf() -> bool:
