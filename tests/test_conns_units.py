@@ -469,6 +469,55 @@ def test_record_line_equals_decoded(fields: dict[str, object], tcp_sock: bool) -
     assert fast == slow
 
 
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "id": st.integers(0, 2**64 - 1),
+                "start_ns": st.integers(0, 2**40),
+                "end_ns": st.integers(0, 2**40),
+                "bytes_sent": st.integers(0, 2**64 - 1),
+                "segs_in": st.integers(0, 2**32 - 1),
+                "total_retrans": st.integers(0, 2**32 - 1),
+                "srtt_us": st.integers(0, 2**32 - 1),
+                "sport": st.integers(0, 65535),
+                "dport": st.integers(0, 65535),
+                "flow": st.integers(0, 3),
+            }
+        ),
+        max_size=12,
+    ),
+    st.booleans(),
+)
+def test_record_lines_share_templates_exactly(fields: list[dict[str, int]], tcp_sock: bool) -> None:
+    """Records of a few flows (owner, addresses, history, end and gateway shared; ports,
+    counters and times their own) rendered together: each says exactly what decoding
+    and conn_json say, a comm with ``%`` in it too."""
+    from nettracer.net.gateway import Gateway
+
+    flows = [
+        {"family": 2, "proto": 6, "state": 7, "history": 0x1234, "flags": 1, "pid": 7,
+         "comm": b"a%sb%%", "saddr4": _ADDRS4[1], "daddr4": _ADDRS4[2], "end_reason": 1},
+        {"family": 10, "proto": 17, "state": 1, "flags": 3, "pid": 8, "comm": b"%d",
+         "saddr6": _ADDRS6[1], "daddr6": _ADDRS6[2], "end_reason": 4},
+        {"family": 2, "proto": 6, "state": 7, "history": 0x12, "opened": 2, "netns": 5},
+        {"family": 2, "proto": 6, "state": 7, "history": 0x1234, "flags": 1, "pid": 7,
+         "comm": b"a%sb%%", "saddr4": _ADDRS4[1], "daddr4": _ADDRS4[2], "end_reason": 1},
+    ]  # fmt: skip
+    gws = [None, None, None, Gateway("10.0.0.1", "eth%d", 2, "10.0.0.0/8")]
+    recs, want, flow_of = [], [], []
+    for f in fields:
+        flow = f.pop("flow")
+        flow_of.append(flow)
+        rec = _rec(**f, **flows[flow])
+        recs.append(rec)
+        c = decode(rec, tcp_sock)
+        c.gateway = gws[flow]
+        want.append(out.conn_json(c, 0, 10**18, closed=True))
+    lines = out.RecordLines(tcp_sock, 10**18).lines(recs, [gws[flow] for flow in flow_of])
+    assert [json.loads(t) for t in lines] == want
+
+
 def test_netns_filter_is_a_32_bit_compare() -> None:
     """Namespace inodes are above 2**31: a 64-bit compare would sign-extend them."""
     inode = 4026532178

@@ -438,21 +438,17 @@ def _one_run(topo: Topo, port: int, n: int, want: dict[str, object]) -> None:
     """``n`` connections from the client to the server through the router, every
     second one held open across an interval; every report of each (open, then closed,
     or only closed) carries the gateway, in the fast JSON path too."""
-    import functools
-
     from conftest import settings
 
-    from nettracer.output.conns import record_line
+    from nettracer.output.conns import RecordLines
     from nettracer.tracers.conns.monitor import ConnMonitor
 
     monitor = ConnMonitor.from_config(settings(offsets__source=ANY_OFFSETS), netns=topo.inode)
     client = None
     try:
         monitor.start()
-        monitor.render_closed = functools.partial(
-            record_line,
-            bytes_from_tcp_sock=not monitor.tracer.use_length,
-            mono_to_epoch_ns=0,
+        monitor.render_closed = RecordLines(
+            bytes_from_tcp_sock=not monitor.tracer.use_length, mono_to_epoch_ns=0
         )
         client = _netns_python(topo.client, CLIENT, str(port), str(n))
         assert client.stdout is not None and client.stdin is not None

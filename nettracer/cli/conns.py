@@ -159,12 +159,9 @@ class _Session:
             gc.set_threshold(100_000, 50, 100)
             use_length = monitor.tracer.use_length
             if self.json and not self.args.container:  # the filter needs every Conn
-                import functools
+                from nettracer.output.conns import RecordLines
 
-                from nettracer.output.conns import record_line
-
-                monitor.render_closed = functools.partial(
-                    record_line,
+                monitor.render_closed = RecordLines(
                     bytes_from_tcp_sock=not use_length,
                     mono_to_epoch_ns=self.mono_to_epoch,
                     containers=self.containers,

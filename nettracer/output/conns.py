@@ -37,12 +37,13 @@ from __future__ import annotations
 import io
 import json
 import sys
+import time
+from itertools import repeat
 from typing import Any, TextIO
 
 from nettracer.output.containers import container_json, container_text
 from nettracer.output.jsonlines import clock_time, iso_time
 from nettracer.tracers.conns.model import (
-    ADDR_TEXT,
     Conn,
     addr_text,
     comm_text,
@@ -51,7 +52,14 @@ from nettracer.tracers.conns.model import (
     tcp_data_bytes,
     wire_addresses,
 )
-from nettracer.tracers.conns.records import END_NAMES, IDX, IPPROTO_TCP, STATE_NAMES, Flag
+from nettracer.tracers.conns.records import (
+    END_NAMES,
+    FIELDS,
+    IDX,
+    IPPROTO_TCP,
+    STATE_NAMES,
+    Flag,
+)
 from nettracer.tracers.conns.table import Interval
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -174,14 +182,21 @@ def _start_time(epoch_ns: int) -> str:
     sec, ns = divmod(epoch_ns, 1_000_000_000)
     last = _last_second
     if last[0] != sec:
-        parts = _seconds.get(sec)
-        if parts is None:
-            if len(_seconds) >= 4096:
-                _seconds.clear()
-            text = iso_time(float(sec), "seconds")
-            parts = _seconds[sec] = (text[:19], text[19:])
-        last[0], last[1], last[2] = sec, parts[0], parts[1]
+        last[1], last[2] = _second_parts(sec)
+        last[0] = sec
     return f"{last[1]}.{ns // 1000:06d}{last[2]}"
+
+
+def _second_parts(sec: int) -> tuple[str, str]:
+    """The local time of second ``sec`` (epoch) in ISO-8601, as the text before the
+    fraction of a second and the text after it (the UTC offset), remembered (bounded)."""
+    parts = _seconds.get(sec)
+    if parts is None:
+        if len(_seconds) >= 4096:
+            _seconds.clear()
+        text = iso_time(float(sec), "seconds")
+        parts = _seconds[sec] = (text[:19], text[19:])
+    return parts
 
 
 def conn_line(
@@ -235,17 +250,12 @@ def conn_line(
     )
 
 
-# record positions for record_line
-_R = IDX
-(_R_ID, _R_START, _R_END, _R_SENT, _R_RECV, _R_ACKED, _R_TCPRECV, _R_HIST, _R_SEGS_IN,
- _R_SEGS_OUT, _R_RETRANS, _R_SRTT, _R_MDEV, _R_PID, _R_NETNS, _R_SADDR4, _R_DADDR4, _R_SPORT,
- _R_DPORT, _R_FAMILY, _R_PROTO, _R_STATE, _R_OPENED, _R_FLAGS, _R_END_REASON, _R_SADDR6,
- _R_DADDR6, _R_COMM) = (
-    _R[n] for n in (
-        "id", "start_ns", "end_ns", "bytes_sent", "bytes_received", "tcp_bytes_acked",
-        "tcp_bytes_received", "history", "segs_in", "segs_out", "total_retrans", "srtt_us",
-        "mdev_us", "pid", "netns", "saddr4", "daddr4", "sport", "dport", "family", "proto",
-        "state", "opened", "flags", "end_reason", "saddr6", "daddr6", "comm",
+# record positions for RecordLines
+(_R_HIST, _R_RETRANS, _R_SRTT, _R_MDEV, _R_PID, _R_NETNS, _R_SPORT, _R_DPORT, _R_PROTO,
+ _R_STATE, _R_OPENED, _R_FLAGS, _R_END_REASON, _R_COMM) = (
+    IDX[n] for n in (
+        "history", "total_retrans", "srtt_us", "mdev_us", "pid", "netns", "sport", "dport",
+        "proto", "state", "opened", "flags", "end_reason", "comm",
     )
 )  # fmt: skip
 _OPENED = ("unknown", "active", "passive")
@@ -254,8 +264,128 @@ _DIRECTION = ("unknown", "outgoing", "incoming")
 
 _END_BY_REASON = (',"end":null', ',"end":"closed"', ',"end":"reused"', ',"end":"idle"')
 _comm_json: dict[bytes, str] = {}
-_hist_json: dict[int, tuple[list[int], str]] = {}
 _STATE_TEXT = tuple(STATE_NAMES.get(i, str(i)) for i in range(256))
+
+
+class RecordLines:
+    """The JSON text (:func:`conn_line` of ``decode(rec)``, ``closed=True``) of records
+    of connections that were never reported open (so their delta is their totals), with
+    their gateways, without building a :class:`Conn`: the hot path of a host closing
+    thousands of connections a second.
+
+    What the records of one flow share (owner, addresses, state, history, end, gateway,
+    container: the record slices ``_KEY_*``, its history and gateway) is rendered once
+    into a template that keeps the conversions of the values each record has of its
+    own; a record then costs a key, a lookup and one format of 19 values.  A template
+    is kept :attr:`TEMPLATE_S` seconds at most (its container is the resolver's answer
+    when it was made), and at most :attr:`TEMPLATES` of them.  The tests check the
+    text against :func:`conn_json` for every kind of record."""
+
+    TEMPLATE_S = 1.0
+    TEMPLATES = 4096
+
+    def __init__(
+        self,
+        bytes_from_tcp_sock: bool,
+        mono_to_epoch_ns: int,
+        containers: ContainerResolver | None = None,
+    ) -> None:
+        self.bytes_from_tcp_sock = bytes_from_tcp_sock
+        self.mono_to_epoch_ns = mono_to_epoch_ns
+        self.containers = containers
+        self._templates: dict[tuple[Any, ...], tuple[str, list[int]]] = {}
+        self._since = 0.0
+
+    def lines(self, recs: list[tuple[Any, ...]], gateways: list[Any] | None = None) -> list[str]:
+        """The text of each of ``recs`` (unpacked records) with ``gateways[i]`` (a
+        :class:`~nettracer.net.gateway.Gateway` or None; ``gateways`` None: none)."""
+        now = time.monotonic()
+        templates = self._templates
+        if now - self._since > self.TEMPLATE_S or len(templates) >= self.TEMPLATES:
+            templates.clear()
+            self._since = now
+        tcp_sock = self.bytes_from_tcp_sock
+        m2e = self.mono_to_epoch_ns
+        last_sec, head, tail = None, "", ""
+        out = []
+        for rec, gw in zip(recs, gateways or repeat(None, len(recs)), strict=True):
+            key = rec[_KEY_A] + rec[_KEY_B] + rec[_KEY_C] + (rec[_R_HIST], gw)
+            t = templates.get(key)
+            if t is None:
+                t = templates[key] = self._template(rec, gw)
+            _, cid, start, _, end_ns, sent, got, acked, tcp_got, _, segs_in, segs_out = rec[:12]
+            if rec[_R_PROTO] == IPPROTO_TCP:
+                retrans, rtt, rtt_var = rec[_R_RETRANS], rec[_R_SRTT] >> 3, rec[_R_MDEV] >> 2
+                if tcp_sock:
+                    sent, got = tcp_data_bytes(acked, tcp_got, rec[_R_OPENED], t[1])
+            else:
+                retrans, rtt, rtt_var = 0, "null", "null"
+            sec, ns = divmod(start + m2e, 1_000_000_000)
+            if sec != last_sec:
+                last_sec = sec
+                head, tail = _second_parts(sec)
+            dport = rec[_R_DPORT]
+            own = (
+                rec[_R_SPORT], ((dport & 0xFF) << 8) | (dport >> 8), sent, got, segs_in,
+                segs_out, retrans, rtt, rtt_var,
+                ((end_ns - start + 500) // 1000 if end_ns > start else 0) / 1000,
+                head, ns // 1000, tail, cid, sent, got, segs_in, segs_out, retrans,
+            )  # fmt: skip
+            out.append(t[0] % own)
+        return out
+
+    def _template(self, rec: tuple[Any, ...], gateway: Any) -> tuple[str, list[int]]:
+        """(:data:`_CONN` with ``rec``'s shared values in it, ``%`` doubled, and ``%s``
+        for the values :meth:`lines` gives each record (ints and floats: ``%s`` writes
+        what ``%d`` and ``%r`` write, faster); the states of its history)."""
+        family, s_raw, d_raw = wire_addresses(rec)
+        opened = rec[_R_OPENED]
+        if opened > 2:
+            opened = 0
+        flags = rec[_R_FLAGS]
+        pid_known = flags & Flag.PID_KNOWN
+        hist: list[int] = []
+        if rec[_R_PROTO] == IPPROTO_TCP:
+            hist, states = history(rec[_R_HIST])
+            proto, state, states_json = "tcp", _STATE_TEXT[rec[_R_STATE]], json.dumps(states)
+        else:
+            proto, state, states_json = "udp", _UDP_STATE[rec[_R_STATE] == 1], "[]"
+        reason = rec[_R_END_REASON]
+        pid = rec[_R_PID] if pid_known else None
+        cg = self.containers.of(pid, rec[_R_NETNS]) if self.containers else None
+        shared = (
+            "null" if pid is None else pid,
+            _comm_text_json(rec[_R_COMM]) if pid_known else '""',
+            proto, family, addr_text(s_raw), "%s", addr_text(d_raw), "%s", rec[_R_NETNS],
+            "local" if is_local(family, s_raw, d_raw) else _DIRECTION[opened], state,
+            "%s", "%s", "%s", "%s", "%s", "%s", "%s", "%s",
+            "null" if gateway is None else _gateway_json(gateway), "%s.%06d%s", states_json,
+            _OPENED[opened], "true" if flags & Flag.PARTIAL else "false",
+            "%s", "%s", "%s", "%s", "%s", "%s", container_text(cg),
+            _END_BY_REASON[reason] if reason < 4 else f',"end":{json.dumps(END_NAMES.get(reason))}',
+        )  # fmt: skip
+        escaped = tuple(
+            v.replace("%", "%%") if i not in _VARIABLE and isinstance(v, str) else v
+            for i, v in enumerate(shared)
+        )
+        return _CONN_S % escaped, hist
+
+
+#: _CONN with every conversion ``%s``: RecordLines' templates are made with it
+_CONN_S = _CONN.replace("%d", "%s").replace("%r", "%s")
+#: the positions in _CONN of the values each record has of its own
+_VARIABLE = frozenset((5, 7, 11, 12, 13, 14, 15, 16, 17, 18, 20, 24, 25, 26, 27, 28, 29))
+#: the record slices in a template's key: pid .. daddr4, family .. end_reason, saddr6 ..
+#: comm (not sport, dport, peers)
+_KEY_A = slice(IDX["pid"], IDX["daddr4"] + 1)
+_KEY_B = slice(IDX["family"], IDX["end_reason"] + 1)
+_KEY_C = slice(IDX["saddr6"], IDX["comm"] + 1)
+_UDP_STATE = ("UNCONN", "ESTABLISHED")
+#: RecordLines.lines unpacks the first fields by position
+assert FIELDS[:12] == (
+    "sk", "id", "start_ns", "last_ns", "end_ns", "bytes_sent", "bytes_received",
+    "tcp_bytes_acked", "tcp_bytes_received", "history", "segs_in", "segs_out",
+)  # fmt: skip
 
 
 def record_line(
@@ -265,113 +395,17 @@ def record_line(
     containers: ContainerResolver | None = None,
     gateway: Any = None,
 ) -> str:
-    """``conn_line(decode(rec), closed=True)`` for the record of a connection that was
-    never reported open (so its delta is its totals), with its ``gateway``, without
-    building a :class:`Conn`: the hot path of a host closing thousands of connections a
-    second (every lookup it can avoid, it avoids).  The tests check it against
-    :func:`conn_json` for every kind of record."""
-    family, s_raw, d_raw = wire_addresses(rec)
-    opened = rec[_R_OPENED]
-    if opened > 2:
-        opened = 0
-    flags = rec[_R_FLAGS]
-    if rec[_R_PROTO] == IPPROTO_TCP:
-        proto, state, sent, got, retrans, rtt, rtt_var, states_json = _tcp_record(
-            rec, bytes_from_tcp_sock, opened
-        )
-    else:
-        states_json = "[]"
-        sent, got = rec[_R_SENT], rec[_R_RECV]
-        proto = "udp"
-        state = "ESTABLISHED" if rec[_R_STATE] == 1 else "UNCONN"
-        retrans, rtt, rtt_var = 0, "null", "null"
-    if flags & Flag.PID_KNOWN:
-        raw = rec[_R_COMM]
-        pid, comm = rec[_R_PID], _comm_json.get(raw) or _comm_text_json(raw)
-    else:
-        pid, comm = "null", '""'
-    if family == 4:
-        local = d_raw[0] == 127 or (d_raw == s_raw and d_raw != b"\0\0\0\0")
-    else:
-        local = is_local(6, s_raw, d_raw)
-    dport = rec[_R_DPORT]
-    segs_in, segs_out = rec[_R_SEGS_IN], rec[_R_SEGS_OUT]
-    start = rec[_R_START]
-    end_ns = rec[_R_END]
-    reason = rec[_R_END_REASON]
-    return _CONN % (
-        pid,
-        comm,
-        proto,
-        family,
-        ADDR_TEXT.get(s_raw) or addr_text(s_raw),
-        rec[_R_SPORT],
-        ADDR_TEXT.get(d_raw) or addr_text(d_raw),
-        ((dport & 0xFF) << 8) | (dport >> 8),
-        rec[_R_NETNS],
-        "local" if local else _DIRECTION[opened],
-        state,
-        sent,
-        got,
-        segs_in,
-        segs_out,
-        retrans,
-        rtt,
-        rtt_var,
-        ((end_ns - start + 500) // 1000 if end_ns > start else 0) / 1000,
-        "null" if gateway is None else _json_strings.get(gateway) or _gateway_json(gateway),
-        _start_time(start + mono_to_epoch_ns),
-        states_json,
-        _OPENED[opened],
-        "true" if flags & Flag.PARTIAL else "false",
-        rec[_R_ID],
-        sent,
-        got,
-        segs_in,
-        segs_out,
-        retrans,
-        container_text(
-            containers.of(rec[_R_PID] if flags & Flag.PID_KNOWN else None, rec[_R_NETNS])
-            if containers
-            else None
-        ),
-        _END_BY_REASON[reason] if reason < 4 else f',"end":{json.dumps(END_NAMES.get(reason))}',
-    )
-
-
-def _tcp_record(
-    rec: tuple[Any, ...], bytes_from_tcp_sock: bool, opened: int
-) -> tuple[str, str, int, int, int, int, int, str]:
-    """(proto, state, sent, received, retransmits, rtt, rtt_var, states as JSON) of a
-    TCP record for :func:`record_line`; the history's JSON is remembered by value."""
-    h = rec[_R_HIST]
-    hj = _hist_json.get(h)
-    if hj is None:
-        if len(_hist_json) >= 4096:
-            _hist_json.clear()
-        hist, states = history(h)
-        hj = _hist_json[h] = (hist, json.dumps(list(states)))
-    if bytes_from_tcp_sock:
-        sent, got = tcp_data_bytes(rec[_R_ACKED], rec[_R_TCPRECV], opened, hj[0])
-    else:
-        sent, got = rec[_R_SENT], rec[_R_RECV]
-    return (
-        "tcp",
-        _STATE_TEXT[rec[_R_STATE]],
-        sent,
-        got,
-        rec[_R_RETRANS],
-        rec[_R_SRTT] >> 3,
-        rec[_R_MDEV] >> 2,
-        hj[1],
-    )
+    """:class:`RecordLines`' text of one record."""
+    return RecordLines(bytes_from_tcp_sock, mono_to_epoch_ns, containers).lines([rec], [gateway])[0]
 
 
 def _comm_text_json(raw: bytes) -> str:
     """``comm`` (``char[16]``, NUL-padded) as a JSON string, remembered by value."""
-    if len(_comm_json) >= 4096:
-        _comm_json.clear()
-    comm = _comm_json[raw] = json.dumps(comm_text(raw), ensure_ascii=False)
+    comm = _comm_json.get(raw)
+    if comm is None:
+        if len(_comm_json) >= 4096:
+            _comm_json.clear()
+        comm = _comm_json[raw] = json.dumps(comm_text(raw), ensure_ascii=False)
     return comm
 
 

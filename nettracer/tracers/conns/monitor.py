@@ -41,9 +41,8 @@ import ctypes
 import errno
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nettracer.bpf import maps, prog, ringbuf, syscall
 from nettracer.bpf.channel import EventChannel, channel_kind
@@ -82,6 +81,15 @@ _FAMILY = IDX["family"]
 _DPORT = IDX["dport"]
 #: a route not looked up yet
 _UNKNOWN = object()
+
+
+class ClosedRenderer(Protocol):
+    """What renders the records of closed connections never reported open
+    (:class:`nettracer.output.conns.RecordLines`)."""
+
+    def lines(self, recs: list[tuple[Any, ...]], gateways: list[Any] | None) -> list[str]:
+        """One text per record, with ``gateways[i]`` (None: no gateways)."""
+        ...
 
 
 @dataclass
@@ -562,8 +570,8 @@ class ConnMonitor:
 
     ``pid`` restricts what is reported (accounting covers everything the kernel saw).
 
-    ``render_closed`` (e.g. :func:`nettracer.output.conns.record_line` bound to its
-    arguments; called as ``render_closed(record, gateway=Gateway | None)``) turns the
+    ``render_closed`` (e.g. :class:`nettracer.output.conns.RecordLines`; called as
+    ``render_closed.lines(records, gateways: list[Gateway | None] | None)``) turns the
     record of a connection that closed before any interval saw it open into its final
     output as soon as it is read (when its gateway is not known yet, at the interval's
     lookups); the interval then carries that output in ``closed_text`` instead of a
@@ -583,7 +591,7 @@ class ConnMonitor:
     udp_timeout_s: float = 30.0
     resolver: GatewayResolver | None = None
     pid: int | None = None
-    render_closed: Callable[..., str] | None = None
+    render_closed: ClosedRenderer | None = None
     table: ConnTable = field(init=False)
     closed: list[Conn] = field(default_factory=list)
     rendered: list[str] = field(default_factory=list)
@@ -706,37 +714,47 @@ class ConnMonitor:
         walk of this interval saw (a record drained after the walk may be one of them).
         One that needs a gateway not known yet is held until the interval's lookups."""
         tcp_sock = not self.tracer.use_length
-        render = self.render_closed
+        render = self.render_closed is not None
         open_ids = self.table.open
         routes = self._routes if self.resolver is not None else None
+        peers_on = self.tracer.peers_on
+        now: list[tuple[Any, ...]] = []
+        gateways: list[Any] = []
         for rec in self.tracer.take_closed():
             cid = rec[_ID]
-            unconnected_udp = rec[_PROTO] == cp.IPPROTO_UDP and rec[_DPORT] == 0
             if (
-                render is not None
+                render
                 and cid not in open_ids
                 and cid not in walked
-                and not (unconnected_udp and self.tracer.peers_on)
+                and not (peers_on and rec[_PROTO] == cp.IPPROTO_UDP and rec[_DPORT] == 0)
             ):
-                gw = None
                 if routes is not None:
                     k = route_of(rec)
-                    if k is not None:
-                        gw = routes.get(k, _UNKNOWN)
-                        if gw is _UNKNOWN:
-                            self._held.append(rec)
-                            continue
-                self._render(rec, gw)
+                    gw = None if k is None else routes.get(k, _UNKNOWN)
+                    if gw is _UNKNOWN:
+                        self._held.append(rec)
+                        continue
+                    gateways.append(gw)
+                now.append(rec)
                 continue
             self.closed.append(decode(rec, tcp_sock))
+        if now:
+            self._render(now, gateways if routes is not None else None)
         return self.closed
 
-    def _render(self, rec: tuple[Any, ...], gateway: Any) -> None:
-        """Render a closed connection's record now (``pid`` filter applied)."""
+    def _render(self, recs: list[tuple[Any, ...]], gateways: list[Any] | None) -> None:
+        """Render closed connections' records now (``pid`` filter applied), with
+        ``gateways[i]`` (None: none)."""
         assert self.render_closed is not None
-        self.rendered_ids.append(rec[_ID])
-        if self.pid is None or (rec[_FLAGS] & Flag.PID_KNOWN and rec[_PID] == self.pid):
-            self.rendered.append(self.render_closed(rec, gateway=gateway))
+        self.rendered_ids.extend([rec[_ID] for rec in recs])
+        if self.pid is not None:
+            pid = self.pid
+            keep = [
+                i for i, rec in enumerate(recs) if rec[_FLAGS] & Flag.PID_KNOWN and rec[_PID] == pid
+            ]
+            recs = [recs[i] for i in keep]
+            gateways = None if gateways is None else [gateways[i] for i in keep]
+        self.rendered.extend(self.render_closed.lines(recs, gateways))
 
     def interval(self) -> Interval:
         """Everything since the last call: open connections (with deltas), closed ones."""
@@ -876,9 +894,9 @@ class ConnMonitor:
             for c in need[k]:
                 c.gateway = gw
         self._routes = routes
-        for rec in held:
-            k = route_of(rec)
-            self._render(rec, None if k is None else routes.get(k))
+        if held:
+            held_keys = [route_of(rec) for rec in held]
+            self._render(held, [None if k is None else routes.get(k) for k in held_keys])
 
     def _route_key(self, k: tuple[int, bytes, bytes]) -> Any:
         """The resolver's key for (namespace inode, source bytes, destination bytes)."""
