@@ -501,15 +501,18 @@ def traced_script(
     return truth, report, reports
 
 
-def udp_tracer(ns: Netns, env: dict[str, str] | None = None) -> Tracer | None:
-    """The tracer on ``ns`` every 0.5 s; None where the kernel has no UDP flows (before
-    6.3: no sock:sock_send_length), after checking the notice the user gets there."""
-    tracer = start_tracer("--interval", "0.5", "--netns", str(ns.inode), env=env)
+def udp_tracer(ns: Netns, *args: str, env: dict[str, str] | None = None) -> Tracer | None:
+    """The tracer on ``ns`` every 0.5 s (and ``args``); None where the kernel has no UDP
+    flows (before 6.3: no sock:sock_send_length), after checking the notice the user
+    gets there.  Without ``--udp-peers`` a notice says peers are not counted."""
+    tracer = start_tracer("--interval", "0.5", "--netns", str(ns.inode), *args, env=env)
     if "UDP flows are not collected" in tracer.stderr:
         tracer.close()
         notice = "nettracer: notice: UDP flows are not collected: this kernel has no "
         assert f"{notice}sock:sock_send_length tracepoint (Linux 6.3)" in tracer.stderr
         return None
+    peers_off = "nettracer: notice: peers of unconnected UDP sockets are not counted"
+    assert (peers_off in tracer.stderr) == ("--udp-peers" not in args), tracer.stderr
     return tracer
 
 
@@ -770,8 +773,8 @@ def test_udp_peers_of_unconnected_sockets(ns: Netns) -> None:
     """An unconnected UDP server answers three unconnected clients: client i sends i+1
     datagrams of 10(i+1) bytes and gets as many of 100(i+1) back.  The server's flow
     lists the three peers with exact bytes and datagrams each way, each client's flow
-    the server; nothing is unattributed."""
-    tracer = udp_tracer(ns)
+    the server; nothing is unattributed.  (``--udp-peers``: off by default.)"""
+    tracer = udp_tracer(ns, "--udp-peers")
     if tracer is None:  # before 6.3: the notice, checked
         return
     truth, report, reports = traced_script(tracer, ns, mode="udp_peers", family=4, host="127.0.0.1")

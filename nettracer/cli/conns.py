@@ -34,6 +34,7 @@ FLAGS = {
     "offsets.source": "--offsets",
     "output.format": "--json",
     "gateway_lookup.enabled": "--no-gateway",
+    "network.udp_peers": "--udp-peers",
 }
 
 
@@ -70,6 +71,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--no-gateway", action="store_true", help="do not look up gateways (gateway_lookup.enabled)"
+    )
+    p.add_argument(
+        "--udp-peers",
+        action="store_true",
+        help="count each peer of unconnected UDP sockets (network.udp_peers; runs a "
+        "program on every packet sent and received)",
     )
     p.add_argument(
         "--offsets",
@@ -116,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         "offsets.source": args.offsets,
         "output.format": "json" if args.json else None,
         "gateway_lookup.enabled": False if args.no_gateway else None,
+        "network.udp_peers": True if args.udp_peers else None,
     }
     config = load_settings(args.config, values, FLAGS)
     fmt = str(config["output.format"])

@@ -333,6 +333,13 @@ SCHEMA: dict[str, Key] = _keys(
     Key("network.collect_tcp", "bool", True, "track TCP connections"),
     Key("network.collect_udp", "bool", True, "track UDP flows"),
     Key(
+        "network.udp_peers",
+        "bool",
+        False,
+        "count each peer of unconnected UDP sockets (runs a program on every packet sent "
+        "and received, TCP's too)",
+    ),
+    Key(
         "network.collect_ipv6",
         "bool",
         True,
