@@ -377,6 +377,22 @@ def test_table_counts_evictions_exactly_per_stream() -> None:
     assert iv.evicted == 0 and t.created.total == 8
 
 
+@given(
+    st.lists(st.integers(0, 40), max_size=30),
+    st.integers(0, 20),
+    st.integers(0, 20),
+    st.booleans(),
+)
+def test_id_counts_partition_is_has(ids: list[int], lo: int, hi: int, streams: bool) -> None:
+    """partition() says what has() says id by id, for the dense counter and streams."""
+    bits = 2 if streams else 0
+    before = IdCounts({0: lo, 1: lo // 2} if streams else lo, bits)
+    now = IdCounts({0: max(lo, hi), 1: hi, 3: 1} if streams else max(lo, hi), bits)
+    new, later = now.partition(ids, before)
+    assert new == [i for i in ids if now.has(i) and not before.has(i)]
+    assert later == [i for i in ids if not now.has(i)]
+
+
 def test_table_user_space_bound() -> None:
     t = ConnTable(max_conns=2)
     iv = t.update(3, [_conn(0), _conn(1), _conn(2)], [], 0)
