@@ -22,6 +22,7 @@ from golden import check_golden
 from nettracer.access.plan import plan_fields
 from nettracer.bpf.memory import KernelReads
 from nettracer.errors import UsageError
+from nettracer.kernel import features
 from nettracer.output import drops as out
 from nettracer.output.table import Column, render
 from nettracer.tracers.drops import monitor as drops
@@ -473,8 +474,13 @@ def test_every_variant_passes_the_verifier(
         reason = drops.parse_reason("NO_SOCKET", reasons) if reasons else None
         want = Filters(device=b"eth0", netns=4026531840, reason=reason, protocol=0x0800)
     assert (mon.spec.filters, mon.spec.args) == (want, args)
+    kf = features.current()
+    typed = kf.use("raw_tracepoint") and kf.use("tp_btf")
     with mon:
         assert mon.link is not None and mon.prog is not None
+        assert mon.spec.args.typed == typed and mon.notices == []
+        assert mon.prog.prog_type == mon.spec.args.prog_type
+        assert mon.spec.reads is not None and mon.spec.reads.direct == typed
 
 
 @pytest.mark.kernel

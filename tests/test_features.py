@@ -25,6 +25,22 @@ def test_btf_matches_the_file() -> None:
     assert features.has_btf() == os.path.exists("/sys/kernel/btf/vmlinux")
 
 
+def test_tp_btf_matches_btf() -> None:
+    """A ``tp_btf`` program loads exactly where BTF has ``btf_trace_kfree_skb`` (5.5: the
+    typedefs came with tp_btf), and the typedef's id through the BTF cache is the one
+    a parse of BTF gives."""
+    from nettracer.kernel.tracepoints import btf_trace_id
+
+    if not features.has_btf():
+        assert features.has_tp_btf() is False
+        return
+    from nettracer.kernel.btf import Btf
+
+    tid = Btf.vmlinux().typedef_id("btf_trace_kfree_skb")
+    assert features.has_tp_btf() == bool(tid)
+    assert btf_trace_id("kfree_skb") == (tid or None)
+
+
 def test_kprobes_matches_kallsyms() -> None:
     # kprobes built in <=> the kprobe machinery's own symbols exist
     with open("/proc/kallsyms") as f:

@@ -49,7 +49,9 @@ def test_configure_replaces_the_process_object(monkeypatch: pytest.MonkeyPatch) 
 
 def test_environment_variable_sets_kernel_without() -> None:
     env = {
-        "NETTRACER_KERNEL__WITHOUT": "ringbuf,probe_read_kernel,atomic_fetch,raw_tracepoint,batch_ops"
+        "NETTRACER_KERNEL__WITHOUT": (
+            "ringbuf,probe_read_kernel,atomic_fetch,raw_tracepoint,batch_ops,tp_btf"
+        )
     }
     cfg = load_config(None, environ=env, default_path=NOWHERE)
     assert cfg["kernel.without"] == list(features.FORCEABLE)

@@ -69,40 +69,43 @@ def _recorder(args: TracepointArgs, key: str, values: tuple[str, str]) -> list:
 
 
 def _seen_by_both(raw: TracepointArgs, key: str, values: tuple[str, str], cause) -> dict:
-    """Attach a raw and a classic recorder, run ``cause()``, return what both saw for
-    the same key, and check they saw the same values."""
+    """Attach a raw and a classic recorder (and, for a ``tp_btf`` layout, an untyped raw
+    one as well), run ``cause()``, return what all saw for the same key, and check
+    they saw the same values."""
     from nettracer.bpf import maps, prog
 
     classic = raw.for_kernel(_without_raw())
     assert not classic.raw
+    layouts = (raw, raw.untyped(), classic) if raw.typed else (raw, classic)
     pair = ctypes.c_uint64 * 2
     objs: list = []
     try:
         got = []
-        for args in (raw, classic):
+        for args in layouts:
             m = maps.hash_map(ctypes.c_uint64, pair, 4096, "m")
             objs.append(m)
             p = prog.load(
-                _recorder(args, key, values), prog_type=args.prog_type, maps={"m": m}, name="t"
-            )
+                _recorder(args, key, values), prog_type=args.prog_type, maps={"m": m},
+                name="t", **args.load_target(),
+            )  # fmt: skip
             objs.append(p)
             objs.append(args.attach(p))
             got.append(m)
         cause()
         deadline = time.monotonic() + 5
         while True:
-            a = {k: tuple(v) for k, v in got[0].items()}
-            b = {k: tuple(v) for k, v in got[1].items()}
-            both = a.keys() & b.keys()
+            seen = [{k: tuple(v) for k, v in m.items()} for m in got]
+            both = set.intersection(*(set(x) for x in seen))
             if both or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
     finally:
         for o in reversed(objs):
             o.close()
-    assert both, f"no {key} seen by both programs (raw {len(a)}, classic {len(b)})"
-    assert {k: a[k] for k in both} == {k: b[k] for k in both}
-    return {k: a[k] for k in both}
+    assert both, f"no {key} seen by all programs (each saw {[len(x) for x in seen]})"
+    for other in seen[1:]:
+        assert {k: other[k] for k in both} == {k: seen[0][k] for k in both}
+    return {k: seen[0][k] for k in both}
 
 
 def _without_raw():
@@ -113,8 +116,8 @@ def _without_raw():
 
 @pytest.mark.kernel
 def test_kfree_skb_classic_equals_raw() -> None:
-    """A UDP datagram to a closed port is dropped (NO_SOCKET): both layouts give the same
-    skb, location and reason for it."""
+    """A UDP datagram to a closed port is dropped (NO_SOCKET): the three layouts (tp_btf,
+    raw, classic) give the same skb, location and reason for it."""
     from nettracer.kernel import features
     from nettracer.kernel.btf import Btf
     from nettracer.tracers.drops.monitor import kfree_skb_args
@@ -122,6 +125,7 @@ def test_kfree_skb_classic_equals_raw() -> None:
     if not features.has_btf():
         kernel_skip("needs BTF for the raw argument names")
     raw = kfree_skb_args(Btf.vmlinux())
+    assert raw.typed  # BTF has btf_trace_kfree_skb: a tp_btf layout
 
     def cause() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

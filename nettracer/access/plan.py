@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from nettracer.bpf.insn import FP, R0, JmpOp, Program, Reg, jeq, jmp, ldx, st
-from nettracer.bpf.memory import read
+from nettracer.bpf.memory import load, read
 from nettracer.value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (start-up)
@@ -44,20 +44,27 @@ class ReadPlan(Value):
     ``reads`` are ``(src_off, length, buf_off)``; ``where[key]`` is the field's
     position in the buffer.  Each read starts 8-aligned in both struct and buffer, so
     fields keep their natural alignment in the buffer.  ``size`` is the buffer size (a
-    multiple of 8).
+    multiple of 8).  ``fields`` are ``(src_off, size, buf_off)`` of each field, for
+    plain loads (:class:`~nettracer.bpf.memory.KernelReads` ``direct``), which read
+    fields, not spans: the verifier refuses a load that cuts a pointer member.
     """
 
-    __slots__ = ("reads", "where", "size")  # noqa: RUF023 - field order
+    __slots__ = ("reads", "where", "size", "fields")  # noqa: RUF023 - field order
 
     def __init__(
-        self, reads: tuple[tuple[int, int, int], ...], where: dict[str, int], size: int
+        self,
+        reads: tuple[tuple[int, int, int], ...],
+        where: dict[str, int],
+        size: int,
+        fields: tuple[tuple[int, int, int], ...] = (),
     ) -> None:
         self.reads = reads
         self.where = where
         self.size = size
+        self.fields = fields
 
     def __hash__(self) -> int:
-        return hash((self.reads, tuple(sorted(self.where.items())), self.size))
+        return hash((self.reads, tuple(sorted(self.where.items())), self.size, self.fields))
 
 
 def plan_fields(fields: Mapping[str, tuple[int, int]], max_span: int = MAX_SPAN) -> ReadPlan:
@@ -76,15 +83,17 @@ def plan_fields(fields: Mapping[str, tuple[int, int]], max_span: int = MAX_SPAN)
         clusters.append([f])
     reads = []
     where = {}
+    loads = []
     pos = 0
     for c in clusters:
         start = c[0][0] & ~7
         length = max(o + s for o, s, _ in c) - start
         reads.append((start, length, pos))
-        for o, _, k in c:
+        for o, s, k in c:
             where[k] = pos + (o - start)
+            loads.append((o, s, where[k]))
         pos += (length + 7) & ~7
-    return ReadPlan(tuple(reads), where, pos)
+    return ReadPlan(tuple(reads), where, pos, tuple(loads))
 
 
 def plan_reads(offsets: Offsets, keys: Iterable[str], max_span: int = MAX_SPAN) -> ReadPlan:
@@ -149,9 +158,18 @@ def plan_paths(paths: Sequence[AccessPath], max_span: int = MAX_SPAN) -> list[Pa
 def emit_plan(p: Program, plan: ReadPlan, buf_off: int, src: Reg, dst: Reg = FP) -> None:
     """Append the reads of ``plan`` from the struct at ``src`` into the buffer at
     ``dst + buf_off`` (the stack by default). No NULL check: test ``src`` first.
-    On a fault the kernel zeroes that read's bytes. Clobbers R0-R5."""
+    On a fault the kernel zeroes that read's bytes. Clobbers R0-R5.  With direct reads
+    (a ``tp_btf`` program, ``src`` BTF-typed) each field is loaded alone."""
+    if _direct(p):
+        for src_off, size, pos in plan.fields:
+            load(p, dst, buf_off + pos, size, src, src_off)
+        return
     for src_off, length, pos in plan.reads:
         read(p, dst, buf_off + pos, length, src, src_off)
+
+
+def _direct(p: Program) -> bool:
+    return p.reads is not None and p.reads.direct
 
 
 def read_chain(
@@ -172,17 +190,27 @@ def read_chain(
 
     Each pointer hop is one 8-byte read into ``fp + dst_off`` (so the slot must hold
     at least 8 bytes when ``derefs`` is not empty) loaded back into ``base`` after the
-    call, so ``base`` may be any register but R0-R2 (R3 saves a copy per read).
+    call, so ``base`` may be any register but R0-R2 (R3 saves a copy per read); with
+    direct reads (``tp_btf``, ``base`` BTF-typed) a hop is one load into ``base``, the
+    final value one load (a string is still read with the helper).
     ``fault`` (optional) is where to go when a read fails (R0 < 0); ``string`` uses the
     ``_str`` helper for the final read; ``clear`` zeroes the 8-byte slot after each hop
     so that a shorter final value leaves no pointer bytes behind (records used as map
     keys). Clobbers R0-R5 and ``base``.
     """
+    direct = _direct(p)
     for hop in derefs:
+        if direct:
+            p += [jeq(base, 0, null), ldx(8, base, base, hop)]
+            continue
         _checked_read(p, base, hop, 8, dst_off, null, fault, False)
         p += ldx(8, base, FP, dst_off)
         if clear:
             p += st(8, FP, dst_off, 0)
+    if direct and not string:
+        p += jeq(base, 0, null)
+        load(p, FP, dst_off, size, base, offset)
+        return
     _checked_read(p, base, offset, size, dst_off, null, fault, string)
 
 

@@ -44,17 +44,19 @@ class PerfEvent(FdObject):
     kind = "perf_event"
 
 
-def attach_raw_tracepoint(prog: Prog, name: str) -> Link:
-    """Attach a raw tracepoint program to tracepoint ``name`` (e.g. ``kfree_skb``), Linux 4.17."""
+def attach_raw_tracepoint(prog: Prog, name: str, typed: bool = False) -> Link:
+    """Attach a raw tracepoint program to tracepoint ``name`` (e.g. ``kfree_skb``), Linux
+    4.17; with ``typed``, a ``tp_btf`` program (5.5), whose tracepoint was named by the
+    BTF id it was loaded with (``name`` then only names the link)."""
     try:
-        fd = syscall.raw_tracepoint_open(name, prog.fd)
+        fd = syscall.raw_tracepoint_open(None if typed else name, prog.fd)
     except BpfSyscallError as exc:
         if exc.errno == errno.ENOENT:
             raise UnknownTracepoint(
                 f"unknown raw tracepoint {name!r} (see the tracefs file available_events)"
             ) from None
         raise
-    return Link(fd, prog, f"raw_tp/{name}")
+    return Link(fd, prog, f"{'tp_btf' if typed else 'raw_tp'}/{name}")
 
 
 def attach_tracepoint(prog: Prog, tp_id: int, name: str = "", bpf_link: bool = True) -> Link:

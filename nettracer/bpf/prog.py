@@ -152,23 +152,29 @@ def load(
     name: str = "nettracer",
     license: str = "GPL",
     log_level: int = 0,
+    *,
+    expected_attach_type: int = 0,
+    attach_btf_id: int = 0,
 ) -> Prog:
     """Assemble and load a program. On refusal the load is retried with a verbose log,
-    grown until it fits, and :class:`VerifierError` is raised."""
+    grown until it fits, and :class:`VerifierError` is raised.  ``expected_attach_type``
+    and ``attach_btf_id`` say what a ``BPF_PROG_TYPE_TRACING`` program attaches to (a
+    ``tp_btf`` program: ``BPF_TRACE_RAW_TP`` and the BTF id of ``btf_trace_<name>``)."""
+    target = (expected_attach_type, attach_btf_id)
     fds = {k: (m.fd if isinstance(m, Map) else int(m)) for k, m in (maps or {}).items()}
     resolved = resolve(insns, fds)
     code = b"".join(i.encode() for i in resolved)
     log = ""
     try:
         if log_level:
-            fd, log = _load_with_log(prog_type, code, license, name, log_level)
+            fd, log = _load_with_log(prog_type, code, license, name, log_level, target)
         else:
-            fd = syscall.prog_load(prog_type, code, license, name, 0, None)
+            fd = syscall.prog_load(prog_type, code, license, name, 0, None, *target)
     except BpfSyscallError as exc:
         if exc.errno not in (errno.EINVAL, errno.EACCES, errno.E2BIG, errno.ENOSPC, errno.EFAULT):
             raise
         try:
-            _load_with_log(prog_type, code, license, name, max(log_level, 1))
+            _load_with_log(prog_type, code, license, name, max(log_level, 1), target)
         except _Refused as refused:
             raise VerifierError(name, refused.log, resolved, refused.errno) from None
         raise  # loaded with a log but not without: report the original error
@@ -184,13 +190,13 @@ class _Refused(Exception):
 
 
 def _load_with_log(
-    prog_type: int, code: bytes, license: str, name: str, level: int
+    prog_type: int, code: bytes, license: str, name: str, level: int, target: tuple[int, int]
 ) -> tuple[int, str]:
     size = _LOG_START
     while True:
         buf = ctypes.create_string_buffer(size)
         try:
-            fd = syscall.prog_load(prog_type, code, license, name, level, buf)
+            fd = syscall.prog_load(prog_type, code, license, name, level, buf, *target)
             return fd, buf.value.decode(errors="replace")
         except BpfSyscallError as exc:
             if exc.errno == errno.ENOSPC and size < _LOG_MAX:

@@ -78,6 +78,8 @@ class ProgType(IntEnum):
 
 #: ``enum bpf_attach_type`` value for a perf-event link (LINK_CREATE, Linux 5.15)
 BPF_PERF_EVENT = 41
+#: ``enum bpf_attach_type`` of a BTF-typed raw tracepoint program (``tp_btf``, Linux 5.5)
+BPF_TRACE_RAW_TP = 23
 #: map update flags
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 #: ``BPF_F_NO_PREALLOC`` map flag for hash maps
@@ -526,6 +528,7 @@ def prog_load(
     log_level: int,
     log: ctypes.Array | None,
     expected_attach_type: int = 0,
+    attach_btf_id: int = 0,
 ) -> int:
     insn_buf = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license.encode())
@@ -539,14 +542,17 @@ def prog_load(
         log_buf=addr(log),
         prog_name=name.encode()[: BPF_OBJ_NAME_LEN - 1],
         expected_attach_type=expected_attach_type,
+        attach_btf_id=attach_btf_id,
     )
     return bpf(Cmd.PROG_LOAD, attr, f"program {name!r}")
 
 
-def raw_tracepoint_open(name: str, prog_fd: int) -> int:
-    cname = ctypes.create_string_buffer(name.encode())
+def raw_tracepoint_open(name: str | None, prog_fd: int) -> int:
+    """Attach to raw tracepoint ``name``; None for a ``tp_btf`` program, whose
+    tracepoint is the one its ``attach_btf_id`` names (the kernel refuses a name then)."""
+    cname = ctypes.create_string_buffer(name.encode()) if name is not None else None
     attr = RawTracepointAttr(name=addr(cname), prog_fd=prog_fd)
-    return bpf(Cmd.RAW_TRACEPOINT_OPEN, attr, f"raw tracepoint {name!r}")
+    return bpf(Cmd.RAW_TRACEPOINT_OPEN, attr, f"raw tracepoint {name or 'of the program'!r}")
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> int:

@@ -40,7 +40,8 @@ def load_settings(
     if notices:
         for notice in config.notices:
             sys.stderr.write(f"nettracer: notice: {notice}\n")
-    features.configure(config["kernel.without"])  # type: ignore[arg-type]
+    cache_dir = str(config["offsets.cache_dir"]) or None
+    features.configure(config["kernel.without"], cache_dir)  # type: ignore[arg-type]
     return config
 
 

@@ -395,6 +395,10 @@ class Btf:
             tid = self._first[key] = found[0] if found else 0
         return tid
 
+    def typedef_id(self, name: str) -> int:
+        """Type id of ``typedef ... name``, or 0."""
+        return self._first_of(name, frozenset({Kind.TYPEDEF}))
+
     def find(self, name: str, kind: Kind | None = None) -> list[int]:
         """All type ids named ``name`` (of ``kind`` when given), lowest first."""
         kinds = frozenset(_KINDS[1:]) if kind is None else frozenset({Kind(kind)})
@@ -721,7 +725,7 @@ class Btf:
         from ``__bpf_trace_<name>`` for events that are their own class, when those
         exist with the same parameter types; otherwise the names are empty.
         """
-        td = self._first_of(f"btf_trace_{name}", frozenset({Kind.TYPEDEF}))
+        td = self.typedef_id(f"btf_trace_{name}")
         if not td:
             raise BtfLookupError(
                 f"no raw tracepoint {name!r} in BTF (typedef btf_trace_{name} not found)"

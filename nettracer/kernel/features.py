@@ -39,11 +39,15 @@ _UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524, errno.E2BIG)
 
 
 def _load_probe(
-    prog_type: ProgType, body: list[Insn] | None = None, refusals: tuple[str, ...] = ()
+    prog_type: ProgType,
+    body: list[Insn] | None = None,
+    refusals: tuple[str, ...] = (),
+    **target: int,
 ) -> bpf_prog.Prog | None:
-    """``body`` (default nothing) then ``return 0`` as a program of ``prog_type``; None
-    when the kernel refuses the type, or the verifier refuses the program with a log
-    line containing one of ``refusals`` (what an older kernel says about the one
+    """``body`` (default nothing) then ``return 0`` as a program of ``prog_type`` (and
+    ``target``: :func:`nettracer.bpf.prog.load`'s attach type and BTF id); None when
+    the kernel refuses the type, or the verifier refuses the program with a log line
+    containing one of ``refusals`` (what an older kernel says about the one
     instruction being probed). Any other refusal is raised: the probe cannot tell."""
     from nettracer.bpf import prog as bpf_prog
     from nettracer.bpf.insn import R0, exit_, mov64
@@ -51,7 +55,7 @@ def _load_probe(
 
     insns = [*(body or []), mov64(R0, 0), exit_()]
     try:
-        return bpf_prog.load(insns, prog_type=prog_type, name="nt_probe")
+        return bpf_prog.load(insns, prog_type=prog_type, name="nt_probe", **target)
     except bpf_prog.VerifierError as exc:
         if body is None or any(r in exc.log for r in refusals):
             return None
@@ -63,9 +67,12 @@ def _load_probe(
 
 
 def _loads(
-    prog_type: ProgType, body: list[Insn] | None = None, refusals: tuple[str, ...] = ()
+    prog_type: ProgType,
+    body: list[Insn] | None = None,
+    refusals: tuple[str, ...] = (),
+    **target: int,
 ) -> bool:
-    prog = _load_probe(prog_type, body, refusals)
+    prog = _load_probe(prog_type, body, refusals, **target)
     if prog is None:
         return False
     prog.close()
@@ -174,6 +181,24 @@ def has_batch_ops() -> bool:
     return True
 
 
+def has_tp_btf() -> bool:
+    """BTF-typed raw tracepoint programs (``tp_btf``: ``BPF_PROG_TYPE_TRACING`` attached
+    with ``BPF_TRACE_RAW_TP``, Linux 5.5) load, typed for ``kfree_skb``.
+
+    Conclusive: the ``btf_trace_<name>`` typedefs came with tp_btf, so without BTF or
+    without the typedef there is nothing to type a program with; with them, the trivial
+    program loads or the kernel refuses the program type.  The typedef's id comes
+    through the BTF cache of :func:`configure`'s ``cache_dir``."""
+    from nettracer.bpf.syscall import ProgType
+    from nettracer.kernel.tracepoints import TracepointArgs, btf_trace_id
+
+    tid = btf_trace_id("kfree_skb", _btf_cache_dir)
+    if tid is None:
+        return False
+    target = TracepointArgs.raw_args("kfree_skb", (), btf_id=tid).load_target()
+    return _loads(ProgType.TRACING, **target)
+
+
 def has_btf() -> bool:
     """The kernel exposes its own BTF (CONFIG_DEBUG_INFO_BTF, Linux 5.4)."""
     return os.path.exists(BTF_VMLINUX)
@@ -254,6 +279,13 @@ FEATURES: dict[str, Feature] = _features(
     Feature("jiffies64", has_jiffies64, "5.6", "bpf_jiffies64", "drops without the device memo"),
     Feature("btf", has_btf, "5.4", "BTF", "guessed offsets"),
     Feature(
+        "tp_btf",
+        has_tp_btf,
+        "5.5",
+        "typed raw tracepoints (tp_btf)",
+        "bpf_probe_read_kernel calls",
+    ),
+    Feature(
         "memcg_accounting",
         has_memcg_accounting,
         "5.11",
@@ -270,10 +302,13 @@ FORCEABLE: tuple[str, ...] = (
     "atomic_fetch",
     "raw_tracepoint",
     "batch_ops",
+    "tp_btf",
 )
 
 #: probe results of this process: each probe runs at most once
 _probed: dict[str, bool] = {}
+#: the BTF cache the probes use (``offsets.cache_dir``; :func:`configure`); None: none
+_btf_cache_dir: str | None = None
 
 
 def probe(name: str) -> bool:
@@ -364,12 +399,14 @@ def current() -> KernelFeatures:
     return _current
 
 
-def configure(without: Iterable[str]) -> KernelFeatures:
+def configure(without: Iterable[str], cache_dir: str | None = None) -> KernelFeatures:
     """Make ``KernelFeatures(without)`` the process's object (from ``kernel.without``),
-    and its "use batch_ops?" the map walks' choice (:func:`nettracer.bpf.maps.use_batch_ops`)."""
+    and its "use batch_ops?" the map walks' choice (:func:`nettracer.bpf.maps.use_batch_ops`);
+    ``cache_dir`` is the BTF cache the probes may use (``offsets.cache_dir``)."""
     from nettracer.bpf import maps
 
-    global _current
+    global _current, _btf_cache_dir
+    _btf_cache_dir = cache_dir
     kf = _current = KernelFeatures(without)
     maps.set_batch_policy(lambda: kf.use("batch_ops"))
     return kf

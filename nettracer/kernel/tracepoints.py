@@ -50,20 +50,36 @@ class TracepointArgs(Value):
     for a raw layout (raw tracepoints are found by name alone).
     """
 
-    __slots__ = ("name", "category", "raw", "fields")  # noqa: RUF023 - field order
+    __slots__ = ("name", "category", "raw", "fields", "btf_id")  # noqa: RUF023 - field order
 
     def __init__(
-        self, name: str, category: str, raw: bool, fields: tuple[tuple[str, int, int], ...]
+        self,
+        name: str,
+        category: str,
+        raw: bool,
+        fields: tuple[tuple[str, int, int], ...],
+        btf_id: int | None = None,
     ) -> None:
         self.name = name
         self.category = category
         self.raw = raw
         self.fields = fields
+        #: BTF id of ``btf_trace_<name>`` for a ``tp_btf`` program (raw layouts only)
+        self.btf_id = btf_id if raw else None
 
     @classmethod
-    def raw_args(cls, name: str, names: Sequence[str], category: str = "") -> TracepointArgs:
-        """The raw tracepoint layout of ``TP_PROTO`` arguments ``names`` (in order)."""
-        return cls(name, category, True, tuple((n, 8 * i, 8) for i, n in enumerate(names)))
+    def raw_args(
+        cls, name: str, names: Sequence[str], category: str = "", btf_id: int | None = None
+    ) -> TracepointArgs:
+        """The raw tracepoint layout of ``TP_PROTO`` arguments ``names`` (in order);
+        ``btf_id`` (:func:`btf_trace_id`) makes it the ``tp_btf`` one."""
+        fields = tuple((n, 8 * i, 8) for i, n in enumerate(names))
+        return cls(name, category, True, fields, btf_id)
+
+    @property
+    def typed(self) -> bool:
+        """A ``tp_btf`` layout: the program may read struct pointers with plain loads."""
+        return self.btf_id is not None
 
     @classmethod
     def classic_args(
@@ -115,33 +131,80 @@ class TracepointArgs(Value):
         """The program type whose context this layout describes."""
         from nettracer.bpf.syscall import ProgType
 
+        if self.typed:
+            return ProgType.TRACING
         return ProgType.RAW_TRACEPOINT if self.raw else ProgType.TRACEPOINT
+
+    def load_target(self) -> dict[str, int]:
+        """The keyword arguments of :func:`nettracer.bpf.prog.load` that say what a
+        ``tp_btf`` program attaches to (none for the other layouts)."""
+        if not self.typed:
+            return {}
+        from nettracer.bpf.syscall import BPF_TRACE_RAW_TP
+
+        assert self.btf_id is not None
+        return {"expected_attach_type": BPF_TRACE_RAW_TP, "attach_btf_id": self.btf_id}
+
+    def untyped(self) -> TracepointArgs:
+        """The same layout without the BTF typing (a plain raw tracepoint program)."""
+        return self.replace(btf_id=None)
 
     def for_kernel(
         self, features: KernelFeatures | None = None, aliases: Mapping[str, str] | None = None
     ) -> TracepointArgs:
-        """This layout, or the classic one when raw tracepoints are not to be used
-        (``features`` defaults to :func:`nettracer.kernel.features.current`)."""
+        """This layout; without its typing where ``tp_btf`` is not to be used; or the
+        classic one when raw tracepoints are not to be used (``features`` defaults to
+        :func:`nettracer.kernel.features.current`)."""
         from nettracer.kernel import features as kernel_features
 
         kf = features if features is not None else kernel_features.current()
-        if not self.raw or kf.use("raw_tracepoint"):
+        if not self.raw:
             return self
+        if kf.use("raw_tracepoint"):
+            return self if not self.typed or kf.use("tp_btf") else self.untyped()
         fmt = tracepoint_format(self.name, self.category)
         return TracepointArgs.classic_args(fmt, self.names, aliases)
 
     def attach(self, prog: Prog) -> Link:
-        """Attach ``prog`` (loaded with :attr:`prog_type`) to this tracepoint; a classic
-        one with ``PERF_EVENT_IOC_SET_BPF``, as the kernels without raw tracepoints
-        (before 4.17) must, even where a perf-event BPF link (5.15) exists."""
+        """Attach ``prog`` (loaded with :attr:`prog_type` and :meth:`load_target`) to
+        this tracepoint; a classic one with ``PERF_EVENT_IOC_SET_BPF``, as the kernels
+        without raw tracepoints (before 4.17) must, even where a perf-event BPF link
+        (5.15) exists."""
         from nettracer.bpf.link import attach_raw_tracepoint, attach_tracepoint
 
         if self.raw:  # no tracefs import on this path (start-up: tracefs costs ~30 ms)
-            return attach_raw_tracepoint(prog, self.name)
+            return attach_raw_tracepoint(prog, self.name, typed=self.typed)
         from nettracer.kernel.tracefs import open_tracefs
 
         tp_id = open_tracefs().tracepoint_id(self.category, self.name)
         return attach_tracepoint(prog, tp_id, f"{self.category}/{self.name}", bpf_link=False)
+
+
+def btf_trace_id(name: str, cache_dir: str | None = None) -> int | None:
+    """The BTF type id of ``typedef void (*btf_trace_<name>)(void *, TP_PROTO)`` in the
+    kernel's BTF (Linux 5.5, with ``tp_btf`` itself): what a ``tp_btf`` program on
+    tracepoint ``name`` is loaded with.  None without BTF or without the typedef.
+    Through the BTF cache in ``cache_dir`` (:mod:`nettracer.kernel.btf_cache`): finding
+    it in a parse of the BTF takes about 50 ms, start-up's whole budget."""
+    import os
+
+    from nettracer.kernel import BTF_VMLINUX
+
+    if not os.path.exists(BTF_VMLINUX):
+        return None
+    from nettracer.kernel import btf_cache
+
+    def compute() -> int:
+        from nettracer.kernel.btf import Btf
+
+        return Btf.vmlinux().typedef_id(f"btf_trace_{name}")
+
+    def decode(rows: list[tuple[str, ...]]) -> int:
+        ((tid,),) = rows  # ValueError unless one row of one field
+        return int(tid)
+
+    tid = btf_cache.cached(cache_dir, f"btf_trace.{name}", compute, lambda t: [(t,)], decode)
+    return tid or None
 
 
 def tracepoint_format(name: str, category: str = "") -> TracepointFormat:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from nettracer.bpf import maps as bpf_maps
 from nettracer.bpf.fd import FdObject
 from nettracer.bpf.link import Link
-from nettracer.bpf.prog import Prog, load
+from nettracer.bpf.prog import Prog, VerifierError, load, summarize_log
 from nettracer.bpf.syscall import MapType
 from nettracer.errors import NotSupported, UsageError
 from nettracer.kernel import BTF_VMLINUX
@@ -101,8 +101,9 @@ def kfree_skb_args(btf: object | None = None) -> KfreeSkbArgs:
     """The ``TP_PROTO`` argument names of ``kfree_skb`` on this kernel.
 
     From BTF's ``btf_trace_kfree_skb`` prototype when ``btf`` (a
-    :class:`nettracer.kernel.btf.Btf`) is given, else from the tracefs format: a
-    ``reason`` field in the record means the third argument is the reason (both came
+    :class:`nettracer.kernel.btf.Btf`) is given, typed with that typedef's id (a
+    ``tp_btf`` program on the kernel ``btf`` describes), else from the tracefs format:
+    a ``reason`` field in the record means the third argument is the reason (both came
     with ``kfree_skb_reason()`` in 5.17, include/trace/events/skb.h).
     """
     if btf is not None:
@@ -113,7 +114,7 @@ def kfree_skb_args(btf: object | None = None) -> KfreeSkbArgs:
         names = tuple(n for n, _ in args)
         if not all(names):  # no parameter names in this BTF: the kernel's order
             names = KFREE_SKB_PROTO[: len(args)]
-        return KfreeSkbArgs(names)
+        return KfreeSkbArgs(names, btf.typedef_id(f"btf_trace_{TRACEPOINT}"))
     fmt = _tracefs_format()
     n = 3 if fmt.has_field("reason") else 2
     return KfreeSkbArgs(KFREE_SKB_PROTO[:n])
@@ -164,7 +165,8 @@ def cached_kfree_skb_args(cache_dir: str | None, btf_path: str = BTF_VMLINUX) ->
     """:func:`kfree_skb_args` as start-up wants it: from BTF through the BTF cache
     (:mod:`nettracer.kernel.btf_cache`: no BTF parse when this very BTF was read
     before; ``cache_dir`` None reads BTF), or from the tracefs format on a kernel
-    without BTF or without ``btf_trace_kfree_skb`` in it (before 5.5)."""
+    without BTF or without ``btf_trace_kfree_skb`` in it (before 5.5).  From BTF, the
+    layout is the ``tp_btf`` one (with the typedef's id)."""
     if not os.path.exists(btf_path):
         return kfree_skb_args(None)
     from nettracer.kernel import btf_cache
@@ -178,16 +180,16 @@ def cached_kfree_skb_args(cache_dir: str | None, btf_path: str = BTF_VMLINUX) ->
             return kfree_skb_args(None)
 
     def decode(rows: list[tuple[str, ...]]) -> KfreeSkbArgs:
-        (names,) = rows  # ValueError unless one row
+        names, (btf_id,) = rows  # ValueError unless two rows, the second of one field
         if "skb" not in names or "location" not in names:
             raise ValueError("skb or location missing")
-        return KfreeSkbArgs(names)
+        return KfreeSkbArgs(names, int(btf_id) or None)
 
     return btf_cache.cached(
         cache_dir,
         f"tracepoint_args.{TRACEPOINT}",
         compute,
-        lambda args: [args.names],
+        lambda args: [args.names, (args.btf_id or 0,)],
         decode,
         btf_path=btf_path,
     )
@@ -373,56 +375,83 @@ class DropMonitor:
         """Create the maps, load the program and attach it to ``kfree_skb``."""
         max_devices, max_stacks, ringbuf_bytes = self._sizes
         try:
-            maps: dict[str, bpf_maps.Map] = {}
-            self.counts = self._keep(
-                bpf_maps.percpu_hash(DropKey, ctypes.c_uint64, self.max_keys, "counts")
-            )
-            self.devnames = self._keep(bpf_maps.hash_map(DevKey, DevName, max_devices, "devnames"))
-            self.lost_map = self._keep(bpf_maps.percpu_array(ctypes.c_uint64, 1, "lost"))
-            maps = {"counts": self.counts, "devnames": self.devnames, "lost": self.lost_map}
-            if self.spec.memo:
-                from nettracer.bpf.memo import memo_map
-
-                maps["devmemo"] = self._keep(memo_map(8, "devmemo"))
-            if self.spec.stack:
-                self.stacks = self._keep(
-                    bpf_maps.Map(
-                        MapType.STACK_TRACE,
-                        ctypes.c_uint32,
-                        ctypes.c_uint64 * STACK_DEPTH,
-                        max_stacks,
-                        "stacks",
-                    )
-                )
-                maps["stacks"] = self.stacks
             spec = self._for_kernel()
+            maps = self._create_maps(spec, max_devices, max_stacks)
             if spec.events:
                 from nettracer.tracers.drops.program import channel_for
 
                 shared = None if spec.counts else self.lost_map
                 self.reader = channel_for(spec).open(ringbuf_bytes, lost_map=shared)
                 maps |= self.reader.maps
-            program = build(spec)
-            self.prog = self._keep(
-                load(program.insns, prog_type=spec.args.prog_type, maps=maps, name="nt_drops")
-            )
-            self.link = self._keep(spec.args.attach(self.prog))
+            self.prog = self._keep(self._load(spec, maps))
+            self.link = self._keep(self.spec.args.attach(self.prog))
         except BaseException:
             self.close()
             raise
         return self
 
+    def _create_maps(
+        self, spec: DropSpec, max_devices: int, max_stacks: int
+    ) -> dict[str, bpf_maps.Map]:
+        self.counts = self._keep(
+            bpf_maps.percpu_hash(DropKey, ctypes.c_uint64, self.max_keys, "counts")
+        )
+        self.devnames = self._keep(bpf_maps.hash_map(DevKey, DevName, max_devices, "devnames"))
+        self.lost_map = self._keep(bpf_maps.percpu_array(ctypes.c_uint64, 1, "lost"))
+        maps = {"counts": self.counts, "devnames": self.devnames, "lost": self.lost_map}
+        if spec.memo:
+            from nettracer.bpf.memo import memo_map
+
+            maps["devmemo"] = self._keep(memo_map(8, "devmemo"))
+        if spec.stack:
+            self.stacks = self._keep(
+                bpf_maps.Map(
+                    MapType.STACK_TRACE,
+                    ctypes.c_uint32,
+                    ctypes.c_uint64 * STACK_DEPTH,
+                    max_stacks,
+                    "stacks",
+                )
+            )
+            maps["stacks"] = self.stacks
+        return maps
+
+    def _load(self, spec: DropSpec, maps: dict[str, bpf_maps.Map]) -> Prog:
+        """The program of ``spec``, loaded; ``self.spec`` becomes the spec it was built
+        from.  A ``tp_btf`` program the verifier refuses (offsets that do not match the
+        kernel's BTF: a guess it contradicts) is built again with helper reads (without
+        the device memo, whose map was not made), and a notice says so."""
+        args = spec.args
+        try:
+            prog = load(build(spec).insns, prog_type=args.prog_type, maps=maps,
+                        name="nt_drops", **args.load_target())  # fmt: skip
+        except VerifierError as exc:
+            if not args.typed:
+                raise
+            reason = summarize_log(exc.log)[1]
+            self.notices = [*self.notices, "reading kernel memory with helper calls: the "
+                            f"BTF-typed kfree_skb program was refused ({reason})"]  # fmt: skip
+            assert spec.reads is not None
+            spec = spec.replace(args=args.untyped(), reads=spec.reads.replace(direct=False))
+            prog = load(build(spec).insns, prog_type=spec.args.prog_type, maps=maps,
+                        name="nt_drops")  # fmt: skip
+        self.spec = spec
+        return prog
+
     def _for_kernel(self) -> DropSpec:
         """The spec as this kernel (and ``kernel.without``) wants it: the tracepoint's
-        layout, the read helper and the event channel."""
+        layout (``tp_btf`` where it can), the reads (plain loads on ``tp_btf``, which
+        make the device memo pointless) and the event channel."""
         from nettracer.bpf.channel import channel_kind
         from nettracer.kernel import features
 
         kf = features.current()
+        args = self.spec.args.for_kernel(kf)
         reads = self.spec.reads if self.spec.reads is not None else kernel_reads(kf)
         return self.spec.replace(
-            args=self.spec.args.for_kernel(kf),
-            reads=reads,
+            args=args,
+            reads=reads.replace(direct=args.typed),
+            memo=self.spec.memo and not args.typed,
             channel=channel_kind(kf.use("ringbuf")) if self.spec.events else self.spec.channel,
         )
 

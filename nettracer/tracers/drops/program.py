@@ -138,9 +138,9 @@ class KfreeSkbArgs(TracepointArgs):
 
     __slots__ = ()
 
-    def __init__(self, names: tuple[str, ...]) -> None:
-        raw = TracepointArgs.raw_args("kfree_skb", names, "skb")
-        super().__init__(raw.name, raw.category, raw.raw, raw.fields)
+    def __init__(self, names: tuple[str, ...], btf_id: int | None = None) -> None:
+        raw = TracepointArgs.raw_args("kfree_skb", names, "skb", btf_id)
+        super().__init__(raw.name, raw.category, raw.raw, raw.fields, raw.btf_id)
 
     @property
     def has_reason(self) -> bool:
