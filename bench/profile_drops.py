@@ -7,7 +7,9 @@ blaster (N UDP datagrams to a closed port per measurement) and reports BPF run t
 / run count (``BPF_ENABLE_STATS``) of each variant: median and spread over R rounds.
 
 ``real`` is the program ``nettracer drops`` loads (default options,
-:class:`~nettracer.tracers.drops.monitor.DropMonitor`); the other variants are
+:class:`~nettracer.tracers.drops.monitor.DropMonitor`: with BTF a ``tp_btf`` program
+with plain loads), then the same on an untyped raw tracepoint (helper reads, with and
+without the device memo); the other variants are
 skeletons of it built from the same shared pieces (:mod:`nettracer.access.plan`,
 :mod:`nettracer.bpf.counters`) and this kernel's BTF offsets: the key's location and
 reason from the context, then optionally the read of ``struct sk_buff`` (``wide``: one
@@ -121,8 +123,8 @@ def variants(spec: DropSpec) -> dict[str, Callable[[], object]]:
     def real() -> object:
         return DropMonitor(spec).start()
 
-    def real_without_memo() -> object:
-        return DropMonitor(DropSpec(spec.layout, spec.args, memo=False)).start()
+    def untyped(memo: bool) -> Callable[[], object]:
+        return lambda: DropMonitor(DropSpec(spec.layout, spec.args.untyped(), memo=memo)).start()
 
     def sk(skb: str, dev: bool, ns: bool, count: bool) -> Callable[[], object]:
         return lambda: Loaded(skeleton(spec, skb, dev, ns, count))
@@ -132,7 +134,8 @@ def variants(spec: DropSpec) -> dict[str, Callable[[], object]]:
 
     return {
         "real": real,
-        "real without device memo": real_without_memo,
+        "real, helper reads (raw_tp)": untyped(True),
+        "real, helper reads, no device memo": untyped(False),
         "empty": lambda: Loaded(Program([mov64(R0, 0), exit_()])),
         "key+count": sk("none", False, False, True),
         "skb wide+count": sk("wide", False, False, True),

@@ -46,7 +46,7 @@ from nettracer.bpf import maps as bpf_maps
 from nettracer.bpf.fd import FdObject
 from nettracer.bpf.link import Link
 from nettracer.bpf.prog import Prog, VerifierError, load, summarize_log
-from nettracer.bpf.syscall import MapType
+from nettracer.bpf.syscall import BPF_F_NO_PREALLOC, MapType
 from nettracer.errors import NotSupported, UsageError
 from nettracer.kernel import BTF_VMLINUX
 from nettracer.kernel.features import current as current_features
@@ -393,8 +393,12 @@ class DropMonitor:
     def _create_maps(
         self, spec: DropSpec, max_devices: int, max_stacks: int
     ) -> dict[str, bpf_maps.Map]:
+        # entries allocated as keys appear: preallocating 8192 per-CPU ones took 11 ms,
+        # a tenth of start-up, and a drop program rarely sees more than a few dozen keys
         self.counts = self._keep(
-            bpf_maps.percpu_hash(DropKey, ctypes.c_uint64, self.max_keys, "counts")
+            bpf_maps.percpu_hash(
+                DropKey, ctypes.c_uint64, self.max_keys, "counts", BPF_F_NO_PREALLOC
+            )
         )
         self.devnames = self._keep(bpf_maps.hash_map(DevKey, DevName, max_devices, "devnames"))
         self.lost_map = self._keep(bpf_maps.percpu_array(ctypes.c_uint64, 1, "lost"))
