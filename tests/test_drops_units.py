@@ -382,6 +382,10 @@ VARIANTS = {
     "events": DropSpec(LAYOUT, A4, events=True),
     "no_reason_arg": DropSpec(LAYOUT, KfreeSkbArgs(("skb", "location"))),
     "legacy_reads": DropSpec(LAYOUT, A4, events=True, reads=KernelReads(legacy=True)),
+    # tp_btf: plain loads (the monitor turns the memo off there)
+    "typed": DropSpec(LAYOUT, A4, memo=False, reads=KernelReads(direct=True)),
+    "typed_events": DropSpec(LAYOUT, A4, events=True, memo=False, reads=KernelReads(direct=True)),
+    "typed_device": DropSpec(LAYOUT, A4, Filters(device=b"eth0"), reads=KernelReads(direct=True)),
 }
 
 
@@ -398,6 +402,16 @@ def test_hot_path_has_three_reads_and_one_lookup() -> None:
     assert hot.count("call probe_read_kernel#113") == 5  # skb, dev, inum; sk->net, inum
     assert hot.count("call map_lookup_elem#1") == 1
     assert "call" not in hot.split("havens:")[1].replace("call map_lookup_elem#1", "")
+
+
+def test_typed_hot_path_calls_only_the_hash_lookup() -> None:
+    """On ``tp_btf`` the reads of skb, device, namespace (and sk's namespace) are plain
+    loads: up to the first exit of the counting path the only call is the lookup."""
+    hot = build(VARIANTS["typed"]).listing().split("goto out\n")[0]
+    assert [line.split("call ")[1] for line in hot.splitlines() if "call " in line] == [
+        "map_lookup_elem#1"
+    ]
+    assert "devmemo" not in hot
 
 
 def test_device_memo_hit_reads_only_the_skb() -> None:

@@ -1,34 +1,42 @@
 """The drop monitor's eBPF program, built from offsets (its records: :mod:`.records`).
 
-One raw tracepoint program on ``kfree_skb``, whose context is the ``TP_PROTO``
+One program on the ``kfree_skb`` tracepoint, whose context is the ``TP_PROTO``
 array ``(struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct
 sock *rx_sk)`` (``reason`` since Linux 5.17, ``rx_sk`` since 6.11; 4.17-5.16 have
 only the first two), reads kernel memory through :mod:`nettracer.access.plan`:
 
-* ``skb->dev`` (``struct net_device *``) and ``skb->protocol`` (``__be16``), in one
-  read when they lie close together (they are 160 bytes apart on 6.x), plus
-  ``skb->sk`` when it is in the same span;
+* ``skb->dev`` (``struct net_device *``) and ``skb->protocol`` (``__be16``), plus
+  ``skb->sk``;
 * ``dev->ifindex`` (``int``) and ``dev->nd_net`` (``possible_net_t``, a ``struct net *``
-  with ``CONFIG_NET_NS``), again in one read where possible, then
-  ``net->ns.inum`` (``unsigned int``);
+  with ``CONFIG_NET_NS``), then ``net->ns.inum`` (``unsigned int``);
 * for drops without a device, the namespace of ``skb->sk``
   (``sk->__sk_common.skc_net``), so that ``--netns`` also sees socket-level drops.
 
-It then bumps a per-CPU counter keyed by :class:`DropKey` (location, reason,
-ifindex, netns inode, protocol, stack id).  The hot path is: one helper read
-(``skb``), a look at the device memo, one hash lookup, one non-atomic add (a raw
-tracepoint program cannot nest on its CPU: ``bpf_trace_run*()`` counts a nested run
-as a recursion miss instead, which we report as lost).  The device memo
-(:mod:`nettracer.bpf.memo`, a per-CPU array of one entry) holds the ifindex and
-netns inode of the last ``struct net_device *`` this CPU saw, valid for the jiffy
-that read them: drops come in bursts on one device, so most drops skip the two
-reads of the device and its namespace (profile: ``bench/profile_drops.py``).  A
-device moved to another namespace can be counted in its old one for the rest of that
-tick (at most 1-10 ms), on the CPU that last saw it, and only if no drop on another
-device came in between.  Only when a key is seen for the first time does the program
-read ``dev->name`` and store it in the side map ``devnames`` keyed by
-(netns, ifindex): a device that keeps dropping costs nothing extra.  A device
-renamed after its first drop keeps its old name until its counters are evicted.
+Where the kernel has BTF (and ``tp_btf``, 5.5) the program is a BTF-typed raw
+tracepoint program and each of those reads is one plain load (``BPF_PROBE_MEM``,
+:class:`nettracer.bpf.memory.KernelReads` ``direct``): the hot path is then a handful
+of loads, one hash lookup and one non-atomic add.  Elsewhere (no BTF, or
+``kernel.without: [tp_btf]``) it is a raw tracepoint program (a classic one before
+4.17) whose reads are ``bpf_probe_read_kernel`` calls: ``skb->dev`` and
+``skb->protocol`` in one call when they lie close together (160 bytes apart on
+6.x), ``skb->sk`` when it is in the same span, ``ifindex`` and ``nd_net`` again in
+one; there the device memo (:mod:`nettracer.bpf.memo`, a per-CPU array of one
+entry, needs ``bpf_jiffies64``, 5.6) holds the ifindex and netns inode of the last
+``struct net_device *`` this CPU saw, valid for the jiffy that read them: drops
+come in bursts on one device, so most drops skip the two calls that read the
+device and its namespace (profile: ``bench/profile_drops.py``).  A device moved to
+another namespace can then be counted in its old one for the rest of that tick (at
+most 1-10 ms), on the CPU that last saw it, and only if no drop on another device
+came in between.
+
+The count is a per-CPU counter keyed by :class:`DropKey` (location, reason, ifindex,
+netns inode, protocol, stack id), added to without an atomic (a raw tracepoint
+program cannot nest on its CPU: ``bpf_trace_run*()`` counts a nested run as a
+recursion miss instead, which we report as lost).  Only when a key is seen for the
+first time does the program read ``dev->name`` and store it in the side map
+``devnames`` keyed by (netns, ifindex): a device that keeps dropping costs nothing
+extra.  A device renamed after its first drop keeps its old name until its counters
+are evicted.
 
 Filters (``--device``, ``--netns``, ``--reason``, ``--protocol``) are compiled into
 the program as constants: ``--device`` compares the bytes of ``dev->name`` up to and
