@@ -492,7 +492,8 @@ def test_every_variant_passes_the_verifier(
     typed = kf.use("raw_tracepoint") and kf.use("tp_btf")
     with mon:
         assert mon.link is not None and mon.prog is not None
-        assert mon.spec.args.typed == typed and mon.notices == []
+        assert mon.spec.args.typed == typed
+        assert not [n for n in mon.notices if "refused" in n]  # no fallback to helper reads
         assert mon.prog.prog_type == mon.spec.args.prog_type
         assert mon.spec.reads is not None and mon.spec.reads.direct == typed
 
