@@ -38,6 +38,27 @@ class _Parser(argparse.ArgumentParser):
         sys.stderr.write(f"nettracer: {message} (see '{self.prog} --help')\n")
         raise SystemExit(2)
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        """argparse's, given the width: without one it imports ``shutil`` (and with it
+        ``bz2``, ``lzma``, ``zlib``, ``fnmatch``: 5 ms of start-up) for
+        ``get_terminal_size``, and ``add_argument`` makes a formatter for every option."""
+        return self.formatter_class(prog=self.prog, width=_columns() - 2)  # type: ignore[call-arg]
+
+
+def _columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size`` finds it: ``$COLUMNS``, else
+    standard output's terminal, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that subcommand's module is imported (start-up)."""
