@@ -34,7 +34,9 @@ pair with static neighbours; removed at the end) and measures:
    location and reason only;
 3. the send rate of the same blaster for S seconds, alternating without / with
    ``nettracer drops`` attached / (``--without``) with it and those features forced
-   away / with bpftrace attached (for reference), R rounds (ratio of medians), per wall
+   away / with bpftrace attached (for reference), R rounds in an order that rotates
+   from round to round (the ratio of medians, and the median of each round's own
+   ratio to the run without, which cancels drift slower than a round), per wall
    second and per CPU second of the blaster (the drop path runs in its sendto() calls,
    so this is the whole cost: run_time_ns leaves out what the kernel does around a
    program, e.g. a classic tracepoint's record; CPU time is
@@ -628,8 +630,9 @@ def bench_workload(
     CPU time includes the tracing programs' -- and what the kernel does around them,
     which run_time_ns leaves out (a classic tracepoint's record) -- and the second
     figure is not disturbed by other load on the machine.  Returns the series by arm
-    ("without", "nettracer drops", "fallbacks forced", "bpftrace (reference)") and the
-    peak RSS of ours."""
+    ("without", "nettracer drops", "fallbacks forced", "bpftrace (reference)"), in
+    round order, and the peak RSS of ours.  The arms' order rotates from round to
+    round."""
     arms: dict[str, tuple[list[str], dict[str, str]] | None] = {
         "without": None,
         "nettracer drops": ([*OURS, "--interval", "1"], {}),
@@ -639,8 +642,12 @@ def bench_workload(
     arms["bpftrace (reference)"] = (BPFTRACE, {})
     out: dict[str, Rates] = {name: [] for name in arms}
     rss = 0.0
-    for _ in range(rounds):
-        for name, arm in arms.items():
+    order = list(arms.items())
+    for r in range(rounds):
+        # each arm takes each place in the order equally often: no arm always follows
+        # another (a tracer's exit, bpftrace's memory) or always runs first in a round
+        k = r % len(order)
+        for name, arm in order[k:] + order[:k]:
             s = start(arm[0], extra=arm[1]) if arm else None
             time.sleep(2)
             out[name].append(blast_rates("rate", seconds))
@@ -849,7 +856,8 @@ def report_workload(args: argparse.Namespace, load: float, rates: dict[str, Rate
             w = statistics.median(r[i] for r in arm)
             pairs = sorted(a[i] / b[i] for a, b in zip(arm, rates["without"], strict=True))
             target = "  (target >= 0.97)" if name == "nettracer drops" else ""
-            print(f"    with {name}: {w:.0f}/s, ratio {w / wo:.3f}{target}; "
+            print(f"    with {name}: {w:.0f}/s, ratio {w / wo:.3f}{target}; median of the "
+                  f"rounds' own ratios {statistics.median(pairs):.3f}; "
                   f"per round {[round(x, 3) for x in pairs]}")  # fmt: skip
 
 
