@@ -10,6 +10,9 @@ is about the kernel or the machine.
 from __future__ import annotations
 
 import os
+import select
+import subprocess
+import time
 
 import pytest
 
@@ -160,3 +163,23 @@ def no_leaks_at_session_end():
         if what != before.get(fd) and what != "closed meanwhile" and "/proc/" not in what
     }
     assert not leaked, f"file descriptors leaked by the test session: {leaked}"
+
+
+def read_stderr_until(proc: subprocess.Popen[str], text: str, timeout_s: float = 120) -> str:
+    """``proc``'s stderr until it contains ``text`` (or the process ended, or the
+    deadline): all of it so far.
+
+    Read from the pipe's fd, not with ``readline()``: that buffers every line that
+    arrived together (a notice, then the "attached" line), and ``select()`` would then
+    wait for more data while the line sought sits in Python's buffer."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    while text.encode() not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            seen += chunk
+    return seen.decode(errors="replace")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import HAS_BTF, check_no_btf_refused, kernel_skip
+from conftest import HAS_BTF, check_no_btf_refused, kernel_skip, read_stderr_until
 from golden import check_golden
 
 from nettracer.access.compile import FAULT, NULL, OK, RecordLayout, compile_reads
@@ -422,17 +421,9 @@ def _cli(*args: str) -> subprocess.Popen[str]:
 
 
 def _wait_attached(proc: subprocess.Popen[str]) -> None:
-    assert proc.stderr is not None
-    seen = ""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if select.select([proc.stderr], [], [], 0.5)[0]:
-            line = proc.stderr.readline()
-            seen += line
-            if "attached" in line:
-                return
-            if not line and proc.poll() is not None:
-                break
+    seen = read_stderr_until(proc, "attached")
+    if "attached" in seen:
+        return
     proc.kill()
     _out, err = proc.communicate()
     if "offset guesser" in seen + err or "could not guess" in seen + err:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import read_stderr_until
 from test_deploy import ROOT, docker_container
 
 N_DROPS = 7
@@ -36,17 +35,9 @@ def cli(*args: str) -> subprocess.Popen[str]:
 
 def wait_line(proc: subprocess.Popen[str], word: str, timeout: float = 120) -> None:
     """Until a line of ``proc``'s stderr contains ``word`` (it has attached)."""
-    assert proc.stderr is not None
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
-        if select.select([proc.stderr], [], [], 0.5)[0]:
-            line = proc.stderr.readline()
-            seen += line
-            if word in line:
-                return
-            if not line and proc.poll() is not None:
-                break
+    seen = read_stderr_until(proc, word, timeout)
+    if word in seen:
+        return
     proc.kill()
     raise AssertionError(f"{proc.args} did not start: {seen}{proc.communicate()[1]}")
 

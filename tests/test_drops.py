@@ -32,12 +32,10 @@ import functools
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ from conftest import (
     kernel_before,
     kernel_skip,
     poll_until,
+    read_stderr_until,
     settings,
 )
 
@@ -243,18 +242,9 @@ class Run:
 
 
 def _wait_attached(proc: subprocess.Popen[str], timeout: float = 60) -> str:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
-        if ready:
-            line = proc.stderr.readline()
-            seen += line
-            if "attached" in line:
-                return seen
-            if not line and proc.poll() is not None:
-                break
+    seen = read_stderr_until(proc, "attached", timeout)
+    if "attached" in seen:
+        return seen
     proc.kill()
     _out, err = proc.communicate()
     raise AssertionError(f"nettracer drops did not attach: {seen}{err}")

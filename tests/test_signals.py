@@ -10,15 +10,13 @@ command says it is attached; "running" is after that line.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import kernel_skip, poll_until
+from conftest import kernel_skip, poll_until, read_stderr_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: what each monitor prints on stderr once attached
@@ -55,18 +53,7 @@ def catches_sigterm(pid: int) -> bool:
 
 
 def read_until(proc: subprocess.Popen[str], text: str, timeout_s: float = 120) -> str:
-    """stderr lines until one contains ``text`` (or the process ended, or the deadline)."""
-    assert proc.stderr is not None
-    seen = ""
-    deadline = time.monotonic() + timeout_s
-    while text not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
-        if ready:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen += line
-    return seen
+    return read_stderr_until(proc, text, timeout_s)
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
