@@ -856,8 +856,8 @@ def report_workload(args: argparse.Namespace, load: float, rates: dict[str, Rate
             w = statistics.median(r[i] for r in arm)
             pairs = sorted(a[i] / b[i] for a, b in zip(arm, rates["without"], strict=True))
             target = "  (target >= 0.97)" if name == "nettracer drops" else ""
-            print(f"    with {name}: {w:.0f}/s, ratio {w / wo:.3f}{target}; median of the "
-                  f"rounds' own ratios {statistics.median(pairs):.3f}; "
+            print(f"    with {name}: {w:.0f}/s; median of the rounds' own ratios "
+                  f"{statistics.median(pairs):.3f}{target}; ratio of the medians {w / wo:.3f}; "
                   f"per round {[round(x, 3) for x in pairs]}")  # fmt: skip
 
 
