@@ -492,10 +492,11 @@ def test_every_variant_passes_the_verifier(
     typed = kf.use("raw_tracepoint") and kf.use("tp_btf")
     with mon:
         assert mon.link is not None and mon.prog is not None
-        assert mon.spec.args.typed == typed
+        loaded = mon.kernel_spec
+        assert loaded is not None and loaded.args.typed == typed
         assert not [n for n in mon.notices if "refused" in n]  # no fallback to helper reads
-        assert mon.prog.prog_type == mon.spec.args.prog_type
-        assert mon.spec.reads is not None and mon.spec.reads.direct == typed
+        assert mon.prog.prog_type == loaded.args.prog_type
+        assert loaded.reads is not None and loaded.reads.direct == typed
 
 
 @pytest.mark.kernel

@@ -352,6 +352,9 @@ class DropMonitor:
         if max_stacks > STACK_NONE:
             raise ValueError(f"max_stacks must be below {STACK_NONE}")
         self.spec = spec
+        #: the spec the loaded program was built from (:meth:`_for_kernel`: the layout,
+        #: reads and channel this kernel takes); None until started
+        self.kernel_spec: DropSpec | None = None
         self.max_keys = max_keys
         self.evict_after = evict_after
         self._sizes = (max_devices, max_stacks, ringbuf_bytes)
@@ -384,7 +387,8 @@ class DropMonitor:
                 self.reader = channel_for(spec).open(ringbuf_bytes, lost_map=shared)
                 maps |= self.reader.maps
             self.prog = self._keep(self._load(spec, maps))
-            self.link = self._keep(self.spec.args.attach(self.prog))
+            assert self.kernel_spec is not None
+            self.link = self._keep(self.kernel_spec.args.attach(self.prog))
         except BaseException:
             self.close()
             raise
@@ -421,8 +425,8 @@ class DropMonitor:
         return maps
 
     def _load(self, spec: DropSpec, maps: dict[str, bpf_maps.Map]) -> Prog:
-        """The program of ``spec``, loaded; ``self.spec`` becomes the spec it was built
-        from.  A ``tp_btf`` program the verifier refuses (offsets that do not match the
+        """The program of ``spec``, loaded; :attr:`kernel_spec` becomes the spec it was
+        built from.  A ``tp_btf`` program the verifier refuses (offsets that do not match the
         kernel's BTF: a guess it contradicts) is built again with helper reads (without
         the device memo, whose map was not made), and a notice says so."""
         args = spec.args
@@ -439,7 +443,7 @@ class DropMonitor:
             spec = spec.replace(args=args.untyped(), reads=spec.reads.replace(direct=False))
             prog = load(build(spec).insns, prog_type=spec.args.prog_type, maps=maps,
                         name="nt_drops")  # fmt: skip
-        self.spec = spec
+        self.kernel_spec = spec
         return prog
 
     def _for_kernel(self) -> DropSpec:
