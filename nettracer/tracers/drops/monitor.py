@@ -51,6 +51,7 @@ from nettracer.errors import NotSupported, UsageError
 from nettracer.kernel import BTF_VMLINUX
 from nettracer.kernel.features import current as current_features
 from nettracer.kernel.features import kernel_reads
+from nettracer.kernel.tracepoints import btf_trace_id
 from nettracer.tracers.drops.program import DropLayout, DropSpec, Filters, KfreeSkbArgs, build
 from nettracer.tracers.drops.records import STACK_NONE, DevKey, DevName, DropEvent, DropKey
 
@@ -165,8 +166,10 @@ def cached_kfree_skb_args(cache_dir: str | None, btf_path: str = BTF_VMLINUX) ->
     """:func:`kfree_skb_args` as start-up wants it: from BTF through the BTF cache
     (:mod:`nettracer.kernel.btf_cache`: no BTF parse when this very BTF was read
     before; ``cache_dir`` None reads BTF), or from the tracefs format on a kernel
-    without BTF or without ``btf_trace_kfree_skb`` in it (before 5.5).  From BTF, the
-    layout is the ``tp_btf`` one (with the typedef's id)."""
+    without BTF or without ``btf_trace_kfree_skb`` in it (before 5.5).  From the
+    running kernel's BTF, the layout is the ``tp_btf`` one: the typedef's id comes
+    from :func:`nettracer.kernel.tracepoints.btf_trace_id`, the cached fact the
+    ``tp_btf`` feature probe reads too."""
     if not os.path.exists(btf_path):
         return kfree_skb_args(None)
     from nettracer.kernel import btf_cache
@@ -180,19 +183,22 @@ def cached_kfree_skb_args(cache_dir: str | None, btf_path: str = BTF_VMLINUX) ->
             return kfree_skb_args(None)
 
     def decode(rows: list[tuple[str, ...]]) -> KfreeSkbArgs:
-        names, (btf_id,) = rows  # ValueError unless two rows, the second of one field
+        (names,) = rows  # ValueError unless one row
         if "skb" not in names or "location" not in names:
             raise ValueError("skb or location missing")
-        return KfreeSkbArgs(names, int(btf_id) or None)
+        return KfreeSkbArgs(names)
 
-    return btf_cache.cached(
+    args = btf_cache.cached(
         cache_dir,
         f"tracepoint_args.{TRACEPOINT}",
         compute,
-        lambda args: [args.names, (args.btf_id or 0,)],
+        lambda args: [args.names],
         decode,
         btf_path=btf_path,
     )
+    if btf_path != BTF_VMLINUX:  # another kernel's BTF: its id would type nothing here
+        return args
+    return KfreeSkbArgs(args.names, btf_trace_id(TRACEPOINT, cache_dir))
 
 
 def cached_reason_names(cache_dir: str | None, btf_path: str = BTF_VMLINUX) -> dict[int, str]:
@@ -426,25 +432,28 @@ class DropMonitor:
 
     def _load(self, spec: DropSpec, maps: dict[str, bpf_maps.Map]) -> Prog:
         """The program of ``spec``, loaded; :attr:`kernel_spec` becomes the spec it was
-        built from.  A ``tp_btf`` program the verifier refuses (offsets that do not match the
-        kernel's BTF: a guess it contradicts) is built again with helper reads (without
-        the device memo, whose map was not made), and a notice says so."""
-        args = spec.args
-        try:
+        built from.  A ``tp_btf`` program the verifier refuses (offsets that do not match
+        the kernel's BTF: a guess it contradicts) is built again with helper reads
+        (without the device memo, whose map was not made), and a notice says so."""
+
+        def attempt(spec: DropSpec) -> Prog:
+            args = spec.args
             prog = load(build(spec).insns, prog_type=args.prog_type, maps=maps,
                         name="nt_drops", **args.load_target())  # fmt: skip
+            self.kernel_spec = spec
+            return prog
+
+        try:
+            return attempt(spec)
         except VerifierError as exc:
-            if not args.typed:
+            if not spec.args.typed:
                 raise
             reason = summarize_log(exc.log)[1]
             self.notices = [*self.notices, "reading kernel memory with helper calls: the "
                             f"BTF-typed kfree_skb program was refused ({reason})"]  # fmt: skip
             assert spec.reads is not None
-            spec = spec.replace(args=args.untyped(), reads=spec.reads.replace(direct=False))
-            prog = load(build(spec).insns, prog_type=spec.args.prog_type, maps=maps,
-                        name="nt_drops")  # fmt: skip
-        self.kernel_spec = spec
-        return prog
+            return attempt(spec.replace(args=spec.args.untyped(),
+                                        reads=spec.reads.replace(direct=False)))  # fmt: skip
 
     def _for_kernel(self) -> DropSpec:
         """The spec as this kernel (and ``kernel.without``) wants it: the tracepoint's
